@@ -1,0 +1,247 @@
+"""One typed, validated configuration for every lensray job.
+
+Each component owns a section (torchtitan style). Sections are frozen pydantic models that reject
+unknown keys, so a typo in a YAML file or a ``key.sub=value`` override is an error naming the key,
+never a silently ignored setting. The resolved config is dumped beside every output and reads back
+identically.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lensray.bands import BAND_NAMES
+
+Band = Literal["VIS", "Y", "J", "H"]
+LabelRule = Literal["paper", "official", "challenge"]
+PreprocessMode = Literal["asinh", "log", "clip"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the offending key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulateConfig(Section):
+    """Challenge-format simulated data set (``lensray simulate``)."""
+
+    out: str | None = None  # root URL of the data set (local path or s3://bucket/prefix)
+    n: int = Field(200, ge=1)
+    seed: int = 0
+    first_id: int = Field(200001, ge=0)
+    lens_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    workers: int | None = Field(None, ge=1)  # None: all CPUs Ray sees
+    companion_rate: float = Field(0.35, ge=0.0, le=1.0)  # galaxies with small companions (both classes)
+    spiral_rate: float = Field(0.1, ge=0.0, le=1.0)  # non-lenses with arm/ring structure
+    # The real data's quirks, at small rates.
+    nan_pixel_rate: float = Field(0.02, ge=0.0, le=1.0)  # fraction of IDs with some NaN pixels
+    offsize_nir_rate: float = Field(0.01, ge=0.0, le=1.0)  # fraction of IDs with a non-66x66 NIR stamp
+    missing_image_rate: float = Field(0.01, ge=0.0, le=1.0)  # catalogue rows without images
+    duplicate_id_rate: float = Field(0.01, ge=0.0, le=1.0)  # catalogue rows repeating an earlier ID
+
+
+class DataConfig(Section):
+    """Where the raw challenge-format data lives and how it is labelled."""
+
+    images: str | None = None  # root URL holding EUC_VIS/, EUC_Y/, EUC_J/, EUC_H/
+    catalog: str | None = None  # URL of the catalogue CSV
+    labels: LabelRule = "paper"
+    bands: tuple[Band, ...] = BAND_NAMES
+    nan: Literal["zero", "reject"] = "zero"
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_unique_and_ordered(cls, bands: tuple[str, ...]) -> tuple[str, ...]:
+        if not bands:
+            raise ValueError("at least one band is required")
+        if len(set(bands)) != len(bands):
+            raise ValueError(f"duplicate band in {list(bands)}")
+        return tuple(b for b in BAND_NAMES if b in bands)  # canonical order: VIS, Y, J, H
+
+
+class PreprocessConfig(Section):
+    """How raw cutouts become network inputs, and how the store is laid out."""
+
+    mode: PreprocessMode = "asinh"
+    upsample: Literal["bilinear", "bicubic"] = "bilinear"
+    asinh_softening: float = Field(3.0, gt=0.0)  # arcsinh(x / softening), x in units of noise sigma
+    border: int = Field(8, ge=1)  # outer border (px) used for the robust noise estimate
+    crop: int | None = Field(None, ge=2)  # central crop (VIS pixels) before binning
+    bin: int = Field(1, ge=1)  # integer binning after the crop
+    dtype: Literal["float16", "float32"] = "float16"
+    out: str | None = None  # store URL
+    shard_size: int = Field(256, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)
+    strict: bool = False
+
+    @model_validator(mode="after")
+    def _geometry(self) -> PreprocessConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave a training split")
+        side = self.crop if self.crop is not None else 200
+        if side % self.bin:
+            raise ValueError(f"bin={self.bin} does not divide the {side}-px image side")
+        return self
+
+
+class LastroConfig(Section):
+    """The LASTRO CNN (Schaefer et al. 2018 as used by the study): conv pairs, max-pool, dropout, dense."""
+
+    filters: int = Field(16, ge=1)  # filters of the first conv pair; doubled for each later pair
+    pairs: int = Field(3, ge=1)  # number of conv pairs (each followed by a max-pool)
+    first_kernel: int = Field(5, ge=1)  # first conv of each pair
+    kernel: int = Field(3, ge=1)  # second conv of each pair
+    pool: int = Field(3, ge=1)  # max-pool width (and stride)
+    dropout_kind: Literal["spatial", "standard", "none"] = "standard"  # in conv blocks
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    dense: tuple[int, ...] = (128,)  # hidden dense widths before the 1-logit output
+    dense_dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    # "bn_relu": conv->BN->ReLU (learns); "paper": the study's conv->ReLU->conv->ReLU->BN order.
+    block_order: Literal["bn_relu", "paper"] = "bn_relu"
+    init: Literal["kaiming", "default"] = "kaiming"
+
+
+class ResNetConfig(Section):
+    """The Keras CIFAR-10 ResNet v1: 3 stages of ``blocks`` basic blocks (depth = 6*blocks + 2)."""
+
+    blocks: int = Field(3, ge=1)  # per stage; 3 -> ResNet-20
+    widths: tuple[int, int, int] = (16, 32, 64)
+    kernel: int = Field(3, ge=1)
+    pool: int = Field(8, ge=1)  # average-pool width before the dense layer
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # before the dense layer
+    init: Literal["kaiming", "default"] = "kaiming"
+
+
+class ModelConfig(Section):
+    """Which network; each network reads only its own section."""
+
+    name: Literal["resnet", "lastro"] = "lastro"
+    lastro: LastroConfig = LastroConfig()
+    resnet: ResNetConfig = ResNetConfig()
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    seed: int = 0
+    out: str | None = None  # storage path for runs and checkpoints
+
+
+class ResourcesConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class SearchConfig(Section):
+    num_samples: int = Field(1, ge=1)
+    metric: str = "val_auc"
+    mode: Literal["max", "min"] = "max"
+
+
+class LensrayConfig(Section):
+    simulate: SimulateConfig = SimulateConfig()
+    data: DataConfig = DataConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    search: SearchConfig = SearchConfig()
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """``"train.epochs=5"`` -> (["train", "epochs"], 5); the value is read as a YAML scalar/list."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set ``key.sub=value`` entries in a nested dict (a copy). Validation happens afterwards."""
+    result = _deep_copy(tree)
+    for override in overrides:
+        path, value = parse_override(override)
+        node = result
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(path[: depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> LensrayConfig:
+    try:
+        return LensrayConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LensrayConfig:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated as a whole."""
+    tree = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    if overrides:
+        tree = apply_overrides(tree, overrides)
+        source += " + overrides"
+    return config_from_dict(tree, source)
+
+
+def dump_config(config: LensrayConfig) -> str:
+    """YAML text of the fully resolved config; ``load_config`` of it gives an equal config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(config: LensrayConfig, path: str | Path) -> None:
+    Path(path).write_text(dump_config(config))

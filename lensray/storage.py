@@ -1,0 +1,120 @@
+"""URLs to filesystems: local paths and ``s3://`` (custom endpoint and credentials from the environment).
+
+Every module that touches storage goes through here so that one place knows how an endpoint such as
+MinIO, Ceph or moto is reached. The endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
+and credentials from the usual ``AWS_*`` variables (or any botocore credential source).
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+
+class StorageError(OSError):
+    """A URL cannot be reached, or its bucket or credentials are wrong; the message names the URL."""
+
+
+def is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def strip_scheme(url: str) -> str:
+    """``s3://bucket/key`` -> ``bucket/key``; local paths are made absolute."""
+    if is_s3(url):
+        return url.split("://", 1)[1].rstrip("/")
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def join(url: str, *parts: str) -> str:
+    base = url.rstrip("/")
+    return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem and the scheme-less path for ``url``."""
+    if is_s3(url):
+        client_kwargs = {"region_name": _s3_region()}
+        endpoint = s3_endpoint()
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        # A fresh instance: fsspec caches instances, and a cached one may hold a stale event loop
+        # after a fork (Ray workers) or a changed endpoint.
+        fs = fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True)
+        return fs, strip_scheme(url)
+    return fsspec.filesystem("file"), strip_scheme(url)
+
+
+def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem for ``url``: 2-2.5x faster than s3fs for many small object reads."""
+    if is_s3(url):
+        endpoint = s3_endpoint()
+        kwargs: dict[str, object] = {"region": _s3_region()}
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or endpoint
+            kwargs["scheme"] = parsed.scheme or "https"
+        return pafs.S3FileSystem(**kwargs), strip_scheme(url)
+    return pafs.LocalFileSystem(), strip_scheme(url)
+
+
+def read_bytes(url: str) -> bytes:
+    """Whole object at ``url``. FileNotFoundError names the URL when it does not exist."""
+    fs, path = arrow_filesystem(url)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such object: {url}") from None
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "no such" in str(exc).lower():
+            raise FileNotFoundError(f"no such object: {url}") from None
+        raise StorageError(f"cannot read {url}: {exc}") from exc
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    fs, path = arrow_filesystem(url)
+    if not is_s3(url):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {url}: {exc}") from exc
+
+
+def check_reachable(url: str, *, must_exist: bool = True) -> None:
+    """Fail fast, naming the URL, when its bucket/folder is missing or credentials are refused."""
+    if is_s3(url):
+        bucket = strip_scheme(url).split("/", 1)[0]
+        fs, _ = arrow_filesystem(url)
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot reach bucket {bucket!r} for {url} (endpoint {s3_endpoint() or 'AWS default'}): {exc}"
+            ) from exc
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} does not exist (URL {url})")
+    target = url if must_exist else None
+    if target is not None:
+        fs, path = arrow_filesystem(target)
+        try:
+            info = fs.get_file_info(path)
+        except OSError as exc:
+            raise StorageError(f"cannot reach {url}: {exc}") from exc
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"{url} does not exist")
