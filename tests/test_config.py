@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lensray.config import (
+    ConfigError,
+    LensrayConfig,
+    dump_config,
+    load_config,
+    parse_override,
+    save_config,
+)
+
+
+def test_defaults_validate_and_are_the_learning_recipe() -> None:
+    config = load_config()
+    assert config.preprocess.mode == "asinh"
+    assert config.model.lastro.block_order == "bn_relu"
+    assert config.data.bands == ("VIS", "Y", "J", "H")
+
+
+def test_yaml_and_overrides_are_applied_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 4\n  batch_size: 16\npreprocess:\n  mode: log\n")
+    config = load_config(path, ["train.epochs=7", "data.bands=[VIS]", "model.lastro.pool=2"])
+    assert config.train.epochs == 7  # override beats file
+    assert config.train.batch_size == 16  # file beats default
+    assert config.preprocess.mode == "log"
+    assert config.data.bands == ("VIS",)
+    assert config.model.lastro.pool == 2
+
+
+def test_round_trip_through_yaml_is_identical(tmp_path: Path) -> None:
+    config = load_config(None, ["preprocess.crop=100", "preprocess.bin=2", "data.bands=[H, VIS]", "model.name=resnet"])
+    path = tmp_path / "resolved.yaml"
+    save_config(config, path)
+    again = load_config(path)
+    assert again == config
+    assert dump_config(again) == dump_config(config)
+    assert again.data.bands == ("VIS", "H")  # canonical band order
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["train.epochz=3"], "train.epochz"),
+        (["nosuchsection.x=1"], "nosuchsection"),
+        (["model.lastro.kernal=3"], "model.lastro.kernal"),
+    ],
+)
+def test_unknown_keys_are_errors_naming_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: unknown key"):
+        load_config(None, overrides)
+
+
+def test_unknown_key_in_yaml_file_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("preprocess:\n  mdoe: asinh\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    assert "preprocess.mdoe: unknown key" in str(excinfo.value)
+    assert str(path) in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=many", "train.epochs"),
+        ("preprocess.mode=sqrt", "preprocess.mode"),
+        ("data.bands=[VIS, K]", "data.bands"),
+        ("simulate.lens_fraction=1.5", "simulate.lens_fraction"),
+        ("preprocess.bin=3", "preprocess"),  # 3 does not divide 200
+        ("data.bands=[VIS, VIS]", "data.bands"),
+    ],
+)
+def test_wrong_types_and_values_name_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..epochs=3", "train.epochs=[1,"])
+def test_malformed_overrides_are_rejected(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_override(bad)
+
+
+def test_config_is_frozen() -> None:
+    config = LensrayConfig()
+    with pytest.raises(Exception):
+        config.train.epochs = 3  # type: ignore[misc]
+
+
+def test_every_shipped_yaml_config_validates() -> None:
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "configs").glob("*.yaml"))
+    assert files, "configs/ holds at least the demo config"
+    for path in files:
+        load_config(path)
