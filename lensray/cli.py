@@ -80,6 +80,42 @@ def cmd_simulate(config: LensrayConfig) -> int:
     return 0
 
 
+PREPROCESS_FLAGS = (
+    Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
+    Flag("--catalog", "data.catalog", "URL of the challenge catalogue CSV"),
+    Flag("--out", "preprocess.out", "URL of the Zarr store to write (path or s3://)"),
+    Flag("--mode", "preprocess.mode", "asinh (default) | log | clip"),
+    Flag("--bands", "data.bands", "comma-separated subset of VIS,Y,J,H", is_list=True),
+    Flag("--labels", "data.labels", "label rule: paper | official | challenge"),
+    Flag("--nan", "data.nan", "NaN pixels: zero | reject"),
+    Flag("--dtype", "preprocess.dtype", "float16 | float32"),
+    Flag("--crop", "preprocess.crop", "central crop in VIS pixels", int),
+    Flag("--bin", "preprocess.bin", "integer binning after the crop", int),
+    Flag("--shard-size", "preprocess.shard_size", "samples per Zarr shard (one Ray task each)", int),
+    Flag("--limit", "preprocess.limit", "ingest only the first N IDs (sorted)", int),
+    Flag("--workers", "preprocess.workers", "concurrent Ray tasks (default: all CPUs)", int),
+    Flag("--strict", "preprocess.strict", "fail when any cutout is rejected", is_switch=True),
+)
+
+
+def cmd_preprocess(config: LensrayConfig) -> int:
+    from lensray.pipeline import IngestError, ingest
+
+    try:
+        print(ingest(config.data, config.preprocess))
+    except IngestError as exc:
+        print(f"lensray preprocess: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_store_info(url: str) -> int:
+    from lensray.store import LensStore
+
+    print(LensStore.open(url).info())
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -100,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="make a challenge-format data set (lenstronomy)")
     _add_flags(simulate, SIMULATE_FLAGS)
     simulate.set_defaults(handler=lambda args: cmd_simulate(_resolve(args, SIMULATE_FLAGS)))
+
+    preprocess = sub.add_parser("preprocess", help="ingest raw FITS into a preprocessed Zarr store (Ray Data)")
+    _add_flags(preprocess, PREPROCESS_FLAGS)
+    preprocess.set_defaults(handler=lambda args: cmd_preprocess(_resolve(args, PREPROCESS_FLAGS)))
+
+    store = sub.add_parser("store", help="inspect a preprocessed store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    info = store_sub.add_parser("info", help="counts per split and class, config, rejects")
+    info.add_argument("url", help="store URL")
+    info.set_defaults(handler=lambda args: cmd_store_info(args.url))
 
     demo = sub.add_parser("demo", help="run the whole chain on a small simulated set, locally")
     _add_flags(demo, DEMO_FLAGS)

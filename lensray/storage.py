@@ -7,6 +7,7 @@ and credentials from the usual ``AWS_*`` variables (or any botocore credential s
 
 from __future__ import annotations
 
+import functools
 import os
 from urllib.parse import urlparse
 
@@ -61,27 +62,57 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem for ``url``: 2-2.5x faster than s3fs for many small object reads."""
     if is_s3(url):
-        endpoint = s3_endpoint()
-        kwargs: dict[str, object] = {"region": _s3_region()}
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kwargs["endpoint_override"] = parsed.netloc or endpoint
-            kwargs["scheme"] = parsed.scheme or "https"
-        return pafs.S3FileSystem(**kwargs), strip_scheme(url)
+        # Keyed on everything that configures the client, so a changed environment gets a new one.
+        settings = (os.getpid(), s3_endpoint(), _s3_region(), *(os.environ.get(k) for k in _AWS_CREDENTIAL_ENV))
+        return _arrow_s3(settings), strip_scheme(url)
     return pafs.LocalFileSystem(), strip_scheme(url)
 
 
+_AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
+    # Building an S3FileSystem costs ~1.5 ms, about as much as reading a small object from it.
+    # The pid in the key keeps a forked child from reusing its parent's client.
+    _, endpoint, region, *_ = settings
+    kwargs: dict[str, object] = {"region": region}
+    if endpoint:
+        parsed = urlparse(str(endpoint))
+        kwargs["endpoint_override"] = parsed.netloc or endpoint
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _missing(url: str, fs: pafs.FileSystem) -> Exception:
+    """FileNotFoundError for a missing object; StorageError when its whole S3 bucket is missing.
+
+    pyarrow reports both as FileNotFoundError (a HEAD 404 has no body to tell them apart), but a
+    missing bucket is a configuration error for the whole run, not one absent object.
+    """
+    if is_s3(url):
+        bucket = strip_scheme(url).split("/", 1)[0]
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as exc:
+            return StorageError(f"cannot reach bucket {bucket!r} for {url}: {exc}")
+        if info.type == pafs.FileType.NotFound:
+            return StorageError(f"bucket {bucket!r} does not exist (URL {url}, endpoint {s3_endpoint() or 'AWS default'})")
+    return FileNotFoundError(f"no such object: {url}")
+
+
 def read_bytes(url: str) -> bytes:
-    """Whole object at ``url``. FileNotFoundError names the URL when it does not exist."""
+    """Whole object at ``url``. FileNotFoundError names the URL when it does not exist; StorageError
+    when its bucket is missing, credentials are refused or the endpoint cannot be reached."""
     fs, path = arrow_filesystem(url)
     try:
         with fs.open_input_stream(path) as stream:
             return stream.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"no such object: {url}") from None
+        raise _missing(url, fs) from None
     except OSError as exc:
         if "not found" in str(exc).lower() or "no such" in str(exc).lower():
-            raise FileNotFoundError(f"no such object: {url}") from None
+            raise _missing(url, fs) from None
         raise StorageError(f"cannot read {url}: {exc}") from exc
 
 
