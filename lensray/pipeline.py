@@ -1,0 +1,172 @@
+"""Ray Data ingest: raw challenge-format FITS (local or object storage) -> one preprocessed Zarr store.
+
+The driver reads the catalogue, labels it, sorts the IDs, assigns each a split from a hash of (seed, ID)
+(so growing the catalogue never moves an ID between splits) and cuts the sorted IDs into shards. One Ray
+task per shard reads that shard's cutouts, preprocesses them as a batch and writes the whole Zarr shard
+(concurrent writes into one shard lose data on S3). The driver only ever holds IDs and summaries, so its
+memory does not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lensray import storage
+from lensray.catalog import apply_label_rule, read_catalog
+from lensray.config import DataConfig, PreprocessConfig
+from lensray.fits_io import read_cutouts
+from lensray.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
+from lensray.transforms import describe, output_shape, preprocess_batch
+
+class IngestError(RuntimeError):
+    """The ingest could not complete (strict mode with rejects, or unusable input)."""
+
+
+def assign_splits(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """0 train / 1 val / 2 test per ID, from a hash of (seed, ID): independent of the other IDs."""
+    uniform = np.array(
+        [int.from_bytes(hashlib.blake2b(f"{seed}:{int(i)}".encode(), digest_size=8).digest(), "big") / 2**64 for i in ids],
+        dtype=np.float64,
+    )
+    split = np.zeros(len(ids), dtype=np.int8)
+    split[uniform < test_fraction + val_fraction] = SPLITS["val"]
+    split[uniform < test_fraction] = SPLITS["test"]
+    return split
+
+
+@dataclass
+class IngestSummary:
+    store_url: str
+    n_ids: int
+    n_shards: int
+    shards_written: int
+    shards_skipped: int
+    n_written: int
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    excluded_by_label_rule: int = 0
+    duplicate_ids: int = 0
+    wall_s: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"store: {self.store_url}",
+            f"  {self.n_ids} IDs in {self.n_shards} shards ({self.shards_written} written, "
+            f"{self.shards_skipped} already complete) in {self.wall_s:.1f} s",
+            f"  {self.n_written} cutouts written, {len(self.rejects)} rejected, "
+            f"{self.excluded_by_label_rule} excluded by the label rule, {self.duplicate_ids} duplicate catalogue rows dropped",
+        ]
+        by_reason: dict[str, int] = {}
+        for reject in self.rejects:
+            by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
+        for reason, count in sorted(by_reason.items()):
+            lines.append(f"    rejected ({reason}): {count}")
+        for reject in self.rejects[:10]:
+            lines.append(f"    {reject['id']}: {reject['message']}")
+        if len(self.rejects) > 10:
+            lines.append(f"    ... {len(self.rejects) - 10} more (see `lensray store info {self.store_url}`)")
+        return "\n".join(lines)
+
+
+def _process_shard(item: dict[str, Any], data: DataConfig, preprocess: PreprocessConfig, store_url: str) -> dict[str, Any]:
+    """One Ray task: read a shard's cutouts, preprocess them together, write the whole shard."""
+    ids = item["ids"]
+    cutouts, rejects = read_cutouts(data.images, ids, data.bands, data.nan)
+    good = {cutout.object_id: cutout for cutout in cutouts}
+    channels = len(data.bands)
+    size = output_shape(preprocess)[0]
+    images = np.full((len(ids), channels, size, size), np.nan, dtype=preprocess.dtype)
+    valid = np.zeros(len(ids), dtype=bool)
+    order = [k for k, object_id in enumerate(ids) if object_id in good]
+    if order:
+        batch = preprocess_batch([good[ids[k]].bands for k in order], preprocess, data.bands)
+        images[order] = batch
+        valid[order] = True
+    reject_rows = [{"id": int(r.object_id), "reason": r.reason, "message": str(r)} for r in rejects]
+    nan_ids = sum(1 for c in cutouts if sum(c.nan_pixels.values()) > 0)
+    nan_pixels = int(sum(sum(c.nan_pixels.values()) for c in cutouts))
+    write_shard(store_url, item["shard"], images, valid, reject_rows, stats={"nan_ids": nan_ids, "nan_pixels": nan_pixels})
+    # Rejects travel through the shard's report in the store, not through Ray: only counts come back.
+    return {"shard": item["shard"], "written": int(valid.sum()), "rejected": len(reject_rows)}
+
+
+def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = True) -> IngestSummary:
+    """Run the whole ingest (resumable) and return its summary. Raises IngestError in strict mode."""
+
+    if data.images is None or data.catalog is None or preprocess.out is None:
+        raise IngestError("data.images, data.catalog and preprocess.out are all required")
+    started = time.perf_counter()
+    storage.check_reachable(data.images)
+    storage.check_reachable(data.catalog)
+    storage.check_reachable(preprocess.out, must_exist=False)
+
+    catalog = read_catalog(data.catalog)
+    labelled = apply_label_rule(catalog, data.labels)
+    ids, labels = labelled.ids, labelled.labels
+    if preprocess.limit is not None:
+        ids, labels = ids[: preprocess.limit], labels[: preprocess.limit]
+    if len(ids) == 0:
+        raise IngestError(f"no IDs to ingest from {data.catalog} under label rule {data.labels!r}")
+    split = assign_splits(ids, preprocess.val_fraction, preprocess.test_fraction, preprocess.split_seed)
+    size = output_shape(preprocess)[0]
+    meta = {
+        "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
+        "transform": describe(preprocess),
+        "label_rule": data.labels,
+        "bands": list(data.bands),
+        "nan_policy": data.nan,
+        "source": {"images": data.images, "catalog": data.catalog},
+        "excluded_by_label_rule": len(labelled.excluded),
+        "duplicate_catalog_rows": len(catalog.duplicates),
+    }
+    create_store(
+        preprocess.out, ids=ids, labels=labels, split=split, channels=len(data.bands), size=size,
+        dtype=preprocess.dtype, shard_size=preprocess.shard_size, meta=meta,
+    )  # fmt: skip
+    ranges = shard_ranges(len(ids), preprocess.shard_size)
+    done = completed_shards(preprocess.out)
+    todo = [
+        {"shard": index, "ids": [int(i) for i in ids[start:stop]]}
+        for index, (start, stop) in enumerate(ranges)
+        if index not in done
+    ]
+    results = list(_run_shards(todo, data, preprocess, progress)) if todo else []
+    summary_meta = finalize_store(preprocess.out, {"ingest_wall_s": round(time.perf_counter() - started, 3)})
+    rejects = summary_meta["rejects"]
+    summary = IngestSummary(
+        store_url=preprocess.out, n_ids=len(ids), n_shards=len(ranges), shards_written=len(results),
+        shards_skipped=len(ranges) - len(todo), n_written=int(summary_meta["counts"]["valid"]),
+        rejects=rejects, excluded_by_label_rule=len(labelled.excluded), duplicate_ids=len(catalog.duplicates),
+        wall_s=time.perf_counter() - started,
+    )  # fmt: skip
+    if summary.n_written == 0:
+        raise IngestError(f"every cutout was rejected: is {data.images} the right root?\n{summary}")
+    if preprocess.strict and rejects:
+        raise IngestError(f"--strict: {len(rejects)} cutouts rejected\n{summary}")
+    return summary
+
+
+def _run_shards(todo: list[dict[str, Any]], data: DataConfig, preprocess: PreprocessConfig, progress: bool) -> Iterator[dict[str, Any]]:
+    import ray
+    from tqdm import tqdm
+
+    if not ray.is_initialized():
+        ray.init()
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar counts shards
+    workers = preprocess.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
+        _process_shard,
+        fn_kwargs={"data": data, "preprocess": preprocess, "store_url": preprocess.out},
+        compute=ray.data.TaskPoolStrategy(size=min(workers, len(todo))),
+        num_cpus=1,  # Ray Data retries a task whose worker died; a retried task rewrites its whole shard
+    )
+    with tqdm(total=len(todo), unit="shard", desc="ingest", disable=not progress) as bar:
+        for row in dataset.iter_rows():
+            bar.update(1)
+            yield row
