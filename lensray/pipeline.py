@@ -97,7 +97,6 @@ def _process_shard(item: dict[str, Any], data: DataConfig, preprocess: Preproces
 
 def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = True) -> IngestSummary:
     """Run the whole ingest (resumable) and return its summary. Raises IngestError in strict mode."""
-
     if data.images is None or data.catalog is None or preprocess.out is None:
         raise IngestError("data.images, data.catalog and preprocess.out are all required")
     started = time.perf_counter()
