@@ -124,7 +124,11 @@ def driver_peak_mb(images: str, out: str, workers: int) -> float:
 
 
 def start_moto() -> tuple[object, str]:
+    import logging
+
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

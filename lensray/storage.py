@@ -76,7 +76,8 @@ def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
     # Building an S3FileSystem costs ~1.5 ms, about as much as reading a small object from it.
     # The pid in the key keeps a forked child from reusing its parent's client.
     _, endpoint, region, *_ = settings
-    kwargs: dict[str, object] = {"region": region}
+    # allow_delayed_open: a small object is one PutObject instead of a three-request multipart upload.
+    kwargs: dict[str, object] = {"region": region, "allow_delayed_open": True}
     if endpoint:
         parsed = urlparse(str(endpoint))
         kwargs["endpoint_override"] = parsed.netloc or endpoint
