@@ -116,6 +116,36 @@ def cmd_store_info(url: str) -> int:
     return 0
 
 
+TRAIN_FLAGS = (
+    Flag("--store", "data.store", "URL of the preprocessed store to train on"),
+    Flag("--model", "model.name", "lastro | resnet"),
+    Flag("--epochs", "train.epochs", "maximum epochs", int),
+    Flag("--batch-size", "train.batch_size", "global batch size (split across workers)", int),
+    Flag("--steps-per-epoch", "train.steps_per_epoch", "batches per epoch per worker", int),
+    Flag("--lr", "optim.lr", "learning rate", float),
+    Flag("--out", "train.out", "storage path for runs (local path or s3://)"),
+    Flag("--name", "train.name", "run name under --out (needed for --resume)"),
+    Flag("--workers", "resources.num_workers", "data-parallel workers", int),
+    Flag("--gpu", "resources.use_gpu", "one GPU per worker (NCCL); default CPU/gloo", is_switch=True),
+    Flag("--max-failures", "train.max_failures", "worker restarts Ray may make", int),
+)
+
+
+def cmd_train(config: LensrayConfig, *, resume: bool, sanity_only: bool) -> int:
+    from lensray.loop import SanityCheckError
+    from lensray.trainer import TrainError, describe_sanity, run_sanity_check, train
+
+    try:
+        if sanity_only:
+            print(describe_sanity(run_sanity_check(config)))
+            return 0
+        print(train(config, resume=resume))
+    except (TrainError, SanityCheckError) as exc:
+        print(f"lensray train: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -146,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = store_sub.add_parser("info", help="counts per split and class, config, rejects")
     info.add_argument("url", help="store URL")
     info.set_defaults(handler=lambda args: cmd_store_info(args.url))
+
+    train = sub.add_parser("train", help="data-parallel training on Ray Train (DDP; GPU or CPU/gloo)")
+    _add_flags(train, TRAIN_FLAGS)
+    train.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
+    train.add_argument("--sanity", action="store_true", help="only overfit a small fixed batch and report")
+    train.set_defaults(
+        handler=lambda args: cmd_train(_resolve(args, TRAIN_FLAGS), resume=args.resume, sanity_only=args.sanity)
+    )
 
     demo = sub.add_parser("demo", help="run the whole chain on a small simulated set, locally")
     _add_flags(demo, DEMO_FLAGS)

@@ -1,0 +1,114 @@
+"""Ray Train on CPU workers: DDP replicas, gathered validation, checkpoints, resume, S3 storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lensray import storage
+from lensray.config import LensrayConfig, load_config
+from lensray.store import SPLITS, LensStore, create_store, finalize_store, shard_ranges, write_shard
+from lensray.trainer import PREDICTIONS_FILE, TrainError, run_sanity_check, train
+
+SIZE = 32
+
+
+def _separable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise, plus a bright ring (an 'arc') around the centre for lenses: trivially separable."""
+    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
+    ring = np.exp(-((np.hypot(yy, xx) - 8.0) ** 2) / 4.0).astype(np.float32)
+    images = rng.normal(0, 1, (len(labels), 2, SIZE, SIZE)).astype(np.float32)
+    images[labels == 1] += 3 * ring
+    return images
+
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = str(tmp_path_factory.mktemp("train") / "tiny.zarr")
+    rng = np.random.default_rng(0)
+    n = 96
+    labels = np.tile([0, 1], n // 2).astype(np.int8)
+    split = np.full(n, SPLITS["train"], np.int8)
+    split[64:] = SPLITS["val"]
+    ids = np.arange(500000, 500000 + n)
+    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {"images": "synthetic"}}
+    create_store(url, ids=ids, labels=labels, split=split, channels=2, size=SIZE, dtype="float32", shard_size=32, meta=meta)
+    images = _separable_images(labels, rng)
+    for index, (lo, hi) in enumerate(shard_ranges(n, 32)):
+        write_shard(url, index, images[lo:hi], np.ones(hi - lo, bool), [])
+    finalize_store(url)
+    return url
+
+
+def _config(store: str, out: str, name: str, *overrides: str) -> LensrayConfig:
+    return load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
+        [f"data.store={store}", f"train.out={out}", f"train.name={name}", "train.epochs=3", "train.steps_per_epoch=4",
+         "train.batch_size=16", "train.sanity=false", "model.lastro.dense=[32]", "model.lastro.filters=8", *overrides],
+    )  # fmt: skip
+
+
+def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+    config = _config(tiny_store, str(tmp_path / "runs"), "ddp", "resources.num_workers=2", "resources.cpus_per_worker=0.5")
+    outcome = train(config)
+    assert [row["epoch"] for row in outcome.history] == [1, 2, 3]
+    for row in outcome.history:
+        assert row["world_size"] == 2
+        assert row["replica_spread"] == 0.0, "DDP replicas diverged"
+        assert row["val_n"] == 32, "validation predictions of both workers must be gathered, each once"
+    predictions = np.load(Path(outcome.best_checkpoint) / PREDICTIONS_FILE)
+    store = LensStore.open(tiny_store)
+    assert sorted(predictions["ids"]) == sorted(store.ids[store.indices("val")])
+    assert (tmp_path / "runs" / "ddp" / "config.yaml").exists()
+    assert any((tmp_path / "runs" / "ddp" / "tensorboard").iterdir())
+
+
+def test_resume_continues_epochs_and_lr_schedule_exactly(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+    runs = str(tmp_path / "runs")
+    # Patience 0 and a plateau at AUC 1.0 make the LR drop mid-run, so the schedule is visible.
+    knobs = ("optim.plateau_patience=0", "optim.plateau_factor=0.5", "train.early_stopping_patience=null",
+             "train.steps_per_epoch=8")  # val AUC reaches 1.0 within a few epochs, then plateaus
+    straight = train(_config(tiny_store, runs, "straight", "train.epochs=6", *knobs))
+
+    train(_config(tiny_store, runs, "split", "train.epochs=3", *knobs))
+    with pytest.raises(TrainError, match="already exists"):
+        train(_config(tiny_store, runs, "split", "train.epochs=6", *knobs))
+    resumed = train(_config(tiny_store, runs, "split", "train.epochs=6", *knobs), resume=True)
+
+    assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight.history, resumed.history):
+        assert a["lr"] == b["lr"], (a, b)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
+    assert len({row["lr"] for row in resumed.history}) > 1, "the test needs an LR drop to mean anything"
+
+
+def test_training_learns_separable_set(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+    outcome = train(_config(tiny_store, str(tmp_path / "runs"), "learn", "train.epochs=6", "train.steps_per_epoch=8"))
+    assert max(row["val_auc"] for row in outcome.history) > 0.95
+    assert outcome.best_metrics["val_auc"] == max(row["val_auc"] for row in outcome.history)
+
+
+def test_checkpoints_on_s3(tiny_store: str, s3_bucket: str, ray_cluster: None) -> None:
+    runs = storage.join(s3_bucket, "runs")
+    outcome = train(_config(tiny_store, runs, "s3run", "train.epochs=2"))
+    assert outcome.best_checkpoint.startswith(s3_bucket)
+    history = json.loads(storage.read_bytes(storage.join(runs, "s3run", "history.json")))
+    assert len(history) == 2
+    storage.read_bytes(storage.join(outcome.best_checkpoint, PREDICTIONS_FILE))
+
+
+def test_sanity_check_alone(tiny_store: str) -> None:
+    config = _config(tiny_store, "/unused", "s", "train.sanity_steps=40", "train.sanity_samples=16")
+    result = run_sanity_check(config)
+    assert result.end < result.start
+
+
+def test_missing_store_and_resume_errors(tmp_path: Path, tiny_store: str) -> None:
+    with pytest.raises(Exception, match="nowhere"):
+        train(_config(str(tmp_path / "nowhere.zarr"), str(tmp_path), "x"))
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(_config(tiny_store, str(tmp_path), "never-ran"), resume=True)
