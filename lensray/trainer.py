@@ -44,6 +44,7 @@ from lensray.store import LensStore
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 PREDICTIONS_FILE = "val_predictions.npz"
+MODEL_INPUT_FILE = "model_input.json"  # the input geometry the network was built for
 HISTORY_FILE = "history.json"
 EVAL_BATCH = 128
 
@@ -192,6 +193,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 state.save(Path(folder) / STATE_FILE)
                 (Path(folder) / CONFIG_FILE).write_text(dump_config(config))
                 np.savez(Path(folder) / PREDICTIONS_FILE, ids=all_ids, labels=all_labels, scores=all_scores)
+                (Path(folder) / MODEL_INPUT_FILE).write_text(json.dumps(
+                    {"channels": channels, "size": size, "bands": store.meta.get("bands"), "store": store.url,
+                     "transform": store.meta.get("transform")}))  # fmt: skip
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
                 tensorboard.log(record)
                 storage.write_bytes(storage.join(loop_config["run_url"], HISTORY_FILE), json.dumps(history, indent=1).encode())

@@ -112,3 +112,15 @@ def test_missing_store_and_resume_errors(tmp_path: Path, tiny_store: str) -> Non
         train(_config(str(tmp_path / "nowhere.zarr"), str(tmp_path), "x"))
     with pytest.raises(TrainError, match="nothing to resume"):
         train(_config(tiny_store, str(tmp_path), "never-ran"), resume=True)
+
+
+def test_load_run_reproduces_the_stored_validation_predictions(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+    from lensray.api import load_run
+
+    outcome = train(_config(tiny_store, str(tmp_path / "runs"), "reload", "train.epochs=2"))
+    run = load_run(outcome.best_checkpoint)
+    stored = run.val_predictions()
+    store = LensStore.open(tiny_store)
+    rows = np.searchsorted(store.ids, stored["ids"])
+    np.testing.assert_allclose(run.predict(store.read(rows)), stored["scores"], rtol=1e-5, atol=1e-6)
+    assert run.metrics["epoch"] == run.epoch and run.config.data.store == tiny_store
