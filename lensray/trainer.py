@@ -183,6 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch_s": time.perf_counter() - started,
             "world_size": world_size,
             "replica_spread": float(max(checksums) - min(checksums)),  # 0 when DDP keeps replicas identical
+            "resumed_from": start_epoch,  # > 0: this epoch ran after a restart from that epoch's checkpoint
         }  # fmt: skip
         history.append(record)
         checkpoint_out = None

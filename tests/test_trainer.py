@@ -84,6 +84,7 @@ def test_resume_continues_epochs_and_lr_schedule_exactly(tiny_store: str, tmp_pa
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
     assert len({row["lr"] for row in resumed.history}) > 1, "the test needs an LR drop to mean anything"
+    assert [row["resumed_from"] for row in resumed.history] == [0, 0, 0, 3, 3, 3]
 
 
 def test_training_learns_separable_set(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
@@ -124,3 +125,38 @@ def test_load_run_reproduces_the_stored_validation_predictions(tiny_store: str, 
     rows = np.searchsorted(store.ids, stored["ids"])
     np.testing.assert_allclose(run.predict(store.read(rows)), stored["scores"], rtol=1e-5, atol=1e-6)
     assert run.metrics["epoch"] == run.epoch and run.config.data.store == tiny_store
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    runs = tmp_path / "runs"
+    config = _config(tiny_store, str(runs), "killed", "train.epochs=25", "train.max_failures=1",
+                     "train.early_stopping_patience=null")  # fmt: skip
+    result: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: result.update(outcome=train(config)))
+    thread.start()
+    history = runs / "killed" / "history.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (history.exists() and len(json.loads(history.read_text() or "[]")) >= 2):
+        time.sleep(0.2)
+    import ray
+
+    address = ray.get_runtime_context().gcs_address  # explicit: other Ray clusters may run on this machine
+    workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no live training worker to kill"
+    epochs_before_kill = len(json.loads(history.read_text()))
+    os.kill(workers[0].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    outcome = result["outcome"]
+    assert epochs_before_kill < 25, "the kill must land mid-run"
+    assert [row["epoch"] for row in outcome.history] == list(range(1, 26))
+    restarted = [row for row in outcome.history if row["resumed_from"] > 0]
+    assert restarted, "Ray never restarted the worker group"
+    assert restarted[0]["resumed_from"] >= 2 and restarted[0]["epoch"] == restarted[0]["resumed_from"] + 1
