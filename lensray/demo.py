@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from lensray.pipeline import ingest
 from lensray.report import preview_grid
 from lensray.simulate import simulate_dataset
 from lensray.store import LensStore
+from lensray.trainer import train
 from lensray.transforms import preprocess_cutout
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -33,11 +35,17 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     data_root = str(out / "data")
     store_url = str(out / "store.zarr")
+    runs = out / "runs"
+    if runs.exists():  # the demo owns its folder: each run trains afresh
+        shutil.rmtree(runs)
     config = config.model_copy(
         update={
             "simulate": config.simulate.model_copy(update={"out": data_root}),
-            "data": config.data.model_copy(update={"images": data_root, "catalog": storage.join(data_root, CATALOG_NAME)}),
+            "data": config.data.model_copy(
+                update={"images": data_root, "catalog": storage.join(data_root, CATALOG_NAME), "store": store_url}
+            ),
             "preprocess": config.preprocess.model_copy(update={"out": store_url}),
+            "train": config.train.model_copy(update={"out": str(runs), "name": "demo-lastro"}),
         }
     )
     save_config(config, out / "config.yaml")
@@ -59,8 +67,12 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     print(ingest(config.data, config.preprocess))
     print(LensStore.open(store_url).info())
 
+    _step(f"5. train {config.model.name.upper()} with Ray Train ({config.resources.num_workers} CPU worker(s), DDP/gloo)")
+    outcome = train(config)
+    print(outcome)
+
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
-    return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml"}
+    return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml", "run": Path(outcome.run_url)}
 
 
 def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:
