@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,11 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "40", "--seed", "5"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "160", "--seed", "5", "--set", "train.epochs=2",
+                 "--set", "train.steps_per_epoch=5", "--set", "train.sanity_samples=16"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
     assert (out / "preview.png").stat().st_size > 50_000
     assert (out / "config.yaml").exists() and (out / "store.zarr").exists()
-    for expected in ("paper", "official", "challenge", "preview grid:", "lensray store", "demo finished"):
+    assert len(json.loads((out / "runs" / "demo-lastro" / "history.json").read_text())) == 2
+    for expected in ("paper", "official", "challenge", "preview grid:", "lensray store", "val_auc", "demo finished"):
         assert expected in printed
