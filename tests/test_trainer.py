@@ -159,4 +159,5 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_store: str
     assert [row["epoch"] for row in outcome.history] == list(range(1, 26))
     restarted = [row for row in outcome.history if row["resumed_from"] > 0]
     assert restarted, "Ray never restarted the worker group"
-    assert restarted[0]["resumed_from"] >= 2 and restarted[0]["epoch"] == restarted[0]["resumed_from"] + 1
+    # history.json is written just before the epoch's checkpoint registers, so the restart may go back one epoch.
+    assert restarted[0]["resumed_from"] >= 1 and restarted[0]["epoch"] == restarted[0]["resumed_from"] + 1
