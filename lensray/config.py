@@ -170,9 +170,17 @@ class ResourcesConfig(Section):
 
 
 class SearchConfig(Section):
-    num_samples: int = Field(1, ge=1)
+    """Ray Tune search (``lensray tune``): ASHA early stopping on ``metric`` per epoch."""
+
+    num_samples: int = Field(1, ge=1)  # samples of the space (each grid point is repeated this often)
     metric: str = "val_auc"
     mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(2, ge=1)  # epochs every trial runs before ASHA may stop it
+    reduction_factor: float = Field(3.0, gt=1.0)  # ASHA keeps the best 1/reduction_factor at each rung
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's CPUs/GPUs fit
+    name: str | None = None  # experiment name under `storage` (needed for --resume)
+    storage: str | None = None  # experiment root (local path or s3://); None: train.out, else ./runs
+    seed: int | None = None  # seeds the sampling of the space; None: fresh samples every search
 
 
 class LensrayConfig(Section):

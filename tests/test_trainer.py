@@ -10,37 +10,8 @@ import pytest
 
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
-from lensray.store import SPLITS, LensStore, create_store, finalize_store, shard_ranges, write_shard
+from lensray.store import LensStore
 from lensray.trainer import PREDICTIONS_FILE, TrainError, run_sanity_check, train
-
-SIZE = 32
-
-
-def _separable_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Noise, plus a bright ring (an 'arc') around the centre for lenses: trivially separable."""
-    yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
-    ring = np.exp(-((np.hypot(yy, xx) - 8.0) ** 2) / 4.0).astype(np.float32)
-    images = rng.normal(0, 1, (len(labels), 2, SIZE, SIZE)).astype(np.float32)
-    images[labels == 1] += 3 * ring
-    return images
-
-
-@pytest.fixture(scope="module")
-def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = str(tmp_path_factory.mktemp("train") / "tiny.zarr")
-    rng = np.random.default_rng(0)
-    n = 96
-    labels = np.tile([0, 1], n // 2).astype(np.int8)
-    split = np.full(n, SPLITS["train"], np.int8)
-    split[64:] = SPLITS["val"]
-    ids = np.arange(500000, 500000 + n)
-    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {"images": "synthetic"}}
-    create_store(url, ids=ids, labels=labels, split=split, channels=2, size=SIZE, dtype="float32", shard_size=32, meta=meta)
-    images = _separable_images(labels, rng)
-    for index, (lo, hi) in enumerate(shard_ranges(n, 32)):
-        write_shard(url, index, images[lo:hi], np.ones(hi - lo, bool), [])
-    finalize_store(url)
-    return url
 
 
 def _config(store: str, out: str, name: str, *overrides: str) -> LensrayConfig:

@@ -1,0 +1,639 @@
+"""Ray Tune: a search space in plain YAML over any training key, ASHA on the validation metric.
+
+A tune file names a run config and a space of distributions over dotted config keys::
+
+    base: ../configs/lastro.yaml          # a run config, relative to this file (or an inline `run:`)
+    run: {train: {epochs: 6}}             # overrides on top of base
+    space:
+      model.lastro.first_kernel: {choice: [3, 5, 7]}
+      optim.lr: {loguniform: [1.0e-4, 3.0e-3]}
+    search: {num_samples: 8, metric: val_auc, mode: max, grace_period: 2, reduction_factor: 3}
+
+Distributions: ``choice: [values]``, ``grid: [values]`` (every value, ``num_samples`` times each),
+``uniform: [low, high]``, ``loguniform: [low, high]`` (low > 0), ``randint: [low, high]`` (integers,
+both ends included). Everything is checked at load: each key must name a config field that a trial
+can vary, and every value a sample can produce (each choice, both ends and the middle of a range)
+must give a valid run config, so a search never dies hours in on a typo.
+
+Each trial is a *function* trainable that builds ``lensray.trainer.build_trainer``'s TorchTrainer with
+a ``TuneReportCallback`` (``Tuner(TorchTrainer)`` fails in Ray 2.60). The trial's Train run lives in
+the trial's folder, so ``<storage>/<name>/`` holds everything::
+
+    <name>/tune_config.yaml                 the resolved search (what --resume reruns)
+    <name>/best_config.yaml                 the best trial's run config, for `lensray train --config`
+    <name>/asha_stopped.json                trials ASHA stopped before the last epoch
+    <name>/trial_<id>/train/checkpoint_*/   the Train run: checkpoints, history.json, tensorboard/
+
+``tensorboard --logdir <storage>/<name>`` shows every trial's curves side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+from lensray import storage
+from lensray.config import (
+    ConfigError,
+    LensrayConfig,
+    SearchConfig,
+    Section,
+    apply_overrides,
+    config_from_dict,
+    dump_config,
+    read_yaml,
+)
+
+TUNE_CONFIG_FILE = "tune_config.yaml"
+BEST_CONFIG_FILE = "best_config.yaml"
+ASHA_STOPS_FILE = "asha_stopped.json"
+TRIAL_RUN = "train"  # the Train run's folder inside each trial's folder
+TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; the workers hold the CPUs
+METRICS = ("val_auc", "val_acc", "val_loss", "val_tpr0", "val_tpr10", "train_loss")  # reported every epoch
+TOP_LEVEL_KEYS = ("base", "run", "space", "search")
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
+# Keys a trial cannot vary: the store is already preprocessed, resources are fixed per search (they
+# decide how many trials run at once), and where a trial writes is decided by the search.
+FIXED_SECTIONS = ("simulate", "preprocess", "search", "resources")
+FIXED_KEYS = ("data.images", "data.catalog", "data.labels", "data.bands", "data.nan", "train.out", "train.name")
+
+
+class SearchError(RuntimeError):
+    """A search cannot start, or none of its trials produced a result; the message says why."""
+
+
+# --- the search space ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched key: ``kind`` is a name from DISTRIBUTIONS, ``values`` its list or its [low, high]."""
+
+    key: str
+    kind: str
+    values: tuple[Any, ...]
+
+    def to_tune(self) -> Any:
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        low, high = self.values
+        if self.kind == "uniform":
+            return tune.uniform(low, high)
+        if self.kind == "loguniform":
+            return tune.loguniform(low, high)
+        return tune.randint(low, high + 1)  # Tune's upper bound is exclusive; ours is included
+
+    def reachable_values(self) -> list[Any]:
+        """Values a sample can take that must all make a valid config: every listed value, or the
+        ends of a range and its middle (the middle catches a float range on an integer key)."""
+        if self.kind in ("choice", "grid"):
+            return list(self.values)
+        low, high = self.values
+        if self.kind == "randint":
+            return [low, high]
+        middle = math.sqrt(low * high) if self.kind == "loguniform" else (low + high) / 2
+        return [low, middle, high]
+
+    def as_yaml(self) -> dict[str, list[Any]]:
+        return {self.kind: list(self.values)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_dimension(key: str, spec: Any, where: str) -> Dimension:
+    """``{choice: [...]}``, ``{uniform: [low, high]}``, ... -> Dimension; ConfigError naming the key."""
+    name = f"{where}: space.{key}"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{name}: must be a mapping with one distribution, e.g. {{choice: [3, 5]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{name}: unknown distribution {kind!r} (known: {', '.join(DISTRIBUTIONS)})")
+    if not isinstance(values, list):
+        raise ConfigError(f"{name}: {kind} takes a list, got {values!r}")
+    if kind in ("choice", "grid"):
+        if not values:
+            raise ConfigError(f"{name}: {kind} needs at least one value")
+        return Dimension(key, kind, tuple(values))
+    if len(values) != 2 or not all(_is_number(v) for v in values):
+        hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if any(isinstance(v, str) for v in values) else ""
+        raise ConfigError(f"{name}: {kind} takes [low, high] as two numbers, got {values!r}{hint}")
+    low, high = values
+    if kind == "randint" and not all(isinstance(v, int) for v in values):
+        raise ConfigError(f"{name}: randint takes two integers, got {values!r}")
+    if low >= high:
+        raise ConfigError(f"{name}: {kind} needs low < high, got [{low}, {high}]")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{name}: loguniform needs low > 0, got {low}")
+    return Dimension(key, kind, (low, high))
+
+
+def _check_key(key: str, where: str) -> None:
+    """The dotted key must name a field of LensrayConfig that a trial may vary."""
+    node: type[Section] = LensrayConfig
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        fields = node.model_fields
+        if part not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"{where}: space.{key}: {'.'.join(parts[: depth + 1])} is not a config key (known here: {known})")
+        annotation = fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, Section)):
+                raise ConfigError(f"{where}: space.{key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            node = annotation
+    if parts[0] in FIXED_SECTIONS or key in FIXED_KEYS or any(key.startswith(k + ".") for k in FIXED_KEYS):
+        why = ("the search decides where trials write" if key.startswith("train.") else
+               "resources are fixed per search" if key.startswith("resources") else
+               "a trial trains on the preprocessed data.store (search over data.store to compare stores)")  # fmt: skip
+        raise ConfigError(f"{where}: space.{key}: cannot be searched: {why}")
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    node = tree
+    for part in sections:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _absolute_local(url: str | None) -> str | None:
+    # Trials run with their own working folder: a relative local path would point elsewhere there.
+    if url is None or storage.is_s3(url):
+        return url
+    return storage.strip_scheme(url)
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """A validated search: the run config every trial starts from, and the searched keys."""
+
+    source: str
+    run: LensrayConfig
+    space: dict[str, Dimension]
+
+    @property
+    def search(self) -> SearchConfig:
+        return self.run.search
+
+    @property
+    def max_epochs(self) -> int:
+        epochs = self.space.get("train.epochs")
+        return int(max(epochs.reachable_values())) if epochs is not None else self.run.train.epochs
+
+    def param_space(self) -> dict[str, Any]:
+        return {key: dimension.to_tune() for key, dimension in self.space.items()}
+
+    def trial_config(self, params: dict[str, Any], **train: Any) -> LensrayConfig:
+        """The run config of one sample of the space (``train`` sets train.* keys, e.g. out and name)."""
+        tree = self.run.model_dump(mode="json")
+        for key, value in params.items():
+            _set_dotted(tree, key, value)
+        for key, value in train.items():
+            tree["train"][key] = value
+        return config_from_dict(tree, f"{self.source} with {params}")
+
+    def experiment_url(self) -> str:
+        root = self.search.storage or self.run.train.out or str(Path("runs").resolve())
+        if self.search.name is None:
+            raise SearchError("search.name is required here (--name)")
+        return storage.join(root, self.search.name)
+
+    def dump(self) -> str:
+        """YAML that ``load_tune_config`` reads back into an equal spec (the run inline, no base)."""
+        run = self.run.model_dump(mode="json")
+        search = run.pop("search")
+        return yaml.safe_dump({"run": run, "space": {k: d.as_yaml() for k, d in self.space.items()}, "search": search},
+                              sort_keys=False)  # fmt: skip
+
+
+def tune_spec_from_dict(tree: dict[str, Any], source: str, base_dir: Path | None = None,
+                        overrides: list[str] | None = None) -> TuneSpec:  # fmt: skip
+    """Validate a tune file's mapping (``base`` paths are relative to ``base_dir``)."""
+    unknown = sorted(set(tree) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {unknown} (known: {', '.join(TOP_LEVEL_KEYS)})")
+    run_tree: dict[str, Any] = {}
+    if tree.get("base") is not None:
+        base = Path(base_dir or ".") / str(tree["base"])
+        if not base.is_file():
+            raise ConfigError(f"{source}: base: no run config at {base}")
+        run_tree = read_yaml(base)
+    for section in ("run", "search"):
+        if not isinstance(tree.get(section) or {}, dict):
+            raise ConfigError(f"{source}: {section} must be a mapping, got {tree[section]!r}")
+    run_tree = _merge(run_tree, tree.get("run") or {})
+    run_tree = _merge(run_tree, {"search": tree.get("search") or {}})
+    if overrides:
+        run_tree = apply_overrides(run_tree, overrides)
+    run = config_from_dict(run_tree, source)
+    if run.search.metric not in METRICS:
+        raise ConfigError(f"{source}: search.metric {run.search.metric!r} is not reported by training (one of {', '.join(METRICS)})")
+    run = run.model_copy(update={
+        "data": run.data.model_copy(update={"store": _absolute_local(run.data.store)}),
+        "search": run.search.model_copy(update={"storage": _absolute_local(run.search.storage)}),
+        "train": run.train.model_copy(update={"out": _absolute_local(run.train.out)}),
+    })  # fmt: skip
+
+    space_tree = tree.get("space")
+    if not isinstance(space_tree, dict) or not space_tree:
+        raise ConfigError(f"{source}: space must map at least one config key to a distribution")
+    space = {}
+    for key, spec in space_tree.items():
+        _check_key(str(key), source)
+        dimension = parse_dimension(str(key), spec, source)
+        base_tree = run.model_dump(mode="json")
+        for value in dimension.reachable_values():
+            _set_dotted(base_tree, dimension.key, value)
+            try:
+                config_from_dict(base_tree, source)
+            except ConfigError as exc:
+                reason = str(exc).splitlines()[-1].strip()
+                raise ConfigError(f"{source}: space.{key}: a sample of {value!r} gives an invalid run config: {reason}") from None
+        space[str(key)] = dimension
+    return TuneSpec(source=source, run=run, space=space)
+
+
+def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
+    """Read and validate a tune file; ``overrides`` (``key.sub=value``) apply to its run config,
+    e.g. ``search.num_samples=4`` or ``data.store=s3://bucket/store.zarr``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no tune config at {path}")
+    return tune_spec_from_dict(read_yaml(path), str(path), path.parent, overrides)
+
+
+# --- one trial ----------------------------------------------------------------------------------
+
+
+def run_trial(params: dict[str, Any], *, spec_yaml: str, experiment: str) -> None:
+    """The function trainable: one Train run with the sampled ``params``, in the trial's folder."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lensray.trainer import CONFIG_FILE, build_trainer
+
+    spec = tune_spec_from_dict(yaml.safe_load(spec_yaml), "tune trial")
+    trial_folder = os.path.basename(ray.tune.get_context().get_trial_dir())
+    config = spec.trial_config(params, out=storage.join(experiment, trial_folder), name=TRIAL_RUN)
+    storage.write_bytes(storage.join(experiment, trial_folder, TRIAL_RUN, CONFIG_FILE), dump_config(config).encode())
+    # A restarted trial (--resume) finds its Train run's checkpoints by name and continues from them.
+    build_trainer(config, TRIAL_RUN, run_callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_folder_name(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+class RecordingASHA(AsyncHyperBandScheduler):
+    """ASHA that writes which trials it stopped before their last epoch into the experiment folder,
+    so a summary, also of a resumed search, can tell them from trials that ended on their own."""
+
+    def __init__(self, *, stops_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._stops_url = stops_url
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        epoch = result.get(self._time_attr)
+        if action == TrialScheduler.STOP and epoch is not None and epoch < self._max_t:
+            stops = read_asha_stops(self._stops_url)
+            stops[trial.trial_id] = {"epoch": epoch, self._metric: result.get(self._metric)}
+            storage.write_bytes(self._stops_url, json.dumps(stops, indent=1).encode())
+        return action
+
+
+def read_asha_stops(stops_url: str) -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads(storage.read_bytes(stops_url))
+    except FileNotFoundError:
+        return {}
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+
+def check_models(spec: TuneSpec, store: Any) -> None:
+    """Build the network for every reachable value of every searched key on the store's image size,
+    so a pool too wide or a net too deep for the images fails now, naming the key, not in trial 17."""
+    from lensray.models import build_model
+
+    channels, size = store.sample_shape[0], store.sample_shape[1]
+    for dimension in spec.space.values():
+        network = dimension.key.split(".")[1] if dimension.key.startswith(("model.lastro.", "model.resnet.")) else None
+        for value in dimension.reachable_values():
+            # A key of one network's section is checked on that network, whatever the base config builds.
+            config = spec.trial_config({dimension.key: value, **({"model.name": network} if network else {})})
+            try:
+                build_model(config.model, channels, size)
+            except ValueError as exc:
+                raise SearchError(f"{spec.source}: space.{dimension.key}={value!r} on {channels}x{size}x{size} "
+                                  f"images of {store.url}: {exc}") from None  # fmt: skip
+
+
+def _concurrency(spec: TuneSpec) -> int:
+    """Trials that fit the cluster at once (each waits for all its workers), capped by the config."""
+    import ray
+
+    resources = ray.cluster_resources()
+    per_trial_cpu = spec.run.resources.num_workers * spec.run.resources.cpus_per_worker + TRIAL_CPU
+    fits = int(resources.get("CPU", 0) // per_trial_cpu)
+    if spec.run.resources.use_gpu:
+        fits = min(fits, int(resources.get("GPU", 0) // spec.run.resources.num_workers))
+    if fits < 1:
+        raise SearchError(f"one trial needs {per_trial_cpu:g} CPUs"
+                          + (f" and {spec.run.resources.num_workers} GPUs" if spec.run.resources.use_gpu else "")
+                          + f"; the cluster has {resources}")  # fmt: skip
+    return min(fits, spec.search.max_concurrent_trials or fits)
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (``ray job submit`` sets it), else start a local one.
+
+    A local cluster is started on a known port with RAY_ADDRESS in its workers' environment: Ray
+    Train's placement-group cleaner, which frees the CPUs of a trial that ASHA stopped, finds its
+    cluster through the state API, and on a machine running several Ray instances it cannot guess
+    which is its own (the trial's CPUs stay reserved and the next trial waits for ever).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pinned = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_GCS_SERVER_PORT": str(port)}
+    os.environ.update(pinned)
+    try:
+        ray.init(address="local")  # "local": start one here, whatever RAY_ADDRESS says
+    finally:
+        for key in pinned:
+            os.environ.pop(key, None)
+
+
+def _storage_args(experiment: str) -> tuple[str, Any]:
+    """(storage path, pyarrow filesystem or None) of the experiment's parent folder, for Ray."""
+    root = experiment.rsplit("/", 1)[0]
+    filesystem = storage.arrow_filesystem(root)[0] if storage.is_s3(root) else None
+    return storage.strip_scheme(root), filesystem
+
+
+def _progress_reporter(spec: TuneSpec) -> Any:
+    from ray.tune import CLIReporter
+
+    columns = {"epoch": "epoch", **{m: m for m in ("val_auc", "val_acc", "val_loss", "train_loss")}}
+    columns.setdefault(spec.search.metric, spec.search.metric)
+    return CLIReporter(metric_columns=columns, parameter_columns=list(spec.space), metric=spec.search.metric,
+                       mode=spec.search.mode, sort_by_metric=True, max_report_frequency=15)  # fmt: skip
+
+
+def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | None = None) -> SearchOutcome:
+    """Run the search (or, with ``resume``, continue the interrupted one of the same name).
+
+    ``callbacks`` are extra Tune callbacks (e.g. to watch or interrupt a search)."""
+    from ray.tune import RunConfig, TuneConfig, Tuner
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from lensray.store import LensStore
+
+    if spec.search.name is None:
+        if resume:
+            raise SearchError("--resume needs the search's name (search.name / --name)")
+        spec = TuneSpec(spec.source, spec.run.model_copy(update={"search": spec.search.model_copy(
+            update={"name": f"search-{time.strftime('%Y%m%d-%H%M%S')}"})}), spec.space)  # fmt: skip
+    experiment = spec.experiment_url()
+    storage_path, filesystem = _storage_args(experiment)
+    fs_path = storage.strip_scheme(experiment)
+    exists = Tuner.can_restore(fs_path, storage_filesystem=filesystem)
+    if exists and not resume:
+        raise SearchError(f"{experiment} already exists: pass --resume to continue it, or choose another --name")
+    if resume:
+        if not exists:
+            raise SearchError(f"nothing to resume at {experiment}")
+        # The trials were sampled from the saved spec: resume with it, whatever the file says now.
+        spec = tune_spec_from_dict(yaml.safe_load(storage.read_bytes(storage.join(experiment, TUNE_CONFIG_FILE))),
+                                   storage.join(experiment, TUNE_CONFIG_FILE))  # fmt: skip
+    if spec.run.data.store is None:
+        raise SearchError("data.store is required: the URL of a store written by `lensray preprocess` (--store)")
+    check_models(spec, LensStore.open(spec.run.data.store))  # fail fast: a wrong URL, an unfinished store, a net too deep
+    ensure_ray()
+    # The legacy reporter is the one that takes metric columns (the new one shows the first four keys).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec_yaml=spec.dump(), experiment=experiment), {"cpu": TRIAL_CPU}
+    )
+    started = time.perf_counter()
+    if resume:
+        tuner = Tuner.restore(fs_path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    else:
+        storage.write_bytes(storage.join(experiment, TUNE_CONFIG_FILE), spec.dump().encode())
+        scheduler = RecordingASHA(
+            stops_url=storage.join(experiment, ASHA_STOPS_FILE), time_attr="epoch", metric=spec.search.metric,
+            mode=spec.search.mode, max_t=spec.max_epochs, grace_period=min(spec.search.grace_period, spec.max_epochs),
+            reduction_factor=spec.search.reduction_factor,
+            # A trial at its last epoch ends by itself: stopping it there would kill its Train controller
+            # before it frees its placement group.
+            stop_last_trials=False,
+        )  # fmt: skip
+        tuner = Tuner(
+            trainable,
+            param_space=spec.param_space(),
+            # The variant generator takes the concurrency cap itself (TuneConfig's is ignored with it).
+            tune_config=TuneConfig(num_samples=spec.search.num_samples, scheduler=scheduler,
+                                   search_alg=BasicVariantGenerator(random_state=spec.search.seed,
+                                                                    max_concurrent=_concurrency(spec)),
+                                   trial_dirname_creator=trial_folder_name),  # fmt: skip
+            run_config=RunConfig(name=spec.search.name, storage_path=storage_path, storage_filesystem=filesystem,
+                                 progress_reporter=_progress_reporter(spec), verbose=1, callbacks=callbacks),  # fmt: skip
+        )
+    tuner.fit()
+    wall_s = time.perf_counter() - started
+
+    summary = summarise_experiment(experiment, spec.search.metric, spec.search.mode)
+    best_config = None
+    if summary.best is not None:
+        best_config = spec.trial_config(summary.best["params"])
+        storage.write_bytes(storage.join(experiment, BEST_CONFIG_FILE), dump_config(best_config).encode())
+    elif not summary.unfinished:
+        errors = summary.table["error"].dropna() if len(summary.table) else pd.Series(dtype=object)
+        raise SearchError(f"no trial of {experiment} reported {spec.search.metric}"
+                          + (f"; first error:\n{errors.iloc[0]}" if len(errors) else ""))  # fmt: skip
+    return SearchOutcome(experiment_url=experiment, wall_s=wall_s, summary=summary, best_config=best_config,
+                         resumed=resume)  # fmt: skip
+
+
+def run_search(config_path: str | Path, *, storage: str | None = None, store: str | None = None,
+               num_samples: int | None = None, name: str | None = None, resume: bool = False,
+               overrides: list[str] | None = None, callbacks: list[Any] | None = None) -> SearchOutcome:  # fmt: skip
+    """Load a tune file, apply the common overrides, and run (or resume) the search."""
+    flags = {"search.storage": storage, "data.store": store, "search.num_samples": num_samples, "search.name": name}
+    settings = [*(overrides or []), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+    return run_tune(load_tune_config(config_path, settings), resume=resume, callbacks=callbacks)
+
+
+# --- reading an experiment (no cluster needed) --------------------------------------------------
+
+
+@dataclass
+class ExperimentSummary:
+    """One row per trial (best first), every reported epoch of every trial, and the best trial."""
+
+    experiment_url: str
+    metric: str
+    mode: str
+    table: pd.DataFrame  # trial_id, status, params..., epochs, best_<metric>, best_epoch, stopped_by_asha, ...
+    curves: pd.DataFrame  # trial_id plus every reported metric, one row per trial and epoch
+    best: dict[str, Any] | None  # trial_id, params, value, best_epoch, run_url of the best trial
+    unfinished: int = 0  # trials neither finished nor failed: the search was interrupted
+
+    @property
+    def stopped_early(self) -> int:
+        return int(self.table["stopped_by_asha"].sum()) if len(self.table) else 0
+
+
+def _experiment_analysis(experiment_url: str) -> Any:
+    from ray.tune import ExperimentAnalysis
+
+    filesystem = storage.arrow_filesystem(experiment_url)[0] if storage.is_s3(experiment_url) else None
+    try:
+        return ExperimentAnalysis(storage.strip_scheme(experiment_url), storage_filesystem=filesystem)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SearchError(f"no Tune experiment at {experiment_url}: {exc}") from exc
+
+
+def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str = "max") -> ExperimentSummary:
+    """Read an experiment's trials from storage (local or s3://); the best trial is the one whose best
+    epoch is best (ties: the earlier trial, as Tune's ``get_best_result(scope="all")``)."""
+    from ray.tune import ResultGrid
+
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    analysis = _experiment_analysis(experiment_url)
+    grid = ResultGrid(analysis)
+    stops = read_asha_stops(storage.join(experiment_url, ASHA_STOPS_FILE))
+    rows, curves, best = [], [], None
+    for trial, result in zip(analysis.trials, grid):
+        frame = result.metrics_dataframe
+        params = dict(trial.config)
+        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **params}
+        scored = frame.dropna(subset=[metric]) if frame is not None and metric in frame else pd.DataFrame()
+        row["epochs"] = int(frame["epoch"].max()) if frame is not None and "epoch" in frame and len(frame) else 0
+        row[f"best_{metric}"], row["best_epoch"] = math.nan, None
+        if len(scored):
+            position = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
+            row[f"best_{metric}"], row["best_epoch"] = float(scored.loc[position, metric]), int(scored.loc[position, "epoch"])
+            row["start_overhead_s"] = float(scored["time_total_s"].iloc[0] - scored["epoch_s"].iloc[0])
+            checkpoint = scored.loc[position].get("checkpoint_path")
+            run_folder = os.path.basename(os.path.dirname(str(checkpoint))) if isinstance(checkpoint, str) else TRIAL_RUN
+            # Relative to the URL given, so an experiment copied elsewhere still resolves.
+            row["run_url"] = storage.join(experiment_url, os.path.basename(trial.path), run_folder)
+            curves.append(scored.assign(trial_id=trial.trial_id))
+            value = row[f"best_{metric}"]
+            if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+                best = {"trial_id": trial.trial_id, "params": params, "value": value, "best_epoch": row["best_epoch"],
+                        "run_url": row["run_url"]}  # fmt: skip
+        row["stopped_by_asha"] = trial.trial_id in stops
+        row["error"] = str(result.error) if result.error is not None else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if len(table):
+        table = table.sort_values(f"best_{metric}", ascending=mode == "min", na_position="last", kind="stable")
+    keep = ["trial_id", "epoch", *METRICS, "lr", "epoch_s", "time_total_s"]
+    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=keep)
+    unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
+    return ExperimentSummary(experiment_url=experiment_url, metric=metric, mode=mode, table=table.reset_index(drop=True),
+                             curves=curves_frame[[c for c in keep if c in curves_frame]], best=best, unfinished=unfinished)  # fmt: skip
+
+
+def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") -> str:
+    """URL of the best kept checkpoint of a Train run (ASHA-stopped runs included)."""
+    import ray.train
+
+    filesystem = storage.arrow_filesystem(run_url)[0] if storage.is_s3(run_url) else None
+    # Reading a run logs advice on starting a new one under another name: noise for a reader.
+    checkpoint_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = checkpoint_log.level
+    checkpoint_log.setLevel(logging.WARNING)
+    try:
+        result = ray.train.Result.from_path(storage.strip_scheme(run_url), storage_filesystem=filesystem)
+    finally:
+        checkpoint_log.setLevel(level)
+    checkpoint = result.get_best_checkpoint(metric, mode)
+    if checkpoint is None:
+        raise SearchError(f"{run_url} has no checkpoint with {metric}")
+    return "s3://" + checkpoint.path.lstrip("/") if storage.is_s3(run_url) else checkpoint.path
+
+
+# --- the outcome --------------------------------------------------------------------------------
+
+
+@dataclass
+class SearchOutcome:
+    experiment_url: str
+    wall_s: float
+    summary: ExperimentSummary
+    best_config: LensrayConfig | None
+    resumed: bool = False
+
+    @property
+    def trials(self) -> int:
+        return len(self.summary.table)
+
+    @property
+    def stopped_early(self) -> int:
+        return self.summary.stopped_early
+
+    @property
+    def start_overheads_s(self) -> list[float]:
+        table = self.summary.table
+        return [float(v) for v in table.get("start_overhead_s", pd.Series(dtype=float)).dropna()]
+
+    def __str__(self) -> str:
+        summary, metric = self.summary, self.summary.metric
+        errors = int(summary.table["error"].notna().sum()) if self.trials else 0
+        lines = [f"search {self.experiment_url}: {self.trials} trials in {self.wall_s:.0f} s"
+                 f"{' (resumed)' if self.resumed else ''}; {self.stopped_early} stopped early by ASHA, {errors} failed"]  # fmt: skip
+        overheads = self.start_overheads_s
+        if overheads:
+            lines.append(f"  per-trial start overhead (trial start -> first epoch begins): median {statistics.median(overheads):.1f} s, "
+                         f"range {min(overheads):.1f}-{max(overheads):.1f} s")  # fmt: skip
+        if summary.unfinished:
+            lines.append(f"  interrupted: {summary.unfinished} trials unfinished; continue with --resume")
+        if self.trials:
+            columns = ["trial_id", "status", *[c for c in summary.table.columns if "." in c], "epochs", f"best_{metric}",
+                       "best_epoch", "stopped_by_asha"]  # fmt: skip
+            lines.append("  " + summary.table[columns].to_string(index=False).replace("\n", "\n  "))
+        if summary.best is not None:
+            lines.append(f"  best: trial {summary.best['trial_id']} {metric} {summary.best['value']:.4f} at epoch "
+                         f"{summary.best['best_epoch']} -> {storage.join(self.experiment_url, BEST_CONFIG_FILE)}")  # fmt: skip
+        return "\n".join(lines)
