@@ -69,3 +69,22 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
     model.to(device).eval()
     return Run(checkpoint_url=checkpoint_url, config=config, model=model, history=state["history"],
                epoch=state["epoch"], device=device)  # fmt: skip
+
+
+def load_best(experiment_url: str, metric: str = "val_auc", mode: str = "max", device: str | torch.device = "cpu") -> Run:
+    """The best trial of a search (``lensray tune``), read from storage (local or s3://), no cluster needed.
+
+    The best trial is the one whose best epoch by ``metric`` is best; the checkpoint loaded is that
+    trial's best kept checkpoint by ``metric`` (ASHA-stopped trials included). ``run.info`` holds the
+    trial (``trial_id``, ``params``, ``value``, ``best_epoch``, ``run_url``) and the whole search:
+    ``results`` (one row per trial, best first) and ``curves`` (every reported epoch of every trial).
+    """
+    from lensray.tuning import SearchError, best_checkpoint, summarise_experiment
+
+    summary = summarise_experiment(experiment_url, metric, mode)
+    if summary.best is None:
+        raise SearchError(f"{experiment_url}: no trial reported {metric} yet")
+    run = load_run(best_checkpoint(summary.best["run_url"], metric, mode), device)
+    run.info = {"experiment": experiment_url, "metric": metric, "mode": mode, **summary.best,
+                "results": summary.table, "curves": summary.curves}  # fmt: skip
+    return run

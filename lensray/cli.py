@@ -146,6 +146,96 @@ def cmd_train(config: LensrayConfig, *, resume: bool, sanity_only: bool) -> int:
     return 0
 
 
+TUNE_FLAGS = (
+    Flag("--store", "data.store", "URL of the preprocessed store every trial trains on"),
+    Flag("--num-samples", "search.num_samples", "samples of the search space (each grid point this often)", int),
+    Flag("--storage", "search.storage", "experiment root (local path or s3://); default train.out or ./runs"),
+    Flag("--name", "search.name", "experiment name under --storage (needed for --resume)"),
+    Flag("--max-concurrent", "search.max_concurrent_trials", "trials at once (default: as many as the cluster fits)", int),
+    Flag("--epochs", "train.epochs", "epochs per trial (ASHA's max_t)", int),
+)
+
+
+def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> int:
+    from lensray import storage
+    from lensray.config import dump_config
+    from lensray.tuning import BEST_CONFIG_FILE, SearchError, load_tune_config, run_tune
+
+    if config_path is None:
+        raise ConfigError("--config is required: a tune file such as tune_configs/lastro_kernels_pools.yaml")
+    try:
+        outcome = run_tune(load_tune_config(config_path, overrides), resume=resume)
+    except SearchError as exc:
+        print(f"lensray tune: {exc}", file=sys.stderr)
+        return 1
+    print(outcome)
+    print(f"TensorBoard of every trial: tensorboard --logdir {outcome.experiment_url}")
+    if outcome.best_config is not None:
+        saved = storage.join(outcome.experiment_url, BEST_CONFIG_FILE)
+        print(f"\n# The best trial's run config, saved as {saved}: lensray train --config <this YAML>\n")
+        print(dump_config(outcome.best_config))
+    if outcome.summary.unfinished:
+        name = outcome.experiment_url.rsplit("/", 1)[-1]
+        print(f"lensray tune: interrupted; continue with: lensray tune --config {config_path} --name {name} --resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    return 0
+
+
+EVALUATE_FLAGS = (
+    Flag("--store", "data.store", "URL of the preprocessed store to evaluate on"),
+)
+
+
+def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
+    from lensray.evaluate import EvaluateError, evaluate_run
+    from lensray.score import ScoreError
+
+    if config.data.store is None:
+        raise ConfigError("data.store is required (--store URL)")
+    try:
+        print(evaluate_run(args.run, config.data.store, args.out, args.split, args.tta, device="cuda" if args.gpu else "cpu",
+                           prevalence=args.prevalence, gallery=args.gallery))  # fmt: skip
+    except (EvaluateError, ScoreError) as exc:
+        print(f"lensray evaluate: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lensray.compare import compare_runs
+    from lensray.evaluate import EvaluateError
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    try:
+        print(compare_runs(args.runs, args.out, split=args.split, tta=args.tta, names=names, store=args.store,
+                           device="cuda" if args.gpu else "cpu"))  # fmt: skip
+    except EvaluateError as exc:
+        print(f"lensray compare: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+SCORE_FLAGS = (
+    Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
+    Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV or any CSV with an ID column"),
+)
+
+
+def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
+    from lensray.score import ScoreError, score_catalog
+
+    if config.data.images is None or config.data.catalog is None:
+        raise ConfigError("data.images and data.catalog are required (--images URL --catalog URL)")
+    try:
+        print(score_catalog(args.run, config.data.images, config.data.catalog, args.out, tta=args.tta,
+                            device=args.device, actors=args.actors, batch_size=args.batch_size, gallery=args.gallery))  # fmt: skip
+    except ScoreError as exc:
+        print(f"lensray score: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -184,6 +274,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(
         handler=lambda args: cmd_train(_resolve(args, TRAIN_FLAGS), resume=args.resume, sanity_only=args.sanity)
     )
+
+    tune = sub.add_parser("tune", help="Ray Tune search with ASHA early stopping over a YAML search space")
+    _add_flags(tune, TUNE_FLAGS)
+    tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    tune.set_defaults(handler=lambda args: cmd_tune(args.config, [*args.overrides, *_flag_overrides(args, TUNE_FLAGS)],
+                                                    resume=args.resume))  # fmt: skip
+
+    evaluate = sub.add_parser("evaluate", help="metrics, curves, galleries and an HTML report for a split")
+    _add_flags(evaluate, EVALUATE_FLAGS)
+    evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    evaluate.add_argument("--out", required=True, help="local folder for report.html, metrics.json, PNGs")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    evaluate.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
+    evaluate.add_argument("--gpu", action="store_true", help="run the network on the GPU (default: CPU)")
+    evaluate.add_argument("--prevalence", type=float, default=1e-4, help="lens fraction in a survey (default 1e-4)")
+    evaluate.add_argument("--gallery", type=int, default=8, help="objects per gallery (default 8)")
+    evaluate.set_defaults(handler=lambda args: cmd_evaluate(_resolve(args, EVALUATE_FLAGS), args))
+
+    compare = sub.add_parser("compare", help="a Table-I-style comparison of runs with overlaid ROC curves")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
+    compare.add_argument("--out", required=True, help="local folder for compare.md, compare.html, compare.json")
+    compare.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    compare.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
+    compare.add_argument("--names", help="comma-separated row names (default: the run folders' names)")
+    compare.add_argument("--store", help="evaluate every run on this store (default: each run's training store)")
+    compare.add_argument("--gpu", action="store_true", help="run the networks on the GPU (default: CPU)")
+    compare.set_defaults(handler=cmd_compare)
+
+    score = sub.add_parser("score", help="score a catalogue of raw cutouts -> ranked candidates (Ray Data)")
+    _add_flags(score, SCORE_FLAGS)
+    score.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    score.add_argument("--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ...")
+    score.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips (kept per view)")
+    score.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: GPUs when Ray has them")
+    score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else half the CPUs)")
+    score.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default 64)")
+    score.add_argument("--gallery", type=int, default=24, help="top candidates in the HTML gallery (default 24)")
+    score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
 
     demo = sub.add_parser("demo", help="run the whole chain on a small simulated set, locally")
     _add_flags(demo, DEMO_FLAGS)

@@ -1,0 +1,420 @@
+"""Scoring: lens probabilities with optional D4 test-time averaging, and whole catalogues of raw cutouts.
+
+``predict_tta`` is the one place that turns images into scores (``evaluate`` and ``compare`` use it
+too). ``score_catalog`` scores every ID of a catalogue straight from the raw FITS cutouts with Ray
+Data: CPU tasks read and preprocess batches of cutouts (exactly the transform the network was trained
+on, as recorded in its checkpoint), an actor pool holding the network (one GPU each when the cluster
+has GPUs) predicts, and the driver ranks the scores. A cutout that cannot be read or preprocessed is
+listed with its reason in the rejects file, never scored (a zero image would get a real-looking score).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lensray import storage
+from lensray.config import PreprocessConfig
+from lensray.data import d4_transform
+from lensray.trainer import MODEL_INPUT_FILE
+
+TTA = Literal["d4"]
+D4_ELEMENTS = 8
+DEFAULT_BATCH = 64
+DEFAULT_GALLERY = 24
+ID_COLUMN = "ID"
+
+
+class ScoreError(ValueError):
+    """Scoring cannot run (unusable checkpoint, catalogue or output); the message names the object."""
+
+
+# --- scores for images in memory ------------------------------------------------------------------
+
+
+def check_tta(tta: str | None) -> str | None:
+    if tta not in (None, "none", "d4"):
+        raise ScoreError(f"unknown test-time augmentation {tta!r}; choose d4 or leave it out")
+    return None if tta == "none" else tta
+
+
+def predict_tta(run: Any, images: np.ndarray | torch.Tensor, tta: str | None = None,
+                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """``(scores (N,), per-transform scores (N, 8) or None)`` for (N, C, H, W) preprocessed images.
+
+    ``run`` is an ``api.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
+    score is the mean of the probabilities over the 8 elements of D4 (``data.d4_transform``): a sky
+    cutout has no preferred orientation, so each is an equally valid view of the object. Probabilities
+    are averaged, not logits, so the result is still the mean of what the network says per view.
+    """
+    tta = check_tta(tta)
+    tensor = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if tta is None:
+        return run.predict(tensor, batch_size=batch_size), None
+    if tensor.shape[-1] != tensor.shape[-2]:
+        raise ScoreError(f"D4 test-time averaging needs square images, got {tuple(tensor.shape[-2:])}")
+    per_transform = np.stack(
+        [run.predict(d4_transform(tensor, k).contiguous(), batch_size=batch_size) for k in range(D4_ELEMENTS)], axis=1
+    )
+    return per_transform.mean(axis=1), per_transform
+
+
+# --- the transform a checkpoint's network was trained on ----------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """What the network of a checkpoint expects: bands, geometry and the store's recorded transform."""
+
+    bands: tuple[str, ...]
+    channels: int
+    size: int
+    preprocess: PreprocessConfig
+    store: str | None
+    notes: tuple[str, ...] = ()  # differences from the run's config (the store's record wins)
+
+
+def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInput:
+    """The checkpoint's ``model_input.json`` as a ``PreprocessConfig`` that reproduces its transform.
+
+    The store's recorded transform is what the weights were fitted to, so it is the authority: it is
+    rebuilt as a ``PreprocessConfig`` and ``transforms.describe`` of that must equal the record exactly
+    (else this lensray would preprocess differently from the one that wrote the store: an error). Where
+    the run's own config (``preprocess``, ``data.bands``) says otherwise, e.g. a run trained with
+    ``--store`` on a store ingested with another config, the difference is returned in ``notes``.
+    """
+    from lensray.transforms import describe
+
+    url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
+    try:
+        record = json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        raise ScoreError(f"{url} is missing: {checkpoint_url} is not a lensray checkpoint folder") from None
+    transform, bands = record.get("transform"), record.get("bands")
+    if not transform or not bands:
+        raise ScoreError(
+            f"{url}: the training store {record.get('store')} recorded no transform/bands (not written by "
+            "`lensray preprocess`), so raw cutouts cannot be prepared the way this network saw its inputs"
+        )
+    try:
+        preprocess = PreprocessConfig(
+            mode=transform["mode"], upsample=transform["interpolation"], asinh_softening=transform["asinh_softening"],
+            border=transform["border"], crop=transform["crop"], bin=transform["bin"], dtype=transform["dtype"],
+        )  # fmt: skip
+    except (KeyError, ValueError) as exc:
+        raise ScoreError(f"{url}: unusable transform record {transform}: {exc}") from exc
+    rebuilt = describe(preprocess)
+    differing = sorted(k for k in set(rebuilt) | set(transform) if rebuilt.get(k) != transform.get(k))
+    if differing:
+        details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
+        raise ScoreError(f"{url}: this lensray cannot reproduce the training transform ({details})")
+    if rebuilt["output_shape"] != [record["size"], record["size"]]:
+        raise ScoreError(f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}")
+    notes = []
+    if run_config is not None:
+        configured = describe(run_config.preprocess)
+        for key in sorted(k for k in configured if configured[k] != transform.get(k)):
+            notes.append(f"run config preprocess {key}={configured[key]!r}, training store {transform.get(key)!r} (used)")
+        if tuple(run_config.data.bands) != tuple(bands):
+            notes.append(f"run config bands {list(run_config.data.bands)}, training store {bands} (used)")
+    return ModelInput(bands=tuple(bands), channels=int(record["channels"]), size=int(record["size"]),
+                      preprocess=preprocess, store=record.get("store"), notes=tuple(notes))  # fmt: skip
+
+
+# --- catalogue IDs --------------------------------------------------------------------------------
+
+
+def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
+    """``(unique IDs in file order, repeated IDs)`` of a catalogue: the challenge CSV, or any CSV with
+    an ``ID`` column (``#`` comments allowed) -- a survey list needs no labels."""
+    from lensray.catalog import CatalogError, read_catalog
+
+    try:
+        catalog = read_catalog(url)
+        return catalog.ids, sorted({d.object_id for d in catalog.duplicates})
+    except CatalogError as challenge_error:
+        try:
+            table = pd.read_csv(io.BytesIO(storage.read_bytes(url)), comment="#", skipinitialspace=True)
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise ScoreError(f"catalogue {url}: neither the challenge format ({challenge_error}) nor CSV ({exc})") from None
+        if ID_COLUMN not in table.columns:
+            raise ScoreError(f"catalogue {url}: no {ID_COLUMN!r} column (columns: {list(table.columns)[:12]})") from None
+        raw = pd.to_numeric(table[ID_COLUMN], errors="coerce")
+        bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
+        if bad.size:
+            value = table[ID_COLUMN].iloc[bad[0]]
+            raise ScoreError(f"catalogue {url}: {ID_COLUMN} on data row {bad[0] + 1} is {value!r}, not an integer")
+        ids = raw.to_numpy().astype(np.int64)
+        _, first = np.unique(ids, return_index=True)
+        repeated = sorted(set(ids[np.setdiff1d(np.arange(ids.size), first)].tolist()))
+        return ids[np.sort(first)], repeated
+
+
+# --- Ray Data stages ------------------------------------------------------------------------------
+
+
+def prepare_batch(batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig,
+                  nan_policy: str) -> dict[str, np.ndarray]:  # fmt: skip
+    """CPU stage: read and preprocess a batch of IDs. Rejected IDs keep a NaN image and their reason."""
+    from lensray.fits_io import read_cutouts
+    from lensray.transforms import PreprocessError, output_shape, preprocess_batch
+
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    size = output_shape(preprocess)[0]
+    images = np.full((len(ids), len(bands), size, size), np.nan, dtype=np.float32)
+    reasons = np.full(len(ids), "", dtype=object)
+    messages = np.full(len(ids), "", dtype=object)
+    cutouts, rejects = read_cutouts(images_url, ids.tolist(), bands, nan_policy)
+    position = {int(object_id): k for k, object_id in enumerate(ids)}
+    for reject in rejects:
+        reasons[position[reject.object_id]], messages[position[reject.object_id]] = reject.reason, reject.message
+    if not cutouts:
+        return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
+    try:
+        prepared = preprocess_batch([c.bands for c in cutouts], preprocess, bands, [c.object_id for c in cutouts])
+        for cutout, image in zip(cutouts, prepared):
+            images[position[cutout.object_id]] = image
+    except PreprocessError:  # find which ones: one at a time
+        for cutout in cutouts:
+            try:
+                images[position[cutout.object_id]] = preprocess_batch([cutout.bands], preprocess, bands, [cutout.object_id])[0]
+            except PreprocessError as exc:
+                reasons[position[cutout.object_id]], messages[position[cutout.object_id]] = "preprocess", str(exc)
+    nan_images = (reasons == "") & ~np.isfinite(images).all(axis=(1, 2, 3))
+    for k in np.flatnonzero(nan_images):  # cannot happen after the NaN policy; never feed it to the network
+        reasons[k], messages[k] = "non_finite", f"ID {ids[k]}: preprocessed image has non-finite pixels"
+    return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
+
+
+class CutoutScorer:
+    """Actor stage: the network, loaded once per actor, scores the batches' accepted images."""
+
+    def __init__(self, checkpoint_url: str, tta: str | None, device: str, threads: int | None = None) -> None:
+        from lensray.api import load_run
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.run = load_run(checkpoint_url, device=device)
+        self.tta = tta
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ok = batch["reason"] == ""
+        n = len(batch["id"])
+        scores = np.full(n, np.nan)
+        per_transform = np.full((n, D4_ELEMENTS), np.nan)
+        if ok.any():
+            mean, per = predict_tta(self.run, batch["image"][ok], self.tta)
+            scores[ok] = mean
+            if per is not None:
+                per_transform[ok] = per
+        out = {"id": batch["id"], "score": scores, "reason": batch["reason"], "message": batch["message"]}
+        if self.tta:
+            out.update({f"score_d4_{k}": per_transform[:, k] for k in range(D4_ELEMENTS)})
+        return out
+
+
+# --- the whole catalogue --------------------------------------------------------------------------
+
+
+@dataclass
+class ScoreSummary:
+    candidates_url: str
+    rejects_url: str
+    gallery_path: str | None
+    summary_url: str
+    n_ids: int
+    n_scored: int
+    rejects: pd.DataFrame
+    top: pd.DataFrame
+    repeated_ids: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    actors: int = 1
+    wall_s: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"scored {self.n_scored} of {self.n_ids} IDs in {self.wall_s:.1f} s "
+            f"({self.n_scored / max(self.wall_s, 1e-9):.1f} IDs/s, {self.actors} {self.device} actor(s))",
+            f"  candidates (ranked): {self.candidates_url}",
+            f"  rejects ({len(self.rejects)}): {self.rejects_url}",
+        ]
+        if self.gallery_path:
+            lines.append(f"  gallery of the top {len(self.top)}: {self.gallery_path}")
+        for row in self.top.head(5).itertuples():
+            lines.append(f"    #{row.rank:<4d} ID {row.id}  score {row.score:.4f}")
+        for row in self.rejects.head(5).itertuples():
+            lines.append(f"    rejected {row.id}: {row.message}")
+        if self.repeated_ids:
+            lines.append(f"  {len(self.repeated_ids)} repeated catalogue ID(s) scored once: {self.repeated_ids[:10]}")
+        lines.extend(f"  note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _plain_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Numpy dtypes instead of Ray's Arrow-backed ones, so the Parquet file reads back as plain columns."""
+    plain = {}
+    for column in table.columns:
+        if column == "id":
+            plain[column] = table[column].to_numpy(dtype=np.int64)
+        elif column in ("reason", "message"):
+            plain[column] = table[column].astype(str).to_numpy(dtype=object)
+        else:
+            plain[column] = table[column].to_numpy(dtype=np.float64, na_value=np.nan)
+    return pd.DataFrame(plain)
+
+
+def _sibling(out_url: str, suffix: str) -> str:
+    stem = out_url[: -len(".parquet")] if out_url.endswith(".parquet") else out_url
+    return f"{stem}{suffix}"
+
+
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _device_and_actors(device: str, actors: int | None) -> tuple[str, int, float]:
+    """``(device, actors, gpus per actor)``; ``auto`` takes GPUs when the Ray cluster has them."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if device not in ("auto", "cpu", "cuda"):
+        raise ScoreError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cuda" and gpus == 0:
+        raise ScoreError("device cuda asked for, but the Ray cluster has no GPU")
+    use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
+    if use_gpu:
+        return "cuda", actors or gpus, 1.0
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # Leave a CPU for the read/preprocess tasks that feed the actors.
+    return "cpu", actors or max(1, cpus // 2), 0.0
+
+
+def score_catalog(
+    checkpoint_url: str,
+    images_url: str,
+    catalog_url: str,
+    out_url: str,
+    *,
+    tta: str | None = None,
+    device: str = "auto",
+    actors: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    gallery: int = DEFAULT_GALLERY,
+    nan_policy: str | None = None,
+) -> ScoreSummary:
+    """Score every catalogue ID from raw cutouts; write ranked candidates, rejects and a gallery.
+
+    Outputs (local or s3://): ``out_url`` (Parquet: rank, id, score, and with ``tta`` the 8 per-view
+    scores ``score_d4_0..7``, best first), ``<stem>_rejects.csv`` (id, reason, message of every
+    cutout that could not be scored), ``<stem>_summary.json`` and ``<stem>_gallery.html`` (the top
+    ``gallery`` candidates, every band, the network's input stretch, ID and score under each).
+    """
+    import ray
+
+    from lensray.api import load_run
+    from lensray.evaluate import resolve_checkpoint
+
+    tta = check_tta(tta)
+    started = time.perf_counter()
+    checkpoint_url = resolve_checkpoint(checkpoint_url)
+    run = load_run(checkpoint_url)  # fail fast on a bad checkpoint, before any Ray work
+    prepared = model_input(checkpoint_url, run.config)
+    nan_policy = nan_policy or run.config.data.nan
+    storage.check_reachable(images_url)
+    storage.check_reachable(out_url, must_exist=False)
+    ids, repeated = read_ids(catalog_url)
+    if ids.size == 0:
+        raise ScoreError(f"catalogue {catalog_url} lists no IDs")
+    if not ray.is_initialized():
+        ray.init()
+    device, n_actors, gpus = _device_and_actors(device, actors)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    blocks = max(1, min(len(ids) // batch_size + 1, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    dataset = (
+        ray.data.from_items([{"id": int(i)} for i in ids], override_num_blocks=blocks)
+        .map_batches(prepare_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
+                     fn_kwargs={"images_url": images_url, "bands": prepared.bands, "preprocess": prepared.preprocess,
+                                "nan_policy": nan_policy})  # fmt: skip
+        .map_batches(CutoutScorer, batch_size=batch_size, batch_format="numpy",
+                     compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=0 if gpus else 1,
+                     fn_constructor_kwargs={"checkpoint_url": checkpoint_url, "tta": tta, "device": device,
+                                            "threads": None if gpus else 1})  # fmt: skip
+    )
+    table = dataset.to_pandas()
+    table = _plain_columns(table)
+    if len(table) != len(ids) or set(table["id"]) != set(ids.tolist()):
+        raise ScoreError(f"scoring returned {len(table)} rows for {len(ids)} IDs; rerun (a worker may have died)")
+
+    rejected = table["reason"] != ""
+    rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
+    score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
+    candidates = (table.loc[~rejected, ["id", *score_columns]]
+                  .sort_values(["score", "id"], ascending=[False, True]).reset_index(drop=True))  # fmt: skip
+    candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
+    rejects_url = _sibling(out_url, "_rejects.csv")
+    storage.write_bytes(out_url, _parquet_bytes(candidates))
+    storage.write_bytes(rejects_url, rejects.to_csv(index=False).encode())
+
+    top = candidates.head(gallery)
+    gallery_url = None
+    if gallery and len(top):
+        gallery_url = _sibling(out_url, "_gallery.html")
+        html = candidate_gallery_html(top, images_url, prepared, nan_policy, rejects, checkpoint_url, catalog_url, tta)
+        storage.write_bytes(gallery_url, html.encode())
+    summary_url = _sibling(out_url, "_summary.json")
+    summary = ScoreSummary(
+        candidates_url=out_url, rejects_url=rejects_url, gallery_path=gallery_url, summary_url=summary_url,
+        n_ids=len(ids), n_scored=len(candidates), rejects=rejects, top=top, repeated_ids=repeated,
+        notes=list(prepared.notes), device=device, actors=n_actors, wall_s=time.perf_counter() - started,
+    )  # fmt: skip
+    storage.write_bytes(summary_url, json.dumps({
+        "checkpoint": checkpoint_url, "images": images_url, "catalog": catalog_url, "tta": tta,
+        "bands": list(prepared.bands), "transform": prepared.preprocess.model_dump(mode="json", exclude={"out"}),
+        "nan_policy": nan_policy, "n_ids": len(ids), "n_scored": len(candidates), "n_rejected": len(rejects),
+        "rejects": rejects.to_dict(orient="records"), "repeated_ids": repeated, "notes": list(prepared.notes),
+        "device": device, "actors": n_actors, "wall_s": round(summary.wall_s, 3),
+        "top": top[["rank", "id", "score"]].to_dict(orient="records"),
+    }, indent=1).encode())  # fmt: skip
+    return summary
+
+
+def candidate_gallery_html(top: pd.DataFrame, images_url: str, prepared: ModelInput, nan_policy: str,
+                           rejects: pd.DataFrame, checkpoint_url: str, catalog_url: str, tta: str | None) -> str:  # fmt: skip
+    """A self-contained page: the top candidates (re-read and preprocessed as the network saw them)."""
+    from lensray.fits_io import read_cutouts
+    from lensray.report import gallery_png, html_page, html_table
+    from lensray.transforms import preprocess_batch
+
+    cutouts, failed = read_cutouts(images_url, top["id"].tolist(), prepared.bands, nan_policy)
+    if failed:  # they were read a moment ago: the data changed under us
+        raise ScoreError(f"top candidates could not be re-read for the gallery: {[str(f) for f in failed]}")
+    images = preprocess_batch([c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts])
+    captions = [f"#{r.rank} ID {r.id}\nscore {r.score:.4f}" for r in top.itertuples()]
+    picture = gallery_png(np.asarray(images, np.float32), captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands)))
+    blocks = [
+        f"<p>Checkpoint <code>{html.escape(checkpoint_url)}</code>; catalogue <code>{html.escape(catalog_url)}</code>; "
+        f"images <code>{html.escape(images_url)}</code>; test-time averaging: {tta or 'none'}. Bands {', '.join(prepared.bands)} as the "
+        f"network sees them ({prepared.preprocess.mode} mode), one fixed display range per band.</p>",
+        ("Top candidates", picture),
+        html_table(top[["rank", "id", "score"]].to_dict(orient="records"), ["rank", "id", "score"]),
+        f"<h2>Rejected cutouts ({len(rejects)})</h2>",
+        html_table(rejects.to_dict(orient="records"), ["id", "reason", "message"]) if len(rejects) else "<p>none</p>",
+    ]
+    return html_page(f"lensray candidates: top {len(top)}", blocks)
+

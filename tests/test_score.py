@@ -1,0 +1,145 @@
+"""Scoring a catalogue of raw cutouts with Ray Data: the run's own transform, ranked candidates, rejects
+listed (never scored), D4 views, local and S3, the checkpoint's transform record checked."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lensray import storage
+from lensray.bands import band_relpath
+from lensray.catalog import CATALOG_NAME
+from lensray.cli import main
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig, load_config
+from lensray.pipeline import ingest
+from lensray.score import ScoreError, model_input, read_ids, score_catalog
+from lensray.simulate import simulate_dataset
+from lensray.store import LensStore
+from lensray.trainer import MODEL_INPUT_FILE, train
+
+N = 16
+CORRUPT_ID, MISSING_ID = 200003, 200007
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> str:
+    root = str(tmp_path_factory.mktemp("score") / "raw")
+    simulate_dataset(SimulateConfig(out=root, n=N, seed=11, nan_pixel_rate=0.0, offsize_nir_rate=0.0,
+                                    missing_image_rate=0.0, duplicate_id_rate=0.0, workers=2))  # fmt: skip
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(raw: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """``(checkpoint, store)``: a tiny run on the ingested raw set; then two cutouts are damaged."""
+    folder = tmp_path_factory.mktemp("score_run")
+    store_url = str(folder / "store.zarr")
+    data = DataConfig(images=raw, catalog=storage.join(raw, CATALOG_NAME), bands=("VIS", "J"))
+    ingest(data, PreprocessConfig(out=store_url, crop=40, bin=2, shard_size=8, val_fraction=0.3, test_fraction=0.2,
+                                  split_seed=3), progress=False)  # fmt: skip
+    store = LensStore.open(store_url)
+    assert len(set(store.labels[store.indices("val")].tolist())) == 2, "the fixture needs both classes in val"
+    config = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
+        [f"data.store={store_url}", f"train.out={folder / 'runs'}", "train.name=score", "train.epochs=1",
+         "train.steps_per_epoch=2", "train.batch_size=8", "train.sanity=false", "model.lastro.dense=[8]",
+         "model.lastro.filters=4", "model.lastro.pairs=1"],
+    )  # fmt: skip
+    outcome = train(config)
+    # Damage two objects after ingest: one truncated FITS file, one band file gone.
+    vis = Path(raw) / band_relpath("VIS", CORRUPT_ID)
+    vis.write_bytes(vis.read_bytes()[:3000])
+    (Path(raw) / band_relpath("J", MISSING_ID)).unlink()
+    return outcome.best_checkpoint, store_url
+
+
+def _read_parquet(url: str) -> pd.DataFrame:
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(url)))
+
+
+def test_scores_equal_the_store_predictions_and_rejects_are_listed(raw: str, trained: tuple[str, str], tmp_path: Path) -> None:
+    from lensray.api import load_run
+
+    checkpoint, store_url = trained
+    out = str(tmp_path / "candidates.parquet")
+    summary = score_catalog(checkpoint, raw, storage.join(raw, CATALOG_NAME), out, device="cpu", batch_size=5, gallery=6)
+    candidates = _read_parquet(out)
+    assert len(candidates) == N - 2 and summary.n_scored == N - 2
+    assert CORRUPT_ID not in set(candidates["id"]) and MISSING_ID not in set(candidates["id"])
+    assert candidates["rank"].tolist() == list(range(1, N - 1))
+    assert (np.diff(candidates["score"]) <= 0).all(), "candidates must be ranked best first"
+    rejects = pd.read_csv(tmp_path / "candidates_rejects.csv")
+    assert dict(zip(rejects["id"], rejects["reason"])) == {CORRUPT_ID: "corrupt", MISSING_ID: "missing"}
+    assert rejects["message"].str.contains(str(CORRUPT_ID)).any()
+
+    # Raw FITS -> the run's transform -> scores: the same as predicting the store's own images.
+    store = LensStore.open(store_url)
+    rows = np.searchsorted(store.ids, candidates["id"].to_numpy())
+    expected = load_run(checkpoint).predict(store.read(rows))
+    np.testing.assert_allclose(candidates["score"], expected, rtol=1e-5, atol=1e-7)
+
+    saved = json.loads((tmp_path / "candidates_summary.json").read_text())
+    assert saved["n_rejected"] == 2 and saved["bands"] == ["VIS", "J"] and saved["transform"]["crop"] == 40
+    assert any("crop" in note for note in summary.notes), "the run config's crop differs from its store's"
+    assert "rejected 200003" in str(summary)
+    gallery = (tmp_path / "candidates_gallery.html").read_text()
+    assert gallery.count("data:image/png;base64,") == 1 and str(candidates["id"][0]) in gallery
+    assert "corrupt" in gallery
+
+
+def test_tta_scores_every_view_and_s3_works(raw: str, trained: tuple[str, str], s3_bucket: str) -> None:
+    checkpoint, _ = trained
+    remote = storage.join(s3_bucket, "raw")
+    for path in Path(raw).rglob("*"):
+        if path.is_file():
+            storage.write_bytes(storage.join(remote, str(path.relative_to(raw))), path.read_bytes())
+    out = storage.join(s3_bucket, "out", "candidates.parquet")
+    summary = score_catalog(checkpoint, remote, storage.join(remote, CATALOG_NAME), out, tta="d4", device="cpu", gallery=4)
+    candidates = _read_parquet(out)
+    assert summary.n_scored == N - 2 and len(candidates) == N - 2
+    views = candidates[[f"score_d4_{k}" for k in range(8)]].to_numpy()
+    np.testing.assert_allclose(candidates["score"], views.mean(axis=1), rtol=1e-12)
+    assert np.ptp(views, axis=1).max() > 0, "the D4 views should not all agree"
+    rejects = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(s3_bucket, "out", "candidates_rejects.csv"))))
+    assert sorted(rejects["id"]) == [CORRUPT_ID, MISSING_ID]
+    assert b"<img" in storage.read_bytes(storage.join(s3_bucket, "out", "candidates_gallery.html"))
+
+
+def test_a_plain_id_list_is_a_catalogue(raw: str, trained: tuple[str, str], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    listing = tmp_path / "ids.csv"
+    listing.write_text("# survey list\nID,ra\n200001,1.0\n200002,2.0\n200001,1.0\n200003,3.0\n")
+    ids, repeated = read_ids(str(listing))
+    assert ids.tolist() == [200001, 200002, 200003] and repeated == [200001]
+    run_folder = str(Path(trained[0]).parent)  # a run folder stands for its best checkpoint
+    assert main(["score", "--run", run_folder, "--images", raw, "--catalog", str(listing), "--out",
+                 str(tmp_path / "c.parquet"), "--device", "cpu", "--gallery", "0"]) == 0  # fmt: skip
+    assert "scored 2 of 3 IDs" in capsys.readouterr().out
+    assert _read_parquet(str(tmp_path / "c.parquet"))["id"].tolist().count(200001) == 1
+    assert pd.read_csv(tmp_path / "c_rejects.csv")["id"].tolist() == [CORRUPT_ID]
+    assert not (tmp_path / "c_gallery.html").exists()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID\n200001\nabc\n")
+    with pytest.raises(ScoreError, match="row 2 is 'abc'"):
+        read_ids(str(bad))
+
+
+def test_checkpoint_without_a_transform_record_is_refused(trained: tuple[str, str], tmp_path: Path) -> None:
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(trained[0], copy)
+    record = json.loads((copy / MODEL_INPUT_FILE).read_text())
+    assert model_input(str(copy)).preprocess.crop == 40
+    record["transform"]["log_stretch_a"] = 10.0  # a transform this lensray does not compute
+    (copy / MODEL_INPUT_FILE).write_text(json.dumps(record))
+    with pytest.raises(ScoreError, match="cannot reproduce the training transform .*log_stretch_a"):
+        model_input(str(copy))
+    record["transform"] = None
+    (copy / MODEL_INPUT_FILE).write_text(json.dumps(record))
+    with pytest.raises(ScoreError, match="recorded no transform"):
+        model_input(str(copy))
