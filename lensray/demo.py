@@ -12,15 +12,19 @@ from lensray import storage
 from lensray.bands import BANDS, VIS_PIXEL_SCALE
 from lensray.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.config import LensrayConfig, save_config
+from lensray.api import load_best
+from lensray.evaluate import evaluate_run
 from lensray.fits_io import read_cutouts
 from lensray.pipeline import ingest
 from lensray.report import preview_grid
 from lensray.simulate import simulate_dataset
 from lensray.store import LensStore
 from lensray.trainer import train
+from lensray.tuning import run_search
 from lensray.transforms import preprocess_cutout
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_SEARCH = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
 PREVIEW_PER_CLASS = 4
 
 
@@ -36,8 +40,10 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     data_root = str(out / "data")
     store_url = str(out / "store.zarr")
     runs = out / "runs"
-    if runs.exists():  # the demo owns its folder: each run trains afresh
-        shutil.rmtree(runs)
+    experiments = out / "tune"  # notebooks/load_best.ipynb reads demo_output/tune/demo-search by default
+    for folder in (runs, experiments, out / "evaluation"):
+        if folder.exists():  # the demo owns its folder: each run trains and searches afresh
+            shutil.rmtree(folder)
     config = config.model_copy(
         update={
             "simulate": config.simulate.model_copy(update={"out": data_root}),
@@ -71,8 +77,21 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     outcome = train(config)
     print(outcome)
 
+    _step(f"6. Ray Tune search with ASHA early stopping ({DEMO_SEARCH.relative_to(DEMO_SEARCH.parents[1])})")
+    search = run_search(DEMO_SEARCH, storage=str(experiments), store=store_url)
+    print(search)
+    best = load_best(search.experiment_url)
+    print(f"  load_best: trial {best.info['trial_id']} {best.info['params']} val_auc {best.info['value']:.3f}"
+          f" -> {best.checkpoint_url}")  # fmt: skip
+
+    _step("7. evaluate the best trial on the test split")
+    report = evaluate_run(best.checkpoint_url, store_url, out / "evaluation", split="test")
+    print(report)
+
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
-    return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml", "run": Path(outcome.run_url)}
+    print(f"HTML report: {report.html_path}")
+    return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml", "run": Path(outcome.run_url),
+            "experiment": Path(search.experiment_url), "report": Path(report.html_path)}
 
 
 def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:
