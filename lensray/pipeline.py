@@ -21,6 +21,7 @@ from lensray import storage
 from lensray.catalog import apply_label_rule, read_catalog
 from lensray.config import DataConfig, PreprocessConfig
 from lensray.fits_io import read_cutouts
+from lensray.ray_runtime import ensure_ray
 from lensray.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
 from lensray.transforms import describe, output_shape, preprocess_batch
 
@@ -154,8 +155,7 @@ def _run_shards(todo: list[dict[str, Any]], data: DataConfig, preprocess: Prepro
     import ray
     from tqdm import tqdm
 
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver's own bar counts shards
     workers = preprocess.workers or max(1, int(ray.available_resources().get("CPU", 1)))

@@ -25,6 +25,7 @@ import torch
 from lensray import storage
 from lensray.config import PreprocessConfig
 from lensray.data import d4_transform
+from lensray.ray_runtime import ensure_ray
 from lensray.trainer import MODEL_INPUT_FILE
 
 TTA = Literal["d4"]
@@ -340,8 +341,7 @@ def score_catalog(
     ids, repeated = read_ids(catalog_url)
     if ids.size == 0:
         raise ScoreError(f"catalogue {catalog_url} lists no IDs")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     device, n_actors, gpus = _device_and_actors(device, actors)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False

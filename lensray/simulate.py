@@ -36,6 +36,7 @@ from lensray import storage
 from lensray.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
 from lensray.catalog import CATALOG_NAME, COLUMNS
 from lensray.config import SimulateConfig
+from lensray.ray_runtime import ensure_ray
 
 # ---------------------------------------------------------------------------------------------------
 # Instrument, units, canvas
@@ -894,8 +895,7 @@ def simulate_dataset(config: SimulateConfig) -> SimulationSummary:
     start = time.perf_counter()
     storage.check_reachable(config.out, must_exist=False)
     plans = plan_dataset(config)
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     chunk = max(1, min(32, math.ceil(len(plans) / (4 * workers))))  # several chunks per worker: load balance
     pending = [plans[k : k + chunk] for k in range(0, len(plans), chunk)]

@@ -39,6 +39,7 @@ from lensray.loop import (
 )
 from lensray.metrics import summarise
 from lensray.models import build_model
+from lensray.ray_runtime import ensure_ray
 from lensray.store import LensStore
 
 STATE_FILE = "state.pt"
@@ -289,8 +290,7 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
         raise TrainError(f"{run_url} already exists: pass --resume to continue it, or choose another --name")
     if resume and not exists:
         raise TrainError(f"nothing to resume at {run_url}")
-    if not ray.is_initialized():
-        ray.init()
+    ensure_ray()
     storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
     started = time.perf_counter()
     try:
