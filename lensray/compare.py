@@ -20,8 +20,8 @@ from lensray.config import LensrayConfig
 from lensray.evaluate import EvaluateError, jsonable, predict_split, resolve_checkpoint
 from lensray.trainer import HISTORY_FILE, MODEL_INPUT_FILE
 
-COLUMNS = ("name", "network", "options", "label_rule", "acc", "auc", "tpr0", "tpr10", "best_epoch", "epochs", "train_s")
-HEADERS = ("run", "network", "options", "labels", "ACC", "AUC", "TPR0", "TPR10", "best epoch", "epochs", "train time (s)")
+COLUMNS = ("name", "network", "options", "label_rule", "acc", "auc", "tpr0", "tpr10", "best_epoch", "epochs", "train_images", "train_s")
+HEADERS = ("run", "network", "options", "labels", "ACC", "AUC", "TPR0", "TPR10", "best epoch", "epochs", "images seen", "train time (s)")
 
 
 def describe_network(config: LensrayConfig) -> str:
@@ -60,6 +60,14 @@ def _run_history(checkpoint_url: str, fallback: list[dict[str, Any]]) -> list[di
         return fallback  # a checkpoint copied on its own: its history stops at its epoch
 
 
+def _images_seen(history: list[dict[str, Any]]) -> int | None:
+    """Training images drawn over the whole run (all epochs, all workers): the budget a recipe used.
+    None for runs written before ``train_samples`` was recorded."""
+    if not history or any("train_samples" not in row for row in history):
+        return None
+    return int(sum(row["train_samples"] for row in history))
+
+
 @dataclass
 class ComparisonTable:
     rows: list[dict[str, Any]]
@@ -73,6 +81,8 @@ class ComparisonTable:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
@@ -124,6 +134,7 @@ def compare_runs(
             "label_rule": lens_store.meta.get("label_rule", run.config.data.labels),
             "acc": summary["acc"], "auc": summary["auc"], "tpr0": summary["tpr0"], "tpr10": summary["tpr10"],
             "n": summary["n"], "n_pos": summary["n_pos"], "best_epoch": run.epoch, "epochs": len(history),
+            "train_images": _images_seen(history),
             "train_s": float(sum(row.get("epoch_s", 0.0) for row in history)),
             "checkpoint": checkpoint, "store": store_url, "split": split, "tta": tta,
         })  # fmt: skip

@@ -180,6 +180,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "val_acc": metrics["acc"], "val_auc": metrics["auc"],
             "val_tpr0": metrics["tpr0"], "val_tpr10": metrics["tpr10"], "val_n": int(metrics["n"]),
             "lr": optimizer.param_groups[0]["lr"],
+            "train_samples": int(sum(g["samples"] for g in gathered)),  # images seen this epoch, all ranks
             "samples_per_s": sum(g["samples"] for g in gathered) / max(max(g["seconds"] for g in gathered), 1e-9),
             "epoch_s": time.perf_counter() - started,
             "world_size": world_size,

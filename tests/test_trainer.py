@@ -30,6 +30,8 @@ def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(tiny_sto
         assert row["world_size"] == 2
         assert row["replica_spread"] == 0.0, "DDP replicas diverged"
         assert row["val_n"] == 32, "validation predictions of both workers must be gathered, each once"
+        # The budget a comparison reports: every image both workers drew (steps x global batch).
+        assert row["train_samples"] == config.train.steps_per_epoch * config.train.batch_size
     predictions = np.load(Path(outcome.best_checkpoint) / PREDICTIONS_FILE)
     store = LensStore.open(tiny_store)
     assert sorted(predictions["ids"]) == sorted(store.ids[store.indices("val")])
