@@ -30,43 +30,54 @@ clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
 
 # `make reproduce`: the study's 9 runs (LASTRO spatial dropout, LASTRO dropout, ResNet-20, each under the
-# paper / official / challenge label rules, the study's clip preprocessing and recipes) and the platform's
-# recipe (configs/lastro.yaml, asinh, paper labels) on one simulated challenge-like set, then the
-# comparison table (REPRO/compare/compare.md, .html, .json). Full size by default (a GPU job: add
-# TRAIN_ARGS=--gpu); a CPU-sized run, e.g.: make reproduce N=2000 CROP=100 BINNING=2 EPOCHS=8 STUDY_STEPS=60
+# paper / official / challenge label rules, the study's clip preprocessing and recipes) against the platform's
+# recipes (configs/lastro.yaml, and configs/resnet.yaml with PLATFORM_NETS="lastro resnet"; asinh stores) under
+# the same three rules, on one simulated challenge-like set, then the comparison table (REPRO/compare/compare.md,
+# .html, .json). Every run gets the same training budget: EPOCHS epochs of STUDY_STEPS x 10 images (the study's
+# epoch: 600 steps of batches of 10); the platform's batches of 32 take STUDY_STEPS x 10 / 32 steps per epoch.
+# Full size by default (a GPU job: add TRAIN_ARGS=--gpu); a CPU-sized run, e.g.:
+#   make reproduce N=3000 CROP=100 BINNING=2 EPOCHS=12 STUDY_STEPS=150 PLATFORM_NETS=lastro
 # (BINNING, not BIN: BIN is the venv's bin folder). Rerunning continues: finished steps are skipped.
-N           ?= 20000
-SEED        ?= 2020
-CROP        ?=
-BINNING     ?= 1
-EPOCHS      ?=
-STUDY_STEPS ?=
-TRAIN_ARGS  ?=
-REPRO       ?= reproduce_output
-STUDY_NETS  := lastro_spatial lastro_dropout resnet
-LABEL_RULES := paper official challenge
-REPRO_DIR    = $(abspath $(REPRO))
-RAW          = $(REPRO_DIR)/data
-GEOMETRY     = $(if $(CROP),--crop $(CROP)) --bin $(BINNING)
-EPOCH_KNOB   = $(if $(EPOCHS),--epochs $(EPOCHS))
+N             ?= 20000
+SEED          ?= 2020
+CROP          ?=
+BINNING       ?= 1
+EPOCHS        ?=
+STUDY_STEPS   ?= 600
+PLATFORM_NETS ?= lastro resnet
+TRAIN_ARGS    ?=
+REPRO         ?= reproduce_output
+STUDY_NETS    := lastro_spatial lastro_dropout resnet
+LABEL_RULES   := paper official challenge
+STUDY_BATCH   := 10
+PLATFORM_BATCH := 32
+PLATFORM_STEPS = $(shell echo $$(( ($(STUDY_STEPS) * $(STUDY_BATCH) + $(PLATFORM_BATCH) / 2) / $(PLATFORM_BATCH) )))
+REPRO_DIR      = $(abspath $(REPRO))
+RAW            = $(REPRO_DIR)/data
+GEOMETRY       = $(if $(CROP),--crop $(CROP)) --bin $(BINNING)
+EPOCH_KNOB     = $(if $(EPOCHS),--epochs $(EPOCHS))
 
 reproduce: $(STAMP)
 	test -e $(RAW)/image_catalog2.0train.csv || $(BIN)/lensray simulate --out $(RAW) --n $(N) --seed $(SEED)
 	for rule in $(LABEL_RULES); do \
 	  $(BIN)/lensray preprocess --config configs/study_resnet_$$rule.yaml --images $(RAW) \
 	    --catalog $(RAW)/image_catalog2.0train.csv --out $(REPRO_DIR)/stores/clip_$$rule.zarr $(GEOMETRY) || exit 1; \
+	  $(BIN)/lensray preprocess --config configs/lastro.yaml --labels $$rule --images $(RAW) \
+	    --catalog $(RAW)/image_catalog2.0train.csv --out $(REPRO_DIR)/stores/asinh_$$rule.zarr $(GEOMETRY) || exit 1; \
 	done
-	$(BIN)/lensray preprocess --config configs/lastro.yaml --labels paper --images $(RAW) \
-	  --catalog $(RAW)/image_catalog2.0train.csv --out $(REPRO_DIR)/stores/asinh_paper.zarr $(GEOMETRY)
 	for net in $(STUDY_NETS); do for rule in $(LABEL_RULES); do \
 	  test -e $(REPRO_DIR)/runs/study_$${net}_$$rule/history.json || \
 	  $(BIN)/lensray train --config configs/study_$${net}_$$rule.yaml --store $(REPRO_DIR)/stores/clip_$$rule.zarr \
 	    --out $(REPRO_DIR)/runs --name study_$${net}_$$rule $(EPOCH_KNOB) \
-	    $(if $(STUDY_STEPS),--steps-per-epoch $(STUDY_STEPS)) $(TRAIN_ARGS) || exit 1; \
+	    --steps-per-epoch $(STUDY_STEPS) --batch-size $(STUDY_BATCH) $(TRAIN_ARGS) || exit 1; \
 	done; done
-	test -e $(REPRO_DIR)/runs/platform_lastro_paper/history.json || \
-	  $(BIN)/lensray train --config configs/lastro.yaml --store $(REPRO_DIR)/stores/asinh_paper.zarr \
-	    --out $(REPRO_DIR)/runs --name platform_lastro_paper $(EPOCH_KNOB) $(TRAIN_ARGS)
+	for net in $(PLATFORM_NETS); do for rule in $(LABEL_RULES); do \
+	  test -e $(REPRO_DIR)/runs/platform_$${net}_$$rule/history.json || \
+	  $(BIN)/lensray train --config configs/$$net.yaml --set data.labels=$$rule --store $(REPRO_DIR)/stores/asinh_$$rule.zarr \
+	    --out $(REPRO_DIR)/runs --name platform_$${net}_$$rule $(EPOCH_KNOB) \
+	    --steps-per-epoch $(PLATFORM_STEPS) --batch-size $(PLATFORM_BATCH) $(TRAIN_ARGS) || exit 1; \
+	done; done
 	$(BIN)/lensray compare $(foreach net,$(STUDY_NETS),$(foreach rule,$(LABEL_RULES),$(REPRO_DIR)/runs/study_$(net)_$(rule))) \
-	  $(REPRO_DIR)/runs/platform_lastro_paper --out $(REPRO_DIR)/compare
+	  $(foreach net,$(PLATFORM_NETS),$(foreach rule,$(LABEL_RULES),$(REPRO_DIR)/runs/platform_$(net)_$(rule))) \
+	  --out $(REPRO_DIR)/compare
 	@echo "comparison: $(REPRO_DIR)/compare/compare.md and compare.html"
