@@ -19,7 +19,7 @@ from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict
 from lensray.loop import predict
 from lensray.models import build_model
-from lensray.trainer import CONFIG_FILE, MODEL_INPUT_FILE, PREDICTIONS_FILE, STATE_FILE
+from lensray.trainer import CONFIG_FILE, MODEL_INPUT_FILE, PREDICTIONS_FILE, STATE_FILE, CheckpointError, best_checkpoint
 
 PREDICT_BATCH = 256
 
@@ -75,16 +75,21 @@ def load_best(experiment_url: str, metric: str = "val_auc", mode: str = "max", d
     """The best trial of a search (``lensray tune``), read from storage (local or s3://), no cluster needed.
 
     The best trial is the one whose best epoch by ``metric`` is best; the checkpoint loaded is that
-    trial's best kept checkpoint by ``metric`` (ASHA-stopped trials included). ``run.info`` holds the
-    trial (``trial_id``, ``params``, ``value``, ``best_epoch``, ``run_url``) and the whole search:
+    trial's best kept checkpoint by ``metric`` (``trainer.best_checkpoint``: ties -> the earliest epoch;
+    ASHA-stopped trials included). ``run.info`` holds the trial (``trial_id``, ``params``, ``value``,
+    ``best_epoch``, ``run_url``) and the whole search:
     ``results`` (one row per trial, best first) and ``curves`` (every reported epoch of every trial).
     """
-    from lensray.tuning import SearchError, best_checkpoint, summarise_experiment
+    from lensray.tuning import SearchError, summarise_experiment
 
     summary = summarise_experiment(experiment_url, metric, mode)
     if summary.best is None:
         raise SearchError(f"{experiment_url}: no trial reported {metric} yet")
-    run = load_run(best_checkpoint(summary.best["run_url"], metric, mode), device)
+    try:
+        best = best_checkpoint(summary.best["run_url"], metric, mode)
+    except CheckpointError as exc:
+        raise SearchError(f"{experiment_url}: best trial {summary.best['trial_id']}: {exc}") from exc
+    run = load_run(best.url, device)
     run.info = {"experiment": experiment_url, "metric": metric, "mode": mode, **summary.best,
                 "results": summary.table, "curves": summary.curves}  # fmt: skip
     return run

@@ -223,6 +223,7 @@ SCORE_FLAGS = (
 
 
 def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
+    from lensray.evaluate import EvaluateError
     from lensray.score import ScoreError, score_catalog
 
     if config.data.images is None or config.data.catalog is None:
@@ -230,7 +231,7 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
     try:
         print(score_catalog(args.run, config.data.images, config.data.catalog, args.out, tta=args.tta,
                             device=args.device, actors=args.actors, batch_size=args.batch_size, gallery=args.gallery))  # fmt: skip
-    except ScoreError as exc:
+    except (ScoreError, EvaluateError) as exc:  # EvaluateError: --run is neither a checkpoint nor a run folder
         print(f"lensray score: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -284,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="metrics, curves, galleries and an HTML report for a split")
     _add_flags(evaluate, EVALUATE_FLAGS)
     evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
-    evaluate.add_argument("--out", required=True, help="local folder for report.html, metrics.json, PNGs")
+    evaluate.add_argument("--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
     evaluate.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
     evaluate.add_argument("--gpu", action="store_true", help="run the network on the GPU (default: CPU)")
@@ -294,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="a Table-I-style comparison of runs with overlaid ROC curves")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
-    compare.add_argument("--out", required=True, help="local folder for compare.md, compare.html, compare.json")
+    compare.add_argument("--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json")
     compare.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
     compare.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
     compare.add_argument("--names", help="comma-separated row names (default: the run folders' names)")

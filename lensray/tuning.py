@@ -30,7 +30,6 @@ the trial's folder, so ``<storage>/<name>/`` holds everything::
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import statistics
@@ -546,25 +545,6 @@ def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str
     unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
     return ExperimentSummary(experiment_url=experiment_url, metric=metric, mode=mode, table=table.reset_index(drop=True),
                              curves=curves_frame[[c for c in keep if c in curves_frame]], best=best, unfinished=unfinished)  # fmt: skip
-
-
-def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") -> str:
-    """URL of the best kept checkpoint of a Train run (ASHA-stopped runs included)."""
-    import ray.train
-
-    filesystem = storage.arrow_filesystem(run_url)[0] if storage.is_s3(run_url) else None
-    # Reading a run logs advice on starting a new one under another name: noise for a reader.
-    checkpoint_log = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
-    level = checkpoint_log.level
-    checkpoint_log.setLevel(logging.WARNING)
-    try:
-        result = ray.train.Result.from_path(storage.strip_scheme(run_url), storage_filesystem=filesystem)
-    finally:
-        checkpoint_log.setLevel(level)
-    checkpoint = result.get_best_checkpoint(metric, mode)
-    if checkpoint is None:
-        raise SearchError(f"{run_url} has no checkpoint with {metric}")
-    return "s3://" + checkpoint.path.lstrip("/") if storage.is_s3(run_url) else checkpoint.path
 
 
 # --- the outcome --------------------------------------------------------------------------------

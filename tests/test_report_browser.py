@@ -87,5 +87,5 @@ def test_report_and_candidate_gallery_render_in_chromium(tmp_path: Path, ray_clu
     report = evaluate_run(checkpoint, store_url, tmp_path / "report", gallery=4)
     scored = score_catalog(checkpoint, raw, storage.join(raw, CATALOG_NAME), str(tmp_path / "cand.parquet"),
                            device="cpu", gallery=12)  # fmt: skip
-    assert_renders(browser, report.html_path, tmp_path, min_images=5)
+    assert_renders(browser, Path(report.html_path), tmp_path, min_images=5)
     assert_renders(browser, Path(scored.gallery_path), tmp_path, min_images=1)

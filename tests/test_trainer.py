@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
 from lensray.store import LensStore
-from lensray.trainer import PREDICTIONS_FILE, TrainError, run_sanity_check, train
+from lensray.trainer import PREDICTIONS_FILE, CheckpointError, TrainError, best_checkpoint, run_sanity_check, train
 
 
 def _config(store: str, out: str, name: str, *overrides: str) -> LensrayConfig:
@@ -73,6 +76,57 @@ def test_checkpoints_on_s3(tiny_store: str, s3_bucket: str, ray_cluster: None) -
     history = json.loads(storage.read_bytes(storage.join(runs, "s3run", "history.json")))
     assert len(history) == 2
     storage.read_bytes(storage.join(outcome.best_checkpoint, PREDICTIONS_FILE))
+
+
+def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str]) -> dict[int, str]:
+    """history.json plus one folder per epoch in ``checkpoints``: "new" (state.pt + epoch.json), "old"
+    (state.pt only, as before epoch.json existed) or "partial" (epoch.json, state.pt not uploaded yet)."""
+    import torch
+
+    storage.write_bytes(storage.join(run_url, "history.json"), json.dumps(history).encode())  # NaN as Python writes it
+    urls = {}
+    for epoch, kind in checkpoints.items():
+        url = urls[epoch] = storage.join(run_url, f"checkpoint_2025-01-01_00-00-{epoch:02d}.000000")
+        if kind != "partial":
+            buffer = io.BytesIO()
+            torch.save({"epoch": epoch, "model": {}}, buffer)
+            storage.write_bytes(storage.join(url, "state.pt"), buffer.getvalue())
+        if kind != "old":
+            storage.write_bytes(storage.join(url, "epoch.json"), json.dumps({"epoch": epoch}).encode())
+    return urls
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    run_url = storage.join(root, "runs", "hand")
+    aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8, 7: 0.99}
+    history = [{"epoch": e, "val_auc": a, "val_loss": 1.0 - (a or 0.0)} for e, a in aucs.items()]
+    urls = _hand_made_run(run_url, history, {1: "old", 2: "new", 3: "new", 4: "new", 5: "new", 6: "new", 7: "partial"})
+
+    best = best_checkpoint(run_url)
+    # 7 (0.99) has no state.pt yet; 2 and 4 tie at 0.9: the earliest wins; NaN and None never win.
+    assert (best.url, best.metrics, best.best_epoch) == (urls[2], history[1], 7)
+    assert best_checkpoint(run_url + "/").url == urls[2]
+    lowest = best_checkpoint(run_url, mode="min")
+    assert lowest.url == urls[1] and lowest.metrics["epoch"] == 1, "an old checkpoint's epoch comes from its state.pt"
+    assert best_checkpoint(run_url, "val_loss", "min").url == urls[2]  # 0.1 at 2 and 4 (and NaN at 3)
+
+    fs, _ = storage.arrow_filesystem(run_url)
+    fs.delete_dir(storage.strip_scheme(urls[2]))  # the keep-N policy dropped the best epoch's checkpoint
+    best = best_checkpoint(run_url)
+    assert (best.url, best.metrics["epoch"], best.best_epoch) == (urls[4], 4, 7)
+    fs.delete_dir(storage.strip_scheme(urls[4]))
+    assert best_checkpoint(run_url).url == urls[6]
+
+    with pytest.raises(CheckpointError, match=re.escape(f"{run_url}/nope is not a run folder")):
+        best_checkpoint(storage.join(run_url, "nope"))
+    storage.write_bytes(storage.join(run_url, "history.json"), json.dumps([{"epoch": 1, "val_auc": None}]).encode())
+    with pytest.raises(CheckpointError, match=re.escape(f"{run_url}/history.json: no epoch has a finite val_auc")):
+        best_checkpoint(run_url)
+    storage.write_bytes(storage.join(run_url, "history.json"), json.dumps([{"epoch": 7, "val_auc": 0.5}]).encode())
+    with pytest.raises(CheckpointError, match=re.escape(run_url) + r": no complete checkpoint .*epochs \[1, 3, 5, 6\]"):
+        best_checkpoint(run_url)
 
 
 def test_sanity_check_alone(tiny_store: str) -> None:

@@ -16,6 +16,7 @@ from ray.tune import Callback
 
 from lensray import storage
 from lensray.config import ConfigError, config_from_dict
+from lensray.trainer import best_checkpoint
 from lensray.tuning import (
     ASHA_STOPS_FILE,
     BEST_CONFIG_FILE,
@@ -186,6 +187,11 @@ def test_load_best_picks_tunes_best_trial_and_reproduces_its_predictions(tune_se
     assert run.info["value"] == tune_best.metric_analysis["val_auc"]["max"]
     assert run.config.optim.lr == tune_best.config["optim.lr"] == run.info["params"]["optim.lr"]
     assert run.checkpoint_url.startswith(run.info["run_url"] + "/checkpoint_")
+    # The same lookup as `train` and `evaluate` on a run folder. Not always Tune's best_epoch: with
+    # several epochs at the best value, keep-N may have dropped the earliest one's checkpoint.
+    best = best_checkpoint(run.info["run_url"])
+    assert run.checkpoint_url == best.url and run.epoch == best.metrics["epoch"]
+    assert best.metrics["val_auc"] == run.info["value"] and best.best_epoch == run.info["best_epoch"]
     assert len(run.info["results"]) == 2 and set(run.info["curves"]["trial_id"]) == set(run.info["results"]["trial_id"])
 
     stored = run.val_predictions()
