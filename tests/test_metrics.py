@@ -126,3 +126,29 @@ def test_tpr_and_threshold_match_their_definitions_on_random_sets(seed: int) -> 
         )
     best_acc = max(metrics.acc(labels, scores, t) for t in np.r_[np.unique(scores), np.inf])
     assert metrics.acc(labels, scores, metrics.choose_threshold(labels, scores)) == pytest.approx(best_acc)
+
+
+def test_bootstrap_auc_equals_scikit_learn_on_every_resample_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    scores = np.round(rng.normal(size=60) + y, 1)  # rounding makes ties
+    draws = rng.integers(0, 60, size=(25, 60))
+    fast = metrics._bootstrap_aucs(y, scores, draws)
+    for k, draw in enumerate(draws):
+        assert fast[k] == pytest.approx(metrics.auc(y[draw], scores[draw]), abs=1e-12)
+
+
+def test_paired_auc_difference() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 400)
+    sharp, blurred = y + rng.normal(0, 0.5, 400), y + rng.normal(0, 3.0, 400)
+    d = metrics.paired_auc_difference(y, sharp, blurred, resamples=500)
+    assert d.difference == pytest.approx(metrics.auc(y, sharp) - metrics.auc(y, blurred))
+    assert 0 < d.low < d.difference < d.high and d.p_not_better == 0.0 and d.resamples == 500
+    # The same scores twice: no difference on any resample, and a can never beat b.
+    same = metrics.paired_auc_difference(y, sharp, sharp, resamples=100)
+    assert (same.difference, same.low, same.high, same.p_not_better) == (0.0, 0.0, 0.0, 1.0)
+    # Swapped: the interval mirrors.
+    swapped = metrics.paired_auc_difference(y, blurred, sharp, resamples=500)
+    assert swapped.high == pytest.approx(-d.low) and swapped.p_not_better == 1.0
+    assert math.isnan(metrics.paired_auc_difference(np.ones(5), np.arange(5), np.arange(5)).difference)
