@@ -15,11 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lensray import metrics, storage
 from lensray.config import LensrayConfig
 from lensray.evaluate import EvaluateError, jsonable, predict_split, resolve_checkpoint
 from lensray.trainer import HISTORY_FILE, MODEL_INPUT_FILE
 
+PAIRED_COLUMNS = ("better", "worse", "delta_auc", "low", "high", "p_not_better", "n")
+PAIRED_HEADERS = ("run A", "run B", "AUC(A) - AUC(B)", "95% low", "95% high", "P(A <= B)", "test objects")
 COLUMNS = ("name", "network", "options", "label_rule", "acc", "auc", "tpr0", "tpr10", "best_epoch", "epochs", "train_images", "train_s")
 HEADERS = ("run", "network", "options", "labels", "ACC", "AUC", "TPR0", "TPR10", "best epoch", "epochs", "images seen", "train time (s)")
 
@@ -71,13 +75,19 @@ def _images_seen(history: list[dict[str, Any]]) -> int | None:
 @dataclass
 class ComparisonTable:
     rows: list[dict[str, Any]]
-    markdown_path: Path
-    html_path: Path
-    json_path: Path
-    roc_path: Path
+    # URLs (local paths or s3://), as strings: the comparison may live in object storage.
+    markdown_path: str
+    html_path: str
+    json_path: str
+    roc_path: str
+    html_blocks: list[str | tuple[str, bytes]]  # compare.html's content, to embed in another report
+    paired: list[dict[str, Any]]  # see paired_differences
 
     def __str__(self) -> str:
-        return markdown_table(self.rows) + f"\n\nwritten: {self.markdown_path}, {self.html_path}, {self.json_path}"
+        text = markdown_table(self.rows)
+        if self.paired:
+            text += "\n\npaired AUC differences:\n" + markdown_table(self.paired, PAIRED_COLUMNS, PAIRED_HEADERS)
+        return text + f"\n\nwritten: {self.markdown_path}, {self.html_path}, {self.json_path}"
 
 
 def _cell(value: Any) -> str:
@@ -88,11 +98,38 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS,
+                   headers: Sequence[str] = HEADERS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in columns) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list[dict[str, Any]]:
+    """For every two runs scored on the same objects with the same labels (the same store split, or
+    stores of one catalogue under one label rule): AUC difference with a paired-bootstrap 95 % interval,
+    the better run first. Runs on different objects are not paired: their AUCs are not comparable so."""
+    keyed = []
+    for name, p in zip(names, predictions):
+        order = np.argsort(p.ids, kind="stable")
+        keyed.append((name, p.ids[order], p.labels[order], p.scores[order]))
+    pairs = []
+    for i, (name_a, ids_a, y_a, s_a) in enumerate(keyed):
+        for name_b, ids_b, y_b, s_b in keyed[i + 1 :]:
+            if not (np.array_equal(ids_a, ids_b) and np.array_equal(y_a, y_b)):
+                continue
+            d = metrics.paired_auc_difference(y_a, s_a, s_b)
+            if math.isnan(d.difference):
+                continue
+            if d.difference < 0:  # orient: the better run first
+                d = metrics.paired_auc_difference(y_a, s_b, s_a)
+                name_1, name_2 = name_b, name_a
+            else:
+                name_1, name_2 = name_a, name_b
+            pairs.append({"better": name_1, "worse": name_2, "delta_auc": d.difference, "low": d.low, "high": d.high,
+                          "p_not_better": d.p_not_better, "n": int(len(y_a)), "resamples": d.resamples})  # fmt: skip
+    return pairs
 
 
 def compare_runs(
@@ -105,7 +142,8 @@ def compare_runs(
     store: str | None = None,
     device: str = "cpu",
 ) -> ComparisonTable:
-    """Score every run on ``split`` of its own training store (or ``store``) and write the comparison."""
+    """Score every run on ``split`` of its own training store (or ``store``) and write the comparison
+    into ``out_dir``: a local folder or an s3:// prefix (files rendered in memory, written through ``storage``)."""
     from lensray import report
     from lensray.api import load_run
     from lensray.store import LensStore
@@ -114,7 +152,7 @@ def compare_runs(
         raise EvaluateError("compare needs at least one run")
     if names is not None and len(names) != len(runs):
         raise EvaluateError(f"{len(names)} names for {len(runs)} runs")
-    rows, curves = [], []
+    rows, curves, split_predictions = [], [], []
     for k, url in enumerate(runs):
         checkpoint = resolve_checkpoint(url)
         run = load_run(checkpoint, device=device)
@@ -124,6 +162,7 @@ def compare_runs(
             raise EvaluateError(f"{checkpoint}: no training store recorded; pass a store to evaluate on")
         lens_store = LensStore.open(store_url)
         predictions = predict_split(run, lens_store, split, tta)
+        split_predictions.append(predictions)
         y, s = predictions.labels, predictions.scores
         history = _run_history(checkpoint, run.history)
         name = names[k] if names else checkpoint.rstrip("/").rsplit("/", 2)[-2]
@@ -142,24 +181,36 @@ def compare_runs(
             roc = metrics.roc(y, s)
             curves.append(report.Curve(f"{name} (AUC {summary['auc']:.3f})", roc.fpr, roc.tpr))
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    paired = paired_differences([row["name"] for row in rows], split_predictions)
+    out = str(out_dir).rstrip("/")
     roc_png = report.roc_png(curves, title=f"ROC on each run's {split} split") if curves else b""
-    roc_path = out / "compare_roc.png"
-    roc_path.write_bytes(roc_png)
-    markdown_path = out / "compare.md"
-    markdown_path.write_text(markdown_table(rows) + "\n")
-    json_path = out / "compare.json"
-    json_path.write_text(json.dumps(jsonable({"split": split, "tta": tta, "rows": rows}), indent=1, allow_nan=False))
-    html_path = out / "compare.html"
+    roc_path = storage.join(out, "compare_roc.png")
+    storage.write_bytes(roc_path, roc_png)
+    markdown_path = storage.join(out, "compare.md")
+    markdown = markdown_table(rows) + "\n"
+    if paired:
+        markdown += "\nPaired AUC differences (same test objects, 2,000 bootstrap resamples):\n\n"
+        markdown += markdown_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS) + "\n"
+    storage.write_bytes(markdown_path, markdown.encode())
+    json_path = storage.join(out, "compare.json")
+    storage.write_bytes(json_path, json.dumps(jsonable({"split": split, "tta": tta, "rows": rows, "paired": paired}), indent=1,
+                                              allow_nan=False).encode())  # fmt: skip
+    html_path = storage.join(out, "compare.html")
     blocks: list[str | tuple[str, bytes]] = [
+        "<h2>Runs compared (Table I of the study, for these runs)</h2>",
         f"<p>Each run scored on the <b>{split}</b> split of its own training store (its label rule); "
         f"ACC at threshold 0.5; TPR0 / TPR10: the highest TPR with 0 / fewer than 10 false positives; "
-        f"train time: the sum of the epochs' wall times; test-time averaging: {tta or 'none'}.</p>",
+        f"images seen: training images drawn over all epochs (the run's budget); train time: the sum of the "
+        f"epochs' wall times; test-time averaging: {tta or 'none'}.</p>",
         report.html_table(rows, COLUMNS, HEADERS),
         report.html_table(rows, ("name", "n", "n_pos", "checkpoint", "store"), ("run", "test objects", "lenses", "checkpoint", "store")),
     ]  # fmt: skip
+    if paired:
+        blocks += ["<p>Paired AUC differences: runs scored on the same test objects with the same labels, "
+                   "objects resampled together (2,000 bootstrap draws); P(A &le; B) is the fraction of draws in "
+                   "which A does not beat B.</p>", report.html_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS)]
     if roc_png:
         blocks.append(("ROC curves overlaid", roc_png))
-    html_path.write_text(report.html_page("lensray comparison", blocks))
-    return ComparisonTable(rows=rows, markdown_path=markdown_path, html_path=html_path, json_path=json_path, roc_path=roc_path)
+    storage.write_bytes(html_path, report.html_page("lensray comparison", blocks).encode())
+    return ComparisonTable(rows=rows, markdown_path=markdown_path, html_path=html_path, json_path=json_path,
+                           roc_path=roc_path, html_blocks=blocks, paired=paired)  # fmt: skip

@@ -18,6 +18,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lensray import metrics, storage
-from lensray.trainer import HISTORY_FILE, MODEL_INPUT_FILE, STATE_FILE
+from lensray.trainer import MODEL_INPUT_FILE, CheckpointError, best_checkpoint
 
 DEFAULT_PREVALENCE = 1e-4  # lenses per cutout in a survey (order of magnitude for Euclid)
 PER_CUTOUTS = 10_000  # survey numbers are per this many cutouts
@@ -53,50 +54,15 @@ def is_checkpoint(url: str) -> bool:
     return True
 
 
-def _checkpoint_folders(run_url: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.arrow_filesystem(run_url)
-    entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory and e.base_name.startswith("checkpoint_"))
-    return [storage.join(run_url, name) for name in names]
-
-
-def best_checkpoint(run_url: str) -> str:
-    """The checkpoint of a run folder at the epoch with the highest ``val_auc`` in ``history.json``.
-
-    Checkpoint folders are named by time, not epoch; each one's ``state.pt`` records its epoch.
-    """
-    import torch
-
-    try:
-        history = json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
-    except FileNotFoundError:
-        raise EvaluateError(f"{run_url} is neither a checkpoint folder nor a run folder (no {HISTORY_FILE})") from None
-    scored = [row for row in history if row.get("val_auc") is not None and not math.isnan(row["val_auc"])]
-    if not scored:
-        raise EvaluateError(f"{run_url}/{HISTORY_FILE}: no epoch has a finite val_auc")
-    best_epoch = max(scored, key=lambda row: row["val_auc"])["epoch"]
-    epochs = {}
-    for folder in _checkpoint_folders(run_url):
-        try:
-            state = torch.load(io.BytesIO(storage.read_bytes(storage.join(folder, STATE_FILE))), map_location="cpu",
-                               weights_only=True)  # fmt: skip
-        except FileNotFoundError:
-            continue  # a checkpoint still being written
-        epochs[int(state["epoch"])] = folder
-    if best_epoch not in epochs:
-        raise EvaluateError(
-            f"{run_url}: the best epoch by val_auc is {best_epoch}, but its checkpoint is not kept "
-            f"(checkpoints of epochs {sorted(epochs)}); pass a checkpoint URL instead"
-        )
-    return epochs[best_epoch]
-
-
 def resolve_checkpoint(url: str) -> str:
-    """A checkpoint folder as is; a run folder -> its best checkpoint."""
+    """A checkpoint folder as is; a run folder -> its best checkpoint (``trainer.best_checkpoint``'s rule)."""
     url = url.rstrip("/")
-    return url if is_checkpoint(url) else best_checkpoint(url)
+    if is_checkpoint(url):
+        return url
+    try:
+        return best_checkpoint(url).url
+    except CheckpointError as exc:
+        raise EvaluateError(f"{url} is not a checkpoint folder (no {MODEL_INPUT_FILE}); {exc}") from exc
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -263,10 +229,11 @@ def validation_threshold(run: Any, store: Any, tta: str | None) -> tuple[float, 
 
 @dataclass
 class EvaluationReport:
-    out_dir: Path
-    html_path: Path
-    json_path: Path
-    predictions_path: Path
+    # URLs (local paths or s3://), as strings: the report may live in object storage.
+    out_dir: str
+    html_path: str
+    json_path: str
+    predictions_path: str
     numbers: dict[str, Any]
 
     def __str__(self) -> str:
@@ -304,9 +271,13 @@ def evaluate_run(
     thresholds: tuple[float, ...] = SURVEY_THRESHOLDS,
     gallery: int = GALLERY_SIZE,
     batch_size: int = PREDICT_BATCH,
+    appendix: Sequence[str | tuple[str, bytes]] = (),
 ) -> EvaluationReport:
     """Evaluate ``checkpoint_url`` (a checkpoint or a run folder: its best) on ``split`` of ``store_url``;
-    write ``report.html``, ``metrics.json``, ``predictions.csv`` and the PNGs into ``out_dir`` (local)."""
+    write ``report.html``, ``metrics.json``, ``predictions.csv`` and the PNGs into ``out_dir`` (a local
+    folder or an s3:// prefix: every file is rendered in memory and written through ``storage``).
+    ``appendix``: more report blocks (HTML, or (caption, PNG) pairs) placed after the galleries, e.g. a
+    comparison with other runs (``compare.ComparisonTable.html_blocks``)."""
     from lensray.api import load_run
     from lensray.score import check_tta
     from lensray.store import LensStore
@@ -351,19 +322,19 @@ def evaluate_run(
         "run_metrics": run.metrics, "trained_balanced": run.config.train.balanced,
     }  # fmt: skip
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(out_dir).rstrip("/")
     galleries = _galleries(store, predictions, gallery)
     numbers["gallery"] = {name: [{"id": i, "score": sc} for i, sc, _ in items] for name, (items, _) in galleries.items()}
     bands = store.meta.get("bands") or [f"band {k}" for k in range(store.sample_shape[0])]
     figures = _figures(numbers, galleries, bands)
     for name, png in figures.items():
-        (out / f"{name}.png").write_bytes(png)
-    json_path = out / REPORT_JSON
-    json_path.write_text(json.dumps(jsonable(numbers), indent=1, allow_nan=False))
-    predictions_path = _write_predictions(out / PREDICTIONS_CSV, predictions)
-    html_path = out / REPORT_HTML
-    html_path.write_text(_report_html(numbers, figures, galleries))
+        storage.write_bytes(storage.join(out, f"{name}.png"), png)
+    json_path = storage.join(out, REPORT_JSON)
+    storage.write_bytes(json_path, json.dumps(jsonable(numbers), indent=1, allow_nan=False).encode())
+    predictions_path = storage.join(out, PREDICTIONS_CSV)
+    storage.write_bytes(predictions_path, _predictions_csv(predictions).encode())
+    html_path = storage.join(out, REPORT_HTML)  # last: its presence says the report is complete
+    storage.write_bytes(html_path, _report_html(numbers, figures, galleries, appendix).encode())
     return EvaluationReport(out_dir=out, html_path=html_path, json_path=json_path,
                             predictions_path=predictions_path, numbers=numbers)  # fmt: skip
 
@@ -405,18 +376,19 @@ def _figures(numbers: dict[str, Any], galleries: dict, bands: list[str]) -> dict
     return figures
 
 
-def _write_predictions(path: Path, p: SplitPredictions) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        extra = [f"score_d4_{k}" for k in range(p.per_transform.shape[1])] if p.per_transform is not None else []
-        writer.writerow(["id", "label", "score", *extra])
-        for k in range(len(p.ids)):
-            per = [repr(float(v)) for v in p.per_transform[k]] if p.per_transform is not None else []
-            writer.writerow([int(p.ids[k]), int(p.labels[k]), repr(float(p.scores[k])), *per])
-    return path
+def _predictions_csv(p: SplitPredictions) -> str:
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle)
+    extra = [f"score_d4_{k}" for k in range(p.per_transform.shape[1])] if p.per_transform is not None else []
+    writer.writerow(["id", "label", "score", *extra])
+    for k in range(len(p.ids)):
+        per = [repr(float(v)) for v in p.per_transform[k]] if p.per_transform is not None else []
+        writer.writerow([int(p.ids[k]), int(p.labels[k]), repr(float(p.scores[k])), *per])
+    return handle.getvalue()
 
 
-def _report_html(numbers: dict[str, Any], figures: dict[str, bytes], galleries: dict) -> str:
+def _report_html(numbers: dict[str, Any], figures: dict[str, bytes], galleries: dict,
+                 appendix: Sequence[str | tuple[str, bytes]] = ()) -> str:
     from lensray.report import html_page, html_table
 
     esc = html.escape
@@ -461,4 +433,5 @@ def _report_html(numbers: dict[str, Any], figures: dict[str, bytes], galleries: 
             blocks.append((f"{title}: {n_wrong} of these {len(galleries[name][0])} are {kind} at the validation-chosen "
                            f"threshold {t['validation']:.4f} (marked). Network inputs, one fixed range per band.",
                            figures[name]))  # fmt: skip
+    blocks.extend(appendix)
     return html_page(f"lensray evaluation: {numbers['model']} on {numbers['split']}", blocks)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from lensray import storage
 from lensray.config import load_config
 from lensray.evaluate import (
     EvaluateError,
-    best_checkpoint,
     calibration,
     confusion,
     evaluate_run,
@@ -24,7 +24,7 @@ from lensray.evaluate import (
     survey_row,
 )
 from lensray.store import SPLITS, LensStore, create_store, finalize_store, shard_ranges, write_shard
-from lensray.trainer import train
+from lensray.trainer import best_checkpoint, train
 
 SIZE = 24
 N = 120
@@ -138,11 +138,11 @@ def _brute_tpr_at_fp(labels: np.ndarray, scores: np.ndarray, max_fp: int) -> flo
 
 
 def test_report_numbers_match_the_predictions(report) -> None:  # noqa: ANN001
-    with report.predictions_path.open() as handle:
+    with Path(report.predictions_path).open() as handle:
         rows = list(csv.DictReader(handle))
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["score"]) for r in rows])
-    numbers = json.loads(report.json_path.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    numbers = json.loads(Path(report.json_path).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
     assert numbers["n"] == len(rows) == N - 88 and numbers["n_pos"] == labels.sum()
     m = numbers["metrics"]
     assert m["auc"] == pytest.approx(roc_auc_score(labels, scores))
@@ -204,7 +204,7 @@ def parse_html(text: str) -> _Collector:
 def test_report_files_are_well_formed(report) -> None:  # noqa: ANN001
     import base64
 
-    page = parse_html(report.html_path.read_text())
+    page = parse_html(Path(report.html_path).read_text())
     assert len(page.images) == 5  # ROC, PR, calibration, two galleries
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
@@ -213,9 +213,9 @@ def test_report_files_are_well_formed(report) -> None:  # noqa: ANN001
     for expected in ("AUC", "TPR0", "TPR10", "What a survey would see", "rule of three", "Highest-scored non-lenses"):
         assert expected in text
     for name in ("roc", "precision_recall", "calibration", "false_positives", "false_negatives"):
-        assert (report.out_dir / f"{name}.png").stat().st_size > 5_000
+        assert (Path(report.out_dir) / f"{name}.png").stat().st_size > 5_000
     summary = str(report)
-    assert "AUC" in summary and str(report.html_path) in summary
+    assert "AUC" in summary and report.html_path in summary
 
 
 def _d4_views(images: np.ndarray) -> list[np.ndarray]:
@@ -249,7 +249,7 @@ def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: s
 def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: Path) -> None:  # noqa: ANN001
     result = evaluate_run(trained.run_url, store_url, tmp_path, tta="d4", gallery=2)
     assert result.numbers["tta"] == "d4" and "re-scored" in result.numbers["thresholds"]["validation_source"]
-    with result.predictions_path.open() as handle:
+    with Path(result.predictions_path).open() as handle:
         rows = list(csv.DictReader(handle))
     for row in rows[:5]:
         views = [float(row[f"score_d4_{k}"]) for k in range(8)]
@@ -257,15 +257,18 @@ def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: 
 
 
 def test_best_checkpoint_of_a_run_folder(trained) -> None:  # noqa: ANN001
-    history = json.loads((Path(trained.run_url) / "history.json").read_text())
-    best_epoch = max(history, key=lambda row: row["val_auc"])["epoch"]
-    found = best_checkpoint(trained.run_url)
     import torch
 
-    assert torch.load(Path(found) / "state.pt", weights_only=True)["epoch"] == best_epoch
-    assert resolve_checkpoint(found) == found
-    assert resolve_checkpoint(trained.run_url) == found
-    with pytest.raises(EvaluateError, match="neither a checkpoint folder nor a run folder"):
+    history = json.loads((Path(trained.run_url) / "history.json").read_text())
+    best_epoch = max(history, key=lambda row: row["val_auc"])["epoch"]  # max() keeps the first: the earliest tie
+    found = best_checkpoint(trained.run_url)
+    assert found.url == trained.best_checkpoint, "train's outcome and a run-folder lookup use the same rule"
+    assert found.metrics["epoch"] == found.best_epoch == best_epoch  # num_to_keep=3 of 3 epochs: all kept
+    assert torch.load(Path(found.url) / "state.pt", weights_only=True)["epoch"] == best_epoch
+    assert json.loads((Path(found.url) / "epoch.json").read_text()) == {"epoch": best_epoch}
+    assert resolve_checkpoint(found.url) == found.url
+    assert resolve_checkpoint(trained.run_url) == found.url
+    with pytest.raises(EvaluateError, match=r"nothing-here is not a checkpoint folder .*nothing-here is not a run folder"):
         resolve_checkpoint(str(Path(trained.run_url) / "nothing-here"))
 
 
@@ -293,11 +296,17 @@ def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> N
     assert first["n"] == len(test_labels) and first["n_pos"] == int(test_labels.sum())
     assert first["epochs"] == len(json.loads((Path(trained.run_url) / "history.json").read_text()))
     assert math.isfinite(first["train_s"]) and first["train_s"] > 0
-    markdown = table.markdown_path.read_text()
+    markdown = Path(table.markdown_path).read_text()
     assert "| folder |" in markdown and "AUC" in markdown
-    page = parse_html(table.html_path.read_text())
+    page = parse_html(Path(table.html_path).read_text())
     assert len(page.images) == 1
-    assert json.loads(table.json_path.read_text())["rows"][0]["name"] == "folder"
+    assert json.loads(Path(table.json_path).read_text())["rows"][0]["name"] == "folder"
+    # The same checkpoint twice is one paired comparison on the same objects, with no difference at all.
+    assert table.paired == [{"better": "folder", "worse": "checkpoint", "delta_auc": 0.0, "low": 0.0, "high": 0.0,
+                             "p_not_better": 1.0, "n": first["n"], "resamples": 2000}]  # fmt: skip
+    assert "Paired AUC differences" in markdown
+    history = json.loads((Path(trained.run_url) / "history.json").read_text())
+    assert first["train_images"] == sum(row["train_samples"] for row in history) > 0
 
 
 def test_cli_evaluate_and_compare(trained, store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
@@ -311,4 +320,29 @@ def test_cli_evaluate_and_compare(trained, store_url: str, tmp_path: Path, capsy
     assert main(["compare", trained.best_checkpoint, "--out", str(tmp_path / "c"), "--names", "only"]) == 0
     assert "| only |" in capsys.readouterr().out
     assert main(["evaluate", "--run", str(tmp_path / "nope"), "--store", store_url, "--out", str(tmp_path / "x")]) == 1
-    assert "neither a checkpoint folder nor a run folder" in capsys.readouterr().err
+    assert "nope is not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_cli_evaluate_and_compare_write_to_s3(trained, store_url: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    from lensray.cli import main
+
+    out = storage.join(s3_bucket, "reports", "eval")
+    assert main(["evaluate", "--run", trained.run_url, "--store", store_url, "--out", out, "--gallery", "2"]) == 0
+    assert f"report: {out}/report.html" in capsys.readouterr().out
+    page = parse_html(storage.read_bytes(storage.join(out, "report.html")).decode())
+    assert len(page.images) == 5
+    numbers = json.loads(storage.read_bytes(storage.join(out, "metrics.json")))
+    assert numbers["checkpoint"] == trained.best_checkpoint
+    rows = list(csv.DictReader(storage.read_bytes(storage.join(out, "predictions.csv")).decode().splitlines()))
+    assert len(rows) == numbers["n"]
+    for name in ("roc", "precision_recall", "calibration", "false_positives", "false_negatives"):
+        assert storage.read_bytes(storage.join(out, f"{name}.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+
+    out = storage.join(s3_bucket, "reports", "compare")
+    assert main(["compare", trained.run_url, "--out", out, "--names", "remote"]) == 0
+    printed = capsys.readouterr().out
+    assert "| remote |" in printed and f"{out}/compare.md" in printed
+    assert "| remote |" in storage.read_bytes(storage.join(out, "compare.md")).decode()
+    assert json.loads(storage.read_bytes(storage.join(out, "compare.json")))["rows"][0]["checkpoint"] == trained.best_checkpoint
+    assert len(parse_html(storage.read_bytes(storage.join(out, "compare.html")).decode()).images) == 1
+    assert storage.read_bytes(storage.join(out, "compare_roc.png"))[:8] == b"\x89PNG\r\n\x1a\n"
