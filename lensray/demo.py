@@ -13,6 +13,7 @@ from lensray.bands import BANDS, VIS_PIXEL_SCALE
 from lensray.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.config import LensrayConfig, save_config
 from lensray.api import load_best
+from lensray.compare import compare_runs
 from lensray.evaluate import evaluate_run
 from lensray.fits_io import read_cutouts
 from lensray.pipeline import ingest
@@ -41,7 +42,7 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     store_url = str(out / "store.zarr")
     runs = out / "runs"
     experiments = out / "tune"  # notebooks/load_best.ipynb reads demo_output/tune/demo-search by default
-    for folder in (runs, experiments, out / "evaluation"):
+    for folder in (runs, experiments, out / "compare", out / "evaluation"):
         if folder.exists():  # the demo owns its folder: each run trains and searches afresh
             shutil.rmtree(folder)
     config = config.model_copy(
@@ -84,14 +85,26 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     print(f"  load_best: trial {best.info['trial_id']} {best.info['params']} val_auc {best.info['value']:.3f}"
           f" -> {best.checkpoint_url}")  # fmt: skip
 
-    _step("7. evaluate the best trial on the test split")
-    report = evaluate_run(best.checkpoint_url, store_url, out / "evaluation", split="test")
+    _step("7. compare every demo run on the test split (the study's Table I, for these runs)")
+    runs_compared, names = [outcome.run_url], [f"{outcome.run_url.rsplit('/', 1)[-1]} (step 5)"]
+    for _, trial in search.summary.table.iterrows():
+        if isinstance(trial.get("run_url"), str):  # a trial that reported no epoch has nothing to compare
+            knobs = ", ".join(f"{key.rsplit('.', 1)[-1]}={trial[key]:g}" if isinstance(trial[key], float)
+                              else f"{key.rsplit('.', 1)[-1]}={trial[key]}" for key in best.info["params"])  # fmt: skip
+            names.append(f"trial {trial['trial_id']} ({knobs})")
+            runs_compared.append(trial["run_url"])
+    table = compare_runs(runs_compared, out / "compare", names=names)
+    print(table)
+
+    _step("8. evaluate the best trial on the test split")
+    report = evaluate_run(best.checkpoint_url, store_url, out / "evaluation", split="test", appendix=table.html_blocks)
     print(report)
 
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
     print(f"HTML report: {report.html_path}")
     return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml", "run": Path(outcome.run_url),
-            "experiment": Path(search.experiment_url), "report": Path(report.html_path)}
+            "experiment": Path(search.experiment_url), "comparison": Path(table.html_path),
+            "report": Path(report.html_path)}
 
 
 def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:

@@ -52,3 +52,12 @@ def test_demo_runs_end_to_end(tmp_path: Path, ray_cluster: None, capsys: pytest.
     assert len(json.loads((out / "runs" / "demo-lastro" / "history.json").read_text())) == 2
     for expected in ("paper", "official", "challenge", "preview grid:", "lensray store", "val_auc", "demo finished"):
         assert expected in printed
+    # Step 7: the Table-I-style comparison of the trained run and every search trial, embedded in the report.
+    rows = json.loads((out / "compare" / "compare.json").read_text())["rows"]
+    assert rows[0]["name"] == "demo-lastro (step 5)" and rows[0]["train_images"] == 2 * 5 * 32
+    assert len(rows) >= 2 and all(row["name"].startswith("trial ") for row in rows[1:])
+    assert all(0.0 <= row["auc"] <= 1.0 for row in rows)
+    report = out / "evaluation" / "report.html"
+    assert printed.rstrip().splitlines()[-1] == f"HTML report: {report}"
+    html = report.read_text()
+    assert "Runs compared" in html and "demo-lastro (step 5)" in html and "Highest-scored non-lenses" in html
