@@ -7,6 +7,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -171,9 +172,23 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_store: str
     thread = threading.Thread(target=lambda: result.update(outcome=train(config)))
     thread.start()
     history = runs / "killed" / "history.json"
+    # Ray's controller collects reported checkpoints when it polls the workers; a kill before that would
+    # restart from scratch. It persists what it registered here, so wait for a registered checkpoint.
+    snapshot = runs / "killed" / "checkpoint_manager_snapshot.json"
+
+    def read(path: Path) -> Any:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or caught mid-write
+            return None
+
+    def registered() -> bool:
+        return (read(snapshot) or {}).get("latest_checkpoint_result") is not None
+
     deadline = time.time() + 180
-    while time.time() < deadline and not (history.exists() and len(json.loads(history.read_text() or "[]")) >= 2):
+    while time.time() < deadline and not (registered() and len(read(history) or []) >= 2):
         time.sleep(0.2)
+    assert registered(), "no checkpoint was registered within 180 s"
     import ray
 
     address = ray.get_runtime_context().gcs_address  # explicit: other Ray clusters may run on this machine
