@@ -47,11 +47,7 @@ class EvaluateError(ValueError):
 
 
 def is_checkpoint(url: str) -> bool:
-    try:
-        storage.read_bytes(storage.join(url, MODEL_INPUT_FILE))
-    except FileNotFoundError:
-        return False
-    return True
+    return storage.exists(storage.join(url, MODEL_INPUT_FILE))
 
 
 def resolve_checkpoint(url: str) -> str:

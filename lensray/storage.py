@@ -117,6 +117,22 @@ def read_bytes(url: str) -> bytes:
         raise StorageError(f"cannot read {url}: {exc}") from exc
 
 
+def exists(url: str) -> bool:
+    """Whether an object (or folder) exists at ``url``, without reading it. Like ``read_bytes``, a
+    missing bucket, refused credentials or an unreachable endpoint raise StorageError, not False."""
+    fs, path = arrow_filesystem(url)
+    try:
+        info = fs.get_file_info(path)
+    except OSError as exc:
+        raise StorageError(f"cannot reach {url}: {exc}") from exc
+    if info.type != pafs.FileType.NotFound:
+        return True
+    missing = _missing(url, fs)
+    if isinstance(missing, StorageError):
+        raise missing
+    return False
+
+
 def write_bytes(url: str, data: bytes) -> None:
     fs, path = arrow_filesystem(url)
     if not is_s3(url):

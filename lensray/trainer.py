@@ -325,11 +325,7 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _run_exists(run_url: str) -> bool:
     """A run exists once it finished an epoch (a run that failed before that can be started again)."""
-    try:
-        storage.read_bytes(storage.join(run_url, HISTORY_FILE))
-    except FileNotFoundError:
-        return False
-    return True
+    return storage.exists(storage.join(run_url, HISTORY_FILE))
 
 
 def run_outcome(run_url: str, wall_s: float) -> TrainOutcome:

@@ -42,3 +42,13 @@ def test_join_and_strip_scheme() -> None:
     assert storage.join("s3://b/p/", "EUC_VIS", "x.fits") == "s3://b/p/EUC_VIS/x.fits"
     assert storage.strip_scheme("s3://b/p/") == "b/p"
     assert storage.strip_scheme("file:///tmp/x") == "/tmp/x"
+
+
+def test_exists_without_reading_and_a_missing_bucket_is_an_error(s3_bucket: str, tmp_path: Path) -> None:
+    for root in (s3_bucket, str(tmp_path)):
+        url = storage.join(root, "run", "history.json")
+        assert not storage.exists(url)
+        storage.write_bytes(url, b"[]")
+        assert storage.exists(url) and storage.exists(storage.join(root, "run"))
+    with pytest.raises(storage.StorageError, match="no-such-bucket-xyz"):
+        storage.exists("s3://no-such-bucket-xyz/run/history.json")
