@@ -119,15 +119,13 @@ def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list
         for name_b, ids_b, y_b, s_b in keyed[i + 1 :]:
             if not (np.array_equal(ids_a, ids_b) and np.array_equal(y_a, y_b)):
                 continue
-            d = metrics.paired_auc_difference(y_a, s_a, s_b)
+            better, worse = (name_a, s_a), (name_b, s_b)
+            if metrics.auc(y_a, s_a) < metrics.auc(y_a, s_b):  # orient: the better run first
+                better, worse = worse, better
+            d = metrics.paired_auc_difference(y_a, better[1], worse[1])
             if math.isnan(d.difference):
                 continue
-            if d.difference < 0:  # orient: the better run first
-                d = metrics.paired_auc_difference(y_a, s_b, s_a)
-                name_1, name_2 = name_b, name_a
-            else:
-                name_1, name_2 = name_a, name_b
-            pairs.append({"better": name_1, "worse": name_2, "delta_auc": d.difference, "low": d.low, "high": d.high,
+            pairs.append({"better": better[0], "worse": worse[0], "delta_auc": d.difference, "low": d.low, "high": d.high,
                           "p_not_better": d.p_not_better, "n": int(len(y_a)), "resamples": d.resamples})  # fmt: skip
     return pairs
 

@@ -199,6 +199,7 @@ def paired_auc_difference(
     draws = np.random.default_rng(seed).integers(0, y.size, size=(resamples, y.size))
     both = (y[draws].sum(axis=1) > 0) & (y[draws].sum(axis=1) < y.size)
     draws = draws[both]
-    diffs = _bootstrap_aucs(y.astype(np.int64), a, draws) - _bootstrap_aucs(y.astype(np.int64), b, draws)
+    y = y.astype(np.int64)
+    diffs = _bootstrap_aucs(y, a, draws) - _bootstrap_aucs(y, b, draws)
     low, high = np.percentile(diffs, [2.5, 97.5])
     return AucDifference(auc(y, a) - auc(y, b), float(low), float(high), float(np.mean(diffs <= 0)), int(len(draws)))
