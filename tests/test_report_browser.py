@@ -19,13 +19,15 @@ import pytest
 
 from lensray import storage
 from lensray.catalog import CATALOG_NAME
-from lensray.config import DataConfig, PreprocessConfig, SimulateConfig, load_config
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.evaluate import evaluate_run
 from lensray.pipeline import ingest
 from lensray.score import score_catalog
 from lensray.simulate import simulate_dataset
 from lensray.store import LensStore
 from lensray.trainer import train
+
+from tiny_run import tiny_run_config
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -76,12 +78,7 @@ def test_report_and_candidate_gallery_render_in_chromium(tmp_path: Path, ray_clu
     store = LensStore.open(store_url)
     for split in ("val", "test"):
         assert len(set(store.labels[store.indices(split)].tolist())) == 2, f"the test needs both classes in {split}"
-    config = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
-        [f"data.store={store_url}", f"train.out={tmp_path / 'runs'}", "train.name=browser", "train.epochs=1",
-         "train.steps_per_epoch=2", "train.batch_size=8", "train.sanity=false", "model.lastro.dense=[8]",
-         "model.lastro.filters=4", "model.lastro.pairs=1"],
-    )  # fmt: skip
+    config = tiny_run_config(store_url, tmp_path / "runs", "browser")
     checkpoint = train(config).best_checkpoint
 
     report = evaluate_run(checkpoint, store_url, tmp_path / "report", gallery=4)

@@ -16,12 +16,14 @@ from lensray import storage
 from lensray.bands import band_relpath
 from lensray.catalog import CATALOG_NAME
 from lensray.cli import main
-from lensray.config import DataConfig, PreprocessConfig, SimulateConfig, load_config
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.pipeline import ingest
 from lensray.score import ScoreError, model_input, read_ids, score_catalog
 from lensray.simulate import simulate_dataset
 from lensray.store import LensStore
 from lensray.trainer import MODEL_INPUT_FILE, train
+
+from tiny_run import tiny_run_config
 
 N = 16
 CORRUPT_ID, MISSING_ID = 200003, 200007
@@ -45,12 +47,7 @@ def trained(raw: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, st
                                   split_seed=3), progress=False)  # fmt: skip
     store = LensStore.open(store_url)
     assert len(set(store.labels[store.indices("val")].tolist())) == 2, "the fixture needs both classes in val"
-    config = load_config(
-        Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
-        [f"data.store={store_url}", f"train.out={folder / 'runs'}", "train.name=score", "train.epochs=1",
-         "train.steps_per_epoch=2", "train.batch_size=8", "train.sanity=false", "model.lastro.dense=[8]",
-         "model.lastro.filters=4", "model.lastro.pairs=1"],
-    )  # fmt: skip
+    config = tiny_run_config(store_url, folder / "runs", "score")
     outcome = train(config)
     # Damage two objects after ingest: one truncated FITS file, one band file gone.
     vis = Path(raw) / band_relpath("VIS", CORRUPT_ID)
