@@ -1,7 +1,7 @@
 """FITS cutout read rate: local disk vs S3 (moto on loopback) through pyarrow vs through s3fs.
 
 All three paths read the same objects written with astropy and decode them with the same
-``lensray.fits_io.decode_band``; only the byte transport differs. Ratios are measured in this one
+``lensray.sky.fits.decode_band``; only the byte transport differs. Ratios are measured in this one
 run, so they hold on any machine; the absolute rates depend on it. Loopback moto has almost no
 latency, so against a real object store the gap between sequential and concurrent reads grows.
 
@@ -24,8 +24,8 @@ import numpy as np
 from astropy.io import fits
 
 from lensray import storage
-from lensray.bands import BAND_NAMES, BANDS, band_relpath
-from lensray.fits_io import Cutout, decode_band, read_cutouts
+from lensray.sky.bands import BAND_NAMES, BANDS, band_relpath
+from lensray.sky.fits import Cutout, decode_band, read_cutouts
 
 
 def _free_port() -> int:

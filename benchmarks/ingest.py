@@ -29,13 +29,13 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from lensray import storage  # noqa: E402
-from lensray.bands import BAND_NAMES, band_relpath  # noqa: E402
-from lensray.catalog import CATALOG_NAME, apply_label_rule, read_catalog  # noqa: E402
+from lensray.sky.bands import BAND_NAMES, band_relpath  # noqa: E402
+from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog  # noqa: E402
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig  # noqa: E402
-from lensray.fits_io import read_cutouts  # noqa: E402
-from lensray.pipeline import assign_splits, ingest  # noqa: E402
-from lensray.store import create_store, finalize_store, shard_ranges, write_shard  # noqa: E402
-from lensray.transforms import output_shape, preprocess_batch  # noqa: E402
+from lensray.sky.fits import read_cutouts  # noqa: E402
+from lensray.ingest.ingest import assign_splits, ingest  # noqa: E402
+from lensray.ingest.store import create_store, finalize_store, shard_ranges, write_shard  # noqa: E402
+from lensray.ingest.preprocess import output_shape, preprocess_batch  # noqa: E402
 
 SHARD_SIZE = 50
 
@@ -113,7 +113,7 @@ def driver_peak_mb(images: str, out: str, workers: int) -> float:
     code = (
         "import resource, sys, ray;"
         "from lensray.config import DataConfig, PreprocessConfig;"
-        "from lensray.pipeline import ingest;"
+        "from lensray.ingest.ingest import ingest;"
         f"ray.init(num_cpus={workers}, log_to_driver=False);"
         f"ingest(DataConfig(images={images!r}, catalog={images!r} + '/{CATALOG_NAME}'),"
         f" PreprocessConfig(out={out!r}, shard_size={SHARD_SIZE}, workers={workers}), progress=False);"
@@ -161,7 +161,7 @@ def main() -> None:
         raw = tmp_path / "raw"
         t0 = time.perf_counter()
         simulate_config = SimulateConfig(out=str(raw), n=args.n, seed=1, missing_image_rate=0.0, duplicate_id_rate=0.0)
-        from lensray.simulate import simulate_dataset
+        from lensray.simulate.simulator import simulate_dataset
 
         simulate_dataset(simulate_config)
         print(f"simulated {args.n} IDs in {time.perf_counter() - t0:.0f} s; {raw_bytes(raw) / 1e6:.1f} MB of FITS")

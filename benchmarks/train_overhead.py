@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from lensray.config import load_config
-from lensray.data import WorkerFeed
-from lensray.loop import make_optimizer, train_one_epoch
+from lensray.train.feed import WorkerFeed
+from lensray.train.loop import make_optimizer, train_one_epoch
 from lensray.models import build_model
-from lensray.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
-from lensray.trainer import train
+from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
+from lensray.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CHANNELS = 50, 4

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from lensray.config import ConfigError, LensrayConfig, load_config
+from lensray.config import LensrayConfig, load_config
+from lensray.errors import ConfigError, LensrayError
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ SIMULATE_FLAGS = (
 
 
 def cmd_simulate(config: LensrayConfig) -> int:
-    from lensray.simulate import simulate_dataset
+    from lensray.simulate.simulator import simulate_dataset
 
     if config.simulate.out is None:
         raise ConfigError("simulate.out is required (--out URL)")
@@ -99,7 +100,7 @@ PREPROCESS_FLAGS = (
 
 
 def cmd_preprocess(config: LensrayConfig) -> int:
-    from lensray.pipeline import IngestError, ingest
+    from lensray.ingest.ingest import IngestError, ingest
 
     try:
         print(ingest(config.data, config.preprocess))
@@ -110,7 +111,7 @@ def cmd_preprocess(config: LensrayConfig) -> int:
 
 
 def cmd_store_info(url: str) -> int:
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     print(LensStore.open(url).info())
     return 0
@@ -132,8 +133,8 @@ TRAIN_FLAGS = (
 
 
 def cmd_train(config: LensrayConfig, *, resume: bool, sanity_only: bool) -> int:
-    from lensray.loop import SanityCheckError
-    from lensray.trainer import TrainError, describe_sanity, run_sanity_check, train
+    from lensray.train.loop import SanityCheckError
+    from lensray.train.trainer import TrainError, describe_sanity, run_sanity_check, train
 
     try:
         if sanity_only:
@@ -159,7 +160,7 @@ TUNE_FLAGS = (
 def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> int:
     from lensray import storage
     from lensray.config import dump_config
-    from lensray.tuning import BEST_CONFIG_FILE, SearchError, load_tune_config, run_tune
+    from lensray.train.tune import BEST_CONFIG_FILE, SearchError, load_tune_config, run_tune
 
     if config_path is None:
         raise ConfigError("--config is required: a tune file such as tune_configs/lastro_kernels_pools.yaml")
@@ -188,8 +189,8 @@ EVALUATE_FLAGS = (
 
 
 def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
-    from lensray.evaluate import EvaluateError, evaluate_run
-    from lensray.score import ScoreError
+    from lensray.evaluate.evaluate import EvaluateError, evaluate_run
+    from lensray.evaluate.score import ScoreError
 
     if config.data.store is None:
         raise ConfigError("data.store is required (--store URL)")
@@ -203,8 +204,8 @@ def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lensray.compare import compare_runs
-    from lensray.evaluate import EvaluateError
+    from lensray.evaluate.compare import compare_runs
+    from lensray.evaluate.evaluate import EvaluateError
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     try:
@@ -223,8 +224,8 @@ SCORE_FLAGS = (
 
 
 def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
-    from lensray.evaluate import EvaluateError
-    from lensray.score import ScoreError, score_catalog
+    from lensray.evaluate.evaluate import EvaluateError
+    from lensray.evaluate.score import ScoreError, score_catalog
 
     if config.data.images is None or config.data.catalog is None:
         raise ConfigError("data.images and data.catalog are required (--images URL --catalog URL)")
@@ -337,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lensray {args.command}: {exc}", file=sys.stderr)
         return 2
+    except LensrayError as exc:
+        print(f"lensray {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,20 +9,18 @@ identically.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lensray.bands import BAND_NAMES
+from lensray.errors import ConfigError
 
 Band = Literal["VIS", "Y", "J", "H"]
+BAND_ORDER: tuple[str, ...] = get_args(Band)  # canonical order; sky.bands holds each band's grid
 LabelRule = Literal["paper", "official", "challenge"]
 PreprocessMode = Literal["asinh", "log", "clip"]
 
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the offending key."""
 
 
 class Section(BaseModel):
@@ -54,7 +52,7 @@ class DataConfig(Section):
     catalog: str | None = None  # URL of the catalogue CSV
     store: str | None = None  # URL of a preprocessed Zarr store to train / evaluate on
     labels: LabelRule = "paper"
-    bands: tuple[Band, ...] = BAND_NAMES
+    bands: tuple[Band, ...] = BAND_ORDER
     nan: Literal["zero", "reject"] = "zero"
 
     @field_validator("bands")
@@ -64,7 +62,7 @@ class DataConfig(Section):
             raise ValueError("at least one band is required")
         if len(set(bands)) != len(bands):
             raise ValueError(f"duplicate band in {list(bands)}")
-        return tuple(b for b in BAND_NAMES if b in bands)  # canonical order: VIS, Y, J, H
+        return tuple(b for b in BAND_ORDER if b in bands)  # canonical order: VIS, Y, J, H
 
 
 class PreprocessConfig(Section):

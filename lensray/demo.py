@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 
 from lensray import storage
-from lensray.bands import BANDS, VIS_PIXEL_SCALE
-from lensray.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
+from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
+from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.config import LensrayConfig, save_config
-from lensray.api import load_best
-from lensray.compare import compare_runs
-from lensray.evaluate import evaluate_run
-from lensray.fits_io import read_cutouts
-from lensray.pipeline import ingest
-from lensray.report import preview_grid
-from lensray.simulate import simulate_dataset
-from lensray.store import LensStore
-from lensray.trainer import train
-from lensray.tuning import run_search
-from lensray.transforms import preprocess_cutout
+from lensray.runs import load_best
+from lensray.evaluate.compare import compare_runs
+from lensray.evaluate.evaluate import evaluate_run
+from lensray.sky.fits import read_cutouts
+from lensray.ingest.ingest import ingest
+from lensray.evaluate.report import preview_grid
+from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.store import LensStore
+from lensray.train.trainer import train
+from lensray.train.tune import run_search
+from lensray.ingest.preprocess import preprocess_cutout
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_SEARCH = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"

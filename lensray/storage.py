@@ -13,10 +13,8 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
+from lensray.errors import StorageError
 
-
-class StorageError(OSError):
-    """A URL cannot be reached, or its bucket or credentials are wrong; the message names the URL."""
 
 
 def is_s3(url: str) -> bool:

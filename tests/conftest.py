@@ -105,7 +105,7 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A finished 96-sample store (64 train, 32 val) of 2x32x32 separable images, shared by the session."""
     import numpy as np
 
-    from lensray.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
+    from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
 
     url = str(tmp_path_factory.mktemp("tiny") / "tiny.zarr")
     n = 96
@@ -148,10 +148,10 @@ def tiny_search_tree(tiny_store: str):  # noqa: ANN201 - returns a builder
 
 @pytest.fixture(scope="session")
 def tune_search(tiny_search_tree, s3_server: str, ray_cluster: None):  # noqa: ANN001, ANN201
-    """One finished two-trial ASHA search on moto's S3 (lensray.tuning.SearchOutcome), shared by the session."""
+    """One finished two-trial ASHA search on moto's S3 (lensray.train.tune.SearchOutcome), shared by the session."""
     import boto3
 
-    from lensray.tuning import run_tune, tune_spec_from_dict
+    from lensray.train.tune import run_tune, tune_spec_from_dict
 
     bucket = f"tune-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=bucket)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lensray import storage
-from lensray.catalog import (
+from lensray.sky.catalog import (
     CATALOG_NAME,
     COLUMNS,
     INT_COLUMNS,
@@ -120,7 +120,7 @@ def test_duplicate_ids_first_kept_and_reported(caplog: pytest.LogCaptureFixture)
         row_values(10, mag_eff=1.0), row_values(11), row_values(10, mag_eff=9.0), row_values(12),
         row_values(11), row_values(10, mag_eff=7.0),
     ]  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="lensray.catalog"):
+    with caplog.at_level(logging.WARNING, logger="lensray.sky.catalog"):
         catalog = parse_catalog(catalog_text(rows, comment_block(3)), "cat.csv")
     assert catalog.ids.tolist() == [10, 11, 12]
     assert catalog.table["mag_eff"].iloc[0] == 1.0  # the first occurrence's values

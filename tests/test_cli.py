@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from lensray import storage
-from lensray.catalog import CATALOG_NAME, read_catalog
+from lensray.sky.catalog import CATALOG_NAME, read_catalog
 from lensray.cli import main
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lensray.config import TrainConfig
-from lensray.data import (
+from lensray.train.feed import (
     BalancedBatchSampler,
     EvalFeed,
     FeedError,
@@ -26,7 +26,7 @@ from lensray.data import (
     sanity_set,
     shard_bounds,
 )
-from lensray.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
+from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
 
 SIDE = 8
 
@@ -178,7 +178,7 @@ def test_shuffled_sampler_passes_over_each_share_once_per_pass() -> None:
 
 
 def test_worker_feed_batches_match_the_store(store_url: str) -> None:
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     store = LensStore.open(store_url)
     train_rows = store.indices("train")
@@ -207,7 +207,7 @@ def test_ram_and_stream_feeds_give_identical_batches(store_url: str) -> None:
 
 
 def test_worker_feeds_of_two_ranks_use_disjoint_rows(store_url: str) -> None:
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     n_train = len(LensStore.open(store_url).indices("train"))
     rows = []
@@ -224,7 +224,7 @@ def test_worker_feeds_of_two_ranks_use_disjoint_rows(store_url: str) -> None:
 
 
 def test_eval_feed_shards_cover_the_split_exactly_once(store_url: str) -> None:
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     store = LensStore.open(store_url)
     val_rows = store.indices("val")
@@ -272,7 +272,7 @@ def test_stream_feed_from_s3(s3_bucket: str) -> None:
 
 
 def test_sanity_set_is_fixed_balanced_and_from_the_split(store_url: str) -> None:
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     store = LensStore.open(store_url)
     images, labels = sanity_set(store_url, 12, seed=3)

@@ -14,8 +14,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lensray import storage
+from lensray.errors import CheckpointError
 from lensray.config import load_config
-from lensray.evaluate import (
+from lensray.evaluate.evaluate import (
     EvaluateError,
     calibration,
     confusion,
@@ -23,8 +24,8 @@ from lensray.evaluate import (
     resolve_checkpoint,
     survey_row,
 )
-from lensray.store import SPLITS, LensStore, create_store, finalize_store, shard_ranges, write_shard
-from lensray.trainer import best_checkpoint, train
+from lensray.ingest.store import SPLITS, LensStore, create_store, finalize_store, shard_ranges, write_shard
+from lensray.train.trainer import best_checkpoint, train
 
 SIZE = 24
 N = 120
@@ -228,8 +229,8 @@ def _d4_views(images: np.ndarray) -> list[np.ndarray]:
 
 
 def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: str) -> None:  # noqa: ANN001
-    from lensray.api import load_run
-    from lensray.score import predict_tta
+    from lensray.runs import load_run
+    from lensray.evaluate.score import predict_tta
 
     run = load_run(trained.best_checkpoint)
     store = LensStore.open(store_url)
@@ -268,7 +269,7 @@ def test_best_checkpoint_of_a_run_folder(trained) -> None:  # noqa: ANN001
     assert json.loads((Path(found.url) / "epoch.json").read_text()) == {"epoch": best_epoch}
     assert resolve_checkpoint(found.url) == found.url
     assert resolve_checkpoint(trained.run_url) == found.url
-    with pytest.raises(EvaluateError, match=r"nothing-here is not a checkpoint folder .*nothing-here is not a run folder"):
+    with pytest.raises(CheckpointError, match=r"nothing-here is not a checkpoint folder .*nothing-here is not a run folder"):
         resolve_checkpoint(str(Path(trained.run_url) / "nothing-here"))
 
 
@@ -284,7 +285,7 @@ def test_evaluate_refuses_a_store_of_another_geometry(trained, tmp_path: Path) -
 
 
 def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> None:  # noqa: ANN001
-    from lensray.compare import compare_runs
+    from lensray.evaluate.compare import compare_runs
 
     table = compare_runs([trained.run_url, trained.best_checkpoint], tmp_path, names=["folder", "checkpoint"])
     assert [row["name"] for row in table.rows] == ["folder", "checkpoint"]

@@ -13,8 +13,8 @@ import pytest
 from astropy.io import fits
 
 from lensray import storage
-from lensray.bands import BAND_NAMES, band_relpath
-from lensray.fits_io import CutoutError, decode_band, read_cutout, read_cutouts
+from lensray.sky.bands import BAND_NAMES, band_relpath
+from lensray.sky.fits import CutoutError, decode_band, read_cutout, read_cutouts
 
 SHAPES = {"VIS": (200, 200), "Y": (66, 66), "J": (66, 66), "H": (65, 67)}  # H off-size, as in the real data
 

@@ -199,7 +199,7 @@ def test_demo_tune_search_via_ray_job_submit(ray_head: RayHead, tiny_store: str,
 
     # What the README's notebook step does with the results: the best trial's model, no cluster needed.
     import lensray
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     run = lensray.load_best(str(best_files[0].parent))
     assert run.config.optim.lr == best["optim"]["lr"]

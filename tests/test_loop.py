@@ -11,7 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lensray import loop, metrics
+from lensray.models import inference
+from lensray.train import loop
+
+from lensray.evaluate import metrics
 from lensray.config import LastroConfig, ModelConfig, OptimConfig, PreprocessConfig, SimulateConfig
 from lensray.models import build_model
 
@@ -48,7 +51,7 @@ def test_loop_learns_a_separable_set() -> None:
     assert stats["samples"] == 128 and stats["seconds"] > 0
     assert stats["samples_per_s"] == pytest.approx(128 / stats["seconds"])
     assert stats["loss"] < 0.4
-    labels, scores = loop.validate(model, batches_of(test_x, test_y, 32))
+    labels, scores = inference.validate(model, batches_of(test_x, test_y, 32))
     assert labels.dtype == np.int8 and sorted(labels.tolist()) == sorted(test_y.int().tolist())
     assert metrics.auc(labels, scores) > 0.95
 
@@ -57,7 +60,7 @@ def test_predict_is_eval_mode_sigmoid_and_restores_the_mode() -> None:
     model = small_lastro(dense_dropout=0.5)
     images, _ = separable_set(10, seed=3)
     model.train()
-    scores = loop.predict(model, [images[:4], images[4:]])
+    scores = inference.predict(model, [images[:4], images[4:]])
     assert model.training
     model.eval()
     with torch.no_grad():
@@ -97,8 +100,8 @@ def test_train_one_epoch_refuses_empty_feeds_and_divergence() -> None:
 @pytest.fixture(scope="module")
 def simulated_cutouts() -> tuple[np.ndarray, np.ndarray]:
     """64 cutouts from the real simulator (32 lenses), preprocessed as the demo does: 4 x 50 x 50."""
-    from lensray.simulate import object_rng, simulate_object
-    from lensray.transforms import preprocess_batch
+    from lensray.simulate.simulator import object_rng, simulate_object
+    from lensray.ingest.preprocess import preprocess_batch
 
     config = SimulateConfig(nan_pixel_rate=0, offsize_nir_rate=0)
     labels = np.arange(64) % 2
@@ -207,7 +210,7 @@ PLATEAU_AUCS = (0.6, 0.7, 0.7, 0.7, 0.75, 0.75)  # a plateau that drops the LR a
 def _run(epochs: range, model, optimizer, scheduler, stopper, history, data) -> None:
     for epoch in epochs:
         stats = loop.train_one_epoch(model, batches_of(*data, 16, epoch), optimizer, device="cpu")
-        labels, scores = loop.validate(model, batches_of(*data, 32))
+        labels, scores = inference.validate(model, batches_of(*data, 32))
         scheduler.step(PLATEAU_AUCS[epoch])
         stopper.step(PLATEAU_AUCS[epoch])
         history.append({"epoch": epoch, "loss": stats["loss"], "val_auc": metrics.auc(labels, scores),

@@ -7,9 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from lensray import metrics
-
-# Lenses at 0.9, 0.8, 0.7, 0.2; non-lenses at 0.7, 0.6, 0.3, 0.1 (one lens tied with the top non-lens).
+from lensray.evaluate import metrics
 LABELS = [1, 1, 0, 1, 0, 0, 1, 0]
 SCORES = [0.9, 0.8, 0.7, 0.7, 0.6, 0.3, 0.2, 0.1]
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from lensray import storage
-from lensray.bands import band_relpath
-from lensray.catalog import CATALOG_NAME, apply_label_rule, read_catalog
+from lensray.sky.bands import band_relpath
+from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.fits_io import read_cutout
-from lensray.pipeline import IngestError, assign_splits, ingest
-from lensray.simulate import simulate_dataset
-from lensray.store import SPLITS, LensStore, StoreMismatchError
-from lensray.transforms import preprocess_cutout
+from lensray.sky.fits import read_cutout
+from lensray.ingest.ingest import IngestError, assign_splits, ingest
+from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.store import SPLITS, LensStore, StoreMismatchError
+from lensray.ingest.preprocess import preprocess_cutout
 
 N_OBJECTS = 24
 

@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 
 from lensray import storage
-from lensray.catalog import CATALOG_NAME
+from lensray.sky.catalog import CATALOG_NAME
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.evaluate import evaluate_run
-from lensray.pipeline import ingest
-from lensray.score import score_catalog
-from lensray.simulate import simulate_dataset
-from lensray.store import LensStore
-from lensray.trainer import train
+from lensray.evaluate.evaluate import evaluate_run
+from lensray.ingest.ingest import ingest
+from lensray.evaluate.score import score_catalog
+from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.store import LensStore
+from lensray.train.trainer import train
 
 from tiny_run import tiny_run_config
 

@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 
 from lensray import storage
-from lensray.bands import band_relpath
-from lensray.catalog import CATALOG_NAME
+from lensray.sky.bands import band_relpath
+from lensray.sky.catalog import CATALOG_NAME
 from lensray.cli import main
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.pipeline import ingest
-from lensray.score import ScoreError, model_input, read_ids, score_catalog
-from lensray.simulate import simulate_dataset
-from lensray.store import LensStore
-from lensray.trainer import MODEL_INPUT_FILE, train
+from lensray.ingest.ingest import ingest
+from lensray.errors import CheckpointError
+from lensray.evaluate.score import ScoreError, read_ids, score_catalog
+from lensray.runs import model_input
+from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.store import LensStore
+from lensray.train.trainer import MODEL_INPUT_FILE, train
 
 from tiny_run import tiny_run_config
 
@@ -61,7 +63,7 @@ def _read_parquet(url: str) -> pd.DataFrame:
 
 
 def test_scores_equal_the_store_predictions_and_rejects_are_listed(raw: str, trained: tuple[str, str], tmp_path: Path) -> None:
-    from lensray.api import load_run
+    from lensray.runs import load_run
 
     checkpoint, store_url = trained
     out = str(tmp_path / "candidates.parquet")
@@ -134,9 +136,9 @@ def test_checkpoint_without_a_transform_record_is_refused(trained: tuple[str, st
     assert model_input(str(copy)).preprocess.crop == 40
     record["transform"]["log_stretch_a"] = 10.0  # a transform this lensray does not compute
     (copy / MODEL_INPUT_FILE).write_text(json.dumps(record))
-    with pytest.raises(ScoreError, match="cannot reproduce the training transform .*log_stretch_a"):
+    with pytest.raises(CheckpointError, match="cannot reproduce the training transform .*log_stretch_a"):
         model_input(str(copy))
     record["transform"] = None
     (copy / MODEL_INPUT_FILE).write_text(json.dumps(record))
-    with pytest.raises(ScoreError, match="recorded no transform"):
+    with pytest.raises(CheckpointError, match="recorded no transform"):
         model_input(str(copy))

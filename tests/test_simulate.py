@@ -13,10 +13,10 @@ import pytest
 from astropy.io import fits
 
 from lensray import storage
-from lensray.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
-from lensray.catalog import CATALOG_NAME, COLUMNS
+from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
+from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 from lensray.config import SimulateConfig
-from lensray.simulate import (
+from lensray.simulate.simulator import (
     FIELD_DESCRIPTIONS,
     FLUX_MAGZP,
     band_observation,

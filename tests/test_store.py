@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lensray import storage
-from lensray.store import (
+from lensray.ingest.store import (
     SPLITS,
     LensStore,
     StoreError,

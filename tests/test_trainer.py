@@ -14,8 +14,8 @@ import pytest
 
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
-from lensray.store import LensStore
-from lensray.trainer import PREDICTIONS_FILE, CheckpointError, TrainError, best_checkpoint, run_sanity_check, train
+from lensray.ingest.store import LensStore
+from lensray.train.trainer import PREDICTIONS_FILE, CheckpointError, TrainError, best_checkpoint, run_sanity_check, train
 
 
 def _config(store: str, out: str, name: str, *overrides: str) -> LensrayConfig:
@@ -144,7 +144,7 @@ def test_missing_store_and_resume_errors(tmp_path: Path, tiny_store: str) -> Non
 
 
 def test_load_run_reproduces_the_stored_validation_predictions(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
-    from lensray.api import load_run
+    from lensray.runs import load_run
 
     outcome = train(_config(tiny_store, str(tmp_path / "runs"), "reload", "train.epochs=2"))
     run = load_run(outcome.best_checkpoint)

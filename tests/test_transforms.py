@@ -10,9 +10,9 @@ import pytest
 from astropy.visualization import LogStretch
 from scipy import ndimage
 
-from lensray.bands import BAND_NAMES
+from lensray.sky.bands import BAND_NAMES
 from lensray.config import PreprocessConfig
-from lensray.transforms import (
+from lensray.ingest.preprocess import (
     PreprocessError,
     describe,
     interpolation_matrix,

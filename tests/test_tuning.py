@@ -16,8 +16,8 @@ from ray.tune import Callback
 
 from lensray import storage
 from lensray.config import ConfigError, config_from_dict
-from lensray.trainer import best_checkpoint
-from lensray.tuning import (
+from lensray.train.trainer import best_checkpoint
+from lensray.train.tune import (
     ASHA_STOPS_FILE,
     BEST_CONFIG_FILE,
     TRIAL_RUN,
@@ -176,7 +176,7 @@ def test_load_best_picks_tunes_best_trial_and_reproduces_its_predictions(tune_se
     import lensray
     from ray.tune import ExperimentAnalysis
 
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     experiment = tune_search.experiment_url
     fs = storage.arrow_filesystem(experiment)[0]

@@ -13,7 +13,6 @@ restart workers.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import tempfile
@@ -27,8 +26,8 @@ import torch
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
-from lensray.data import EvalFeed, WorkerFeed, sanity_set
-from lensray.loop import (
+from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
+from lensray.train.loop import (
     EarlyStopping,
     LoopState,
     SanityResult,
@@ -37,29 +36,18 @@ from lensray.loop import (
     make_scheduler,
     sanity_check,
     train_one_epoch,
-    unwrap,
-    validate,
 )
-from lensray.metrics import summarise
+from lensray.evaluate.metrics import summarise
 from lensray.models import build_model
-from lensray.ray_runtime import ensure_ray
-from lensray.store import LensStore
+from lensray.models.inference import unwrap, validate
+from lensray.runtime import ensure_ray
+from lensray.ingest.store import LensStore
+from lensray.errors import CheckpointError, TrainError
+from lensray.runs import CONFIG_FILE, EPOCH_FILE, HISTORY_FILE, MODEL_INPUT_FILE, PREDICTIONS_FILE, STATE_FILE, BestCheckpoint, best_checkpoint
 
-STATE_FILE = "state.pt"
-CONFIG_FILE = "config.yaml"
-PREDICTIONS_FILE = "val_predictions.npz"
-MODEL_INPUT_FILE = "model_input.json"  # the input geometry the network was built for
-HISTORY_FILE = "history.json"
-EPOCH_FILE = "epoch.json"  # {"epoch": n}: a checkpoint's epoch without downloading its state.pt
 EVAL_BATCH = 128
 
 
-class TrainError(RuntimeError):
-    """Training cannot start or did not finish; the message says why."""
-
-
-class CheckpointError(RuntimeError):
-    """A run folder has no usable checkpoint (no history, no finite metric, none kept); names the URL."""
 
 
 @dataclass
@@ -346,83 +334,3 @@ def run_outcome(run_url: str, wall_s: float) -> TrainOutcome:
 # --- the best checkpoint of a run (no cluster needed) -------------------------------------------
 
 
-@dataclass(frozen=True)
-class BestCheckpoint:
-    url: str  # the checkpoint folder
-    metrics: dict[str, Any]  # its epoch's row of history.json
-    best_epoch: int  # the run's best epoch; differs from metrics["epoch"] when its checkpoint is gone or incomplete
-
-
-def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") -> BestCheckpoint:
-    """The kept checkpoint of a Train run folder (local or s3://) with the best ``metric``; no Ray needed.
-
-    The one rule behind ``train``'s outcome, ``evaluate``/``compare``/``score`` on a run folder and
-    ``load_best``: epochs are ranked by ``metric`` in the run's ``history.json`` (``mode`` "max" or
-    "min"); ties go to the earliest epoch; an epoch whose metric is NaN, None or missing never wins.
-    Only complete checkpoints count (a ``checkpoint_*`` folder with its ``state.pt``). When the best
-    epoch's checkpoint is not kept (deleted by ``train.num_to_keep``, or never written because the run
-    stopped first), the best epoch among the kept checkpoints is returned instead of failing;
-    ``best_epoch`` then names the better epoch that is gone. CheckpointError (naming the URL) when
-    there is no history, no finite metric, or no complete checkpoint of a scored epoch.
-    """
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    run_url = run_url.rstrip("/")
-    try:
-        history = json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
-    except FileNotFoundError:
-        raise CheckpointError(f"{run_url} is not a run folder (no {HISTORY_FILE})") from None
-    rows = {int(row["epoch"]): row for row in history if _finite(row.get(metric))}
-    if not rows:
-        raise CheckpointError(f"{run_url}/{HISTORY_FILE}: no epoch has a finite {metric}")
-    sign = -1 if mode == "max" else 1
-    ranked = sorted(rows, key=lambda epoch: (sign * rows[epoch][metric], epoch))  # best first; ties: earliest
-    kept = _kept_checkpoints(run_url)
-    for epoch in ranked:
-        if epoch in kept:
-            return BestCheckpoint(url=kept[epoch], metrics=rows[epoch], best_epoch=ranked[0])
-    raise CheckpointError(f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE}) of an epoch with a finite "
-                          f"{metric}; checkpoints kept: epochs {sorted(kept)}")  # fmt: skip
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _kept_checkpoints(run_url: str) -> dict[int, str]:
-    """Epoch -> URL of each complete checkpoint folder, from one recursive listing of the run folder."""
-    import pyarrow.fs as pafs
-
-    fs, root = storage.arrow_filesystem(run_url)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    except OSError as exc:
-        raise CheckpointError(f"cannot list {run_url}: {exc}") from exc
-    files: dict[str, set[str]] = {}
-    for entry in entries:
-        parts = entry.path[len(root) :].strip("/").split("/")
-        if len(parts) == 2 and parts[0].startswith("checkpoint_") and entry.type == pafs.FileType.File:
-            files.setdefault(parts[0], set()).add(parts[1])
-    kept: dict[int, str] = {}
-    # Ray names folders by time, so sorting makes a newer folder win an epoch held twice (a worker
-    # restart that went back one epoch): it matches the history.json that run rewrote.
-    for name in sorted(files):
-        if STATE_FILE not in files[name]:
-            continue  # still being uploaded, or being deleted
-        url = storage.join(run_url, name)
-        epoch = _checkpoint_epoch(url, EPOCH_FILE in files[name])
-        if epoch is not None:
-            kept[epoch] = url
-    return kept
-
-
-def _checkpoint_epoch(url: str, has_epoch_file: bool) -> int | None:
-    try:
-        if has_epoch_file:
-            return int(json.loads(storage.read_bytes(storage.join(url, EPOCH_FILE)))["epoch"])
-        # Runs written before epoch.json: the epoch is only inside the weights file.
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, STATE_FILE))), map_location="cpu",
-                           weights_only=True)  # fmt: skip
-        return int(state["epoch"])
-    except FileNotFoundError:
-        return None  # deleted by the keep-N policy while we looked

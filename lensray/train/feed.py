@@ -21,15 +21,16 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Literal, TypeVar
+from typing import Literal
 
 import numpy as np
 import torch
 
 from lensray.config import TrainConfig
-from lensray.store import LensStore, SplitName
+from lensray.ingest.store import LensStore, SplitName
+from lensray.sky.symmetry import d4_transform
+from lensray.errors import FeedError
 
-ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 Augment = Literal["none", "flips", "d4"]
 
 # Independent random streams per (seed, epoch, rank): one for sampling, one for augmentation.
@@ -39,29 +40,12 @@ DEFAULT_RAM_FRACTION = 0.5
 _READ_AHEAD = 4  # stream mode: batch reads in flight while the model works
 
 
-class FeedError(ValueError):
-    """The store, split or sampling parameters cannot make the batches asked for; says why."""
-
 
 def _rng(seed: int, epoch: int, rank: int, stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, rank, stream]))
 
 
 # --- augmentation: the dihedral group D4 -------------------------------------------------------
-
-
-def d4_transform(x: ArrayOrTensor, k: int) -> ArrayOrTensor:
-    """Element ``k`` (0..7) of D4 on the last two axes: a left-right flip if ``k >= 4``, then ``k % 4``
-    quarter turns. Works on numpy arrays and torch tensors of any leading shape. A sky cutout has no
-    preferred orientation or handedness, so all eight are equally valid images of the object.
-    """
-    if not 0 <= k < 8:
-        raise ValueError(f"D4 has elements 0..7, got {k}")
-    if isinstance(x, torch.Tensor):
-        y = torch.flip(x, dims=(-1,)) if k >= 4 else x
-        return torch.rot90(y, k % 4, dims=(-2, -1))
-    y = np.flip(x, axis=-1) if k >= 4 else x
-    return np.rot90(y, k % 4, axes=(-2, -1))
 
 
 def _apply_per_sample(x: torch.Tensor, elements: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -20,14 +20,15 @@ import numpy as np
 from astropy.io import fits
 
 from lensray import storage
-from lensray.bands import band_relpath
+from lensray.sky.bands import band_relpath
+from lensray.errors import LensrayError
 
 NanPolicy = Literal["zero", "reject"]
 RejectReason = Literal["missing", "corrupt", "empty", "all_nan", "nan", "shape"]
 NAN_POLICIES: tuple[str, ...] = ("zero", "reject")
 
 
-class CutoutError(ValueError):
+class CutoutError(LensrayError, ValueError):
     """One object's band is unusable. ``reason``: missing, corrupt, empty, all_nan, nan or shape."""
 
     def __init__(self, object_id: int, band: str, url: str, reason: RejectReason, detail: str) -> None:

@@ -33,10 +33,10 @@ from lenstronomy.Util import param_util
 from scipy import ndimage
 
 from lensray import storage
-from lensray.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
-from lensray.catalog import CATALOG_NAME, COLUMNS
+from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
+from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 from lensray.config import SimulateConfig
-from lensray.ray_runtime import ensure_ray
+from lensray.runtime import ensure_ray
 
 # ---------------------------------------------------------------------------------------------------
 # Instrument, units, canvas

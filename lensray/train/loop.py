@@ -24,21 +24,10 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lensray.config import OptimConfig
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+from lensray.models.inference import Batch, autocast, unwrap, _model_device
+from lensray.errors import SanityCheckError
 
 _LN2 = math.log(2.0)  # the loss of a network that has learnt nothing on balanced classes
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare network inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper."""
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return model.module
-    return model
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 # --- optimiser, schedule, precision ------------------------------------------------------------
@@ -91,12 +80,6 @@ def amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, t
     raise ValueError(f"unknown amp mode {mode!r}; choose auto, bf16, fp16 or off")
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
 # --- one epoch, prediction ---------------------------------------------------------------------
 
 
@@ -131,7 +114,7 @@ def train_one_epoch(
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, dtype=torch.float32, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, amp_dtype):
+            with autocast(device, amp_dtype):
                 logits = model(images)
             loss = loss_fn(logits.float(), labels)
             if scaler is not None:
@@ -153,65 +136,6 @@ def train_one_epoch(
             "(lower the learning rate, or use bf16 / fp32 instead of fp16)"
         )
     return {"loss": mean_loss, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds}
-
-
-def _images_of(batch: torch.Tensor | Batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-@torch.no_grad()
-def _scores_and_labels(
-    model: nn.Module, batches: Iterable[Any], device: torch.device | str | None, amp_dtype: torch.dtype | None
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    device = torch.device(device) if device is not None else _model_device(model)
-    was_training = model.training
-    model.eval()
-    scores, labels = [], []
-    try:
-        for batch in batches:
-            with _autocast(device, amp_dtype):
-                logits = model(_images_of(batch).to(device, non_blocking=True))
-            # float64 sigmoid: in float32 every logit above ~17 becomes exactly 1.0, and the ties
-            # among confident candidates would blur the top of the ranking (TPR0).
-            scores.append(torch.sigmoid(logits.double()).cpu().numpy())
-            if isinstance(batch, (tuple, list)):
-                labels.append(np.asarray(batch[1]).astype(np.int8).ravel())
-    finally:
-        model.train(was_training)
-    return scores, labels
-
-
-def predict(
-    model: nn.Module,
-    batches: Iterable[torch.Tensor | Batch],
-    *,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """Lens probabilities (float64 sigmoid of the logits) for image batches or (images, labels) pairs.
-
-    Runs in eval mode without gradients and puts the model back in the mode it was in. ``device``
-    defaults to the model's.
-    """
-    scores, _ = _scores_and_labels(model, batches, device, amp_dtype)
-    return np.concatenate(scores) if scores else np.empty(0)
-
-
-def validate(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    *,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels, scores)`` over ``(images, labels)`` batches; the caller computes the metrics, so that
-    a distributed trainer can gather every worker's share first. Call it on the unwrapped model
-    (``unwrap``): no collective communication is needed for inference.
-    """
-    scores, labels = _scores_and_labels(model, batches, device, amp_dtype)
-    if not scores:
-        return np.empty(0, dtype=np.int8), np.empty(0)
-    return np.concatenate(labels), np.concatenate(scores)
 
 
 # --- early stopping ----------------------------------------------------------------------------
@@ -269,9 +193,6 @@ class EarlyStopping:
 
 # --- overfit sanity check ----------------------------------------------------------------------
 
-
-class SanityCheckError(RuntimeError):
-    """The model could not overfit a small fixed batch: full training would not learn either."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ both ends included). Everything is checked at load: each key must name a config 
 can vary, and every value a sample can produce (each choice, both ends and the middle of a range)
 must give a valid run config, so a search never dies hours in on a typo.
 
-Each trial is a *function* trainable that builds ``lensray.trainer.build_trainer``'s TorchTrainer with
+Each trial is a *function* trainable that builds ``lensray.train.trainer.build_trainer``'s TorchTrainer with
 a ``TuneReportCallback`` (``Tuner(TorchTrainer)`` fails in Ray 2.60). The trial's Train run lives in
 the trial's folder, so ``<storage>/<name>/`` holds everything::
 
@@ -54,14 +54,13 @@ from lensray.config import (
     dump_config,
     read_yaml,
 )
-from lensray.ray_runtime import ensure_ray
+from lensray.runtime import ensure_ray
+from lensray.errors import SearchError
+from lensray.runs import ASHA_STOPS_FILE, METRICS, TRIAL_RUN, ExperimentSummary, read_asha_stops, summarise_experiment
 
 TUNE_CONFIG_FILE = "tune_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
-ASHA_STOPS_FILE = "asha_stopped.json"
-TRIAL_RUN = "train"  # the Train run's folder inside each trial's folder
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; the workers hold the CPUs
-METRICS = ("val_auc", "val_acc", "val_loss", "val_tpr0", "val_tpr10", "train_loss")  # reported every epoch
 TOP_LEVEL_KEYS = ("base", "run", "space", "search")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # Keys a trial cannot vary: the store is already preprocessed, resources are fixed per search (they
@@ -69,9 +68,6 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 FIXED_SECTIONS = ("simulate", "preprocess", "search", "resources")
 FIXED_KEYS = ("data.images", "data.catalog", "data.labels", "data.bands", "data.nan", "train.out", "train.name")
 
-
-class SearchError(RuntimeError):
-    """A search cannot start, or none of its trials produced a result; the message says why."""
 
 
 # --- the search space ---------------------------------------------------------------------------
@@ -296,7 +292,7 @@ def run_trial(params: dict[str, Any], *, spec_yaml: str, experiment: str) -> Non
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lensray.trainer import CONFIG_FILE, build_trainer
+    from lensray.train.trainer import CONFIG_FILE, build_trainer
 
     spec = tune_spec_from_dict(yaml.safe_load(spec_yaml), "tune trial")
     trial_folder = os.path.basename(ray.tune.get_context().get_trial_dir())
@@ -326,13 +322,6 @@ class RecordingASHA(AsyncHyperBandScheduler):
             stops[trial.trial_id] = {"epoch": epoch, self._metric: result.get(self._metric)}
             storage.write_bytes(self._stops_url, json.dumps(stops, indent=1).encode())
         return action
-
-
-def read_asha_stops(stops_url: str) -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads(storage.read_bytes(stops_url))
-    except FileNotFoundError:
-        return {}
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -395,7 +384,7 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
     from ray.tune import RunConfig, TuneConfig, Tuner
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from lensray.store import LensStore
+    from lensray.ingest.store import LensStore
 
     if spec.search.name is None:
         if resume:
@@ -474,77 +463,6 @@ def run_search(config_path: str | Path, *, storage: str | None = None, store: st
 
 
 # --- reading an experiment (no cluster needed) --------------------------------------------------
-
-
-@dataclass
-class ExperimentSummary:
-    """One row per trial (best first), every reported epoch of every trial, and the best trial."""
-
-    experiment_url: str
-    metric: str
-    mode: str
-    table: pd.DataFrame  # trial_id, status, params..., epochs, best_<metric>, best_epoch, stopped_by_asha, ...
-    curves: pd.DataFrame  # trial_id plus every reported metric, one row per trial and epoch
-    best: dict[str, Any] | None  # trial_id, params, value, best_epoch, run_url of the best trial
-    unfinished: int = 0  # trials neither finished nor failed: the search was interrupted
-
-    @property
-    def stopped_early(self) -> int:
-        return int(self.table["stopped_by_asha"].sum()) if len(self.table) else 0
-
-
-def _experiment_analysis(experiment_url: str) -> Any:
-    from ray.tune import ExperimentAnalysis
-
-    filesystem = storage.arrow_filesystem(experiment_url)[0] if storage.is_s3(experiment_url) else None
-    try:
-        return ExperimentAnalysis(storage.strip_scheme(experiment_url), storage_filesystem=filesystem)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SearchError(f"no Tune experiment at {experiment_url}: {exc}") from exc
-
-
-def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str = "max") -> ExperimentSummary:
-    """Read an experiment's trials from storage (local or s3://); the best trial is the one whose best
-    epoch is best (ties: the earlier trial, as Tune's ``get_best_result(scope="all")``)."""
-    from ray.tune import ResultGrid
-
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    analysis = _experiment_analysis(experiment_url)
-    grid = ResultGrid(analysis)
-    stops = read_asha_stops(storage.join(experiment_url, ASHA_STOPS_FILE))
-    rows, curves, best = [], [], None
-    for trial, result in zip(analysis.trials, grid):
-        frame = result.metrics_dataframe
-        params = dict(trial.config)
-        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **params}
-        scored = frame.dropna(subset=[metric]) if frame is not None and metric in frame else pd.DataFrame()
-        row["epochs"] = int(frame["epoch"].max()) if frame is not None and "epoch" in frame and len(frame) else 0
-        row[f"best_{metric}"], row["best_epoch"] = math.nan, None
-        if len(scored):
-            position = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
-            row[f"best_{metric}"], row["best_epoch"] = float(scored.loc[position, metric]), int(scored.loc[position, "epoch"])
-            row["start_overhead_s"] = float(scored["time_total_s"].iloc[0] - scored["epoch_s"].iloc[0])
-            checkpoint = scored.loc[position].get("checkpoint_path")
-            run_folder = os.path.basename(os.path.dirname(str(checkpoint))) if isinstance(checkpoint, str) else TRIAL_RUN
-            # Relative to the URL given, so an experiment copied elsewhere still resolves.
-            row["run_url"] = storage.join(experiment_url, os.path.basename(trial.path), run_folder)
-            curves.append(scored.assign(trial_id=trial.trial_id))
-            value = row[f"best_{metric}"]
-            if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
-                best = {"trial_id": trial.trial_id, "params": params, "value": value, "best_epoch": row["best_epoch"],
-                        "run_url": row["run_url"]}  # fmt: skip
-        row["stopped_by_asha"] = trial.trial_id in stops
-        row["error"] = str(result.error) if result.error is not None else None
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if len(table):
-        table = table.sort_values(f"best_{metric}", ascending=mode == "min", na_position="last", kind="stable")
-    keep = ["trial_id", "epoch", *METRICS, "lr", "epoch_s", "time_total_s"]
-    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=keep)
-    unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
-    return ExperimentSummary(experiment_url=experiment_url, metric=metric, mode=mode, table=table.reset_index(drop=True),
-                             curves=curves_frame[[c for c in keep if c in curves_frame]], best=best, unfinished=unfinished)  # fmt: skip
 
 
 # --- the outcome --------------------------------------------------------------------------------

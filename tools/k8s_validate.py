@@ -666,7 +666,7 @@ def _config_problems(command: str, path: Path, overrides: list[str]) -> list[str
 
     try:
         if command == "tune":
-            from lensray.tuning import load_tune_config
+            from lensray.train.tune import load_tune_config
 
             load_tune_config(path, overrides)
         else:

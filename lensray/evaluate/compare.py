@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from lensray import metrics, storage
+from lensray import storage
+
+from lensray.evaluate import metrics
 from lensray.config import LensrayConfig
-from lensray.evaluate import EvaluateError, jsonable, predict_split, resolve_checkpoint
-from lensray.trainer import HISTORY_FILE, MODEL_INPUT_FILE
+from lensray.evaluate.evaluate import jsonable
+from lensray.evaluate.inference import predict_split
+from lensray.errors import EvaluateError
+from lensray.runs import resolve_checkpoint
+from lensray.runs import HISTORY_FILE, MODEL_INPUT_FILE
 
 PAIRED_COLUMNS = ("better", "worse", "delta_auc", "low", "high", "p_not_better", "n")
 PAIRED_HEADERS = ("run A", "run B", "AUC(A) - AUC(B)", "95% low", "95% high", "P(A <= B)", "test objects")
@@ -142,9 +147,9 @@ def compare_runs(
 ) -> ComparisonTable:
     """Score every run on ``split`` of its own training store (or ``store``) and write the comparison
     into ``out_dir``: a local folder or an s3:// prefix (files rendered in memory, written through ``storage``)."""
-    from lensray import report
-    from lensray.api import load_run
-    from lensray.store import LensStore
+    from lensray.evaluate import report
+    from lensray.runs import load_run
+    from lensray.ingest.store import LensStore
 
     if not runs:
         raise EvaluateError("compare needs at least one run")

@@ -50,7 +50,9 @@ from zarr.codecs import BloscCodec
 from zarr.core.sync import sync as zarr_sync
 from zarr.storage import FsspecStore, LocalStore
 
-from lensray import __version__, storage
+from lensray import storage
+from lensray._version import __version__
+from lensray.errors import StoreError, StoreIncompleteError, StoreMismatchError
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 LABELS: dict[int, str] = {1: "lens", 0: "non-lens", -1: "unlabelled"}
@@ -72,16 +74,7 @@ _DENSE_FRACTION = 0.25
 _READ_THREADS = 8
 
 
-class StoreError(ValueError):
-    """A store, or data handed to it, is not what the store's layout requires; names the URL."""
 
-
-class StoreMismatchError(StoreError):
-    """An existing store was created with different parameters; names every differing key."""
-
-
-class StoreIncompleteError(StoreError):
-    """Shards are missing, or data was requested from a store that is not finalized yet."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pandas as pd
 
 from lensray import storage
 from lensray.config import LabelRule
+from lensray.errors import CatalogError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +38,6 @@ INT_COLUMNS: frozenset[str] = frozenset(
 )
 LABEL_RULES: tuple[str, ...] = get_args(LabelRule)
 
-
-class CatalogError(ValueError):
-    """The catalogue cannot be read; the message names the URL and, where known, the line and column."""
 
 
 class DroppedDuplicate(NamedTuple):

@@ -51,8 +51,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from astropy.visualization import LogStretch
 
-from lensray.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
+from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
 from lensray.config import PreprocessConfig
+from lensray.errors import PreprocessError
 
 MAD_TO_SIGMA = 1.4826  # MAD -> sigma for Gaussian noise
 LOG_STRETCH_A = 1000.0  # astropy's default, used by the study
@@ -65,9 +66,6 @@ MAX_NIR_SIZE_DEVIATION = 6
 MODES = ("asinh", "log", "clip")
 METHODS = ("bilinear", "bicubic")
 
-
-class PreprocessError(ValueError):
-    """A cutout cannot be preprocessed; the message names the object ID (when known) and the band."""
 
 
 class BandScaling(NamedTuple):

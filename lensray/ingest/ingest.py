@@ -18,15 +18,13 @@ from typing import Any
 import numpy as np
 
 from lensray import storage
-from lensray.catalog import apply_label_rule, read_catalog
+from lensray.sky.catalog import apply_label_rule, read_catalog
 from lensray.config import DataConfig, PreprocessConfig
-from lensray.fits_io import read_cutouts
-from lensray.ray_runtime import ensure_ray
-from lensray.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
-from lensray.transforms import describe, output_shape, preprocess_batch
-
-class IngestError(RuntimeError):
-    """The ingest could not complete (strict mode with rejects, or unusable input)."""
+from lensray.sky.fits import read_cutouts
+from lensray.runtime import ensure_ray
+from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
+from lensray.ingest.preprocess import describe, output_shape, preprocess_batch
+from lensray.errors import IngestError
 
 
 def assign_splits(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:

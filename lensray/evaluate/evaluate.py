@@ -17,7 +17,6 @@ import html
 import io
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,13 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from lensray import metrics, storage
-from lensray.trainer import MODEL_INPUT_FILE, CheckpointError, best_checkpoint
+from lensray import storage
+
+from lensray.evaluate import metrics
+from lensray.runs import MODEL_INPUT_FILE
+from lensray.errors import EvaluateError
+from lensray.evaluate.inference import PREDICT_BATCH, SplitPredictions, predict_split, predict_tta
+from lensray.runs import resolve_checkpoint
 
 DEFAULT_PREVALENCE = 1e-4  # lenses per cutout in a survey (order of magnitude for Euclid)
 PER_CUTOUTS = 10_000  # survey numbers are per this many cutouts
@@ -35,30 +39,11 @@ SURVEY_THRESHOLDS = (0.5, 0.9, 0.99, 0.999)  # plus the validation-chosen one
 CALIBRATION_BINS = 10
 GALLERY_SIZE = 8
 RULE_OF_THREE = 3.0  # 95 % upper bound on a rate with 0 events in n trials: 3 / n
-PREDICT_BATCH = 128
 REPORT_HTML, REPORT_JSON, PREDICTIONS_CSV = "report.html", "metrics.json", "predictions.csv"
 
 
-class EvaluateError(ValueError):
-    """The run, store or split cannot be evaluated; the message names which and why."""
-
 
 # --- which checkpoint -----------------------------------------------------------------------------
-
-
-def is_checkpoint(url: str) -> bool:
-    return storage.exists(storage.join(url, MODEL_INPUT_FILE))
-
-
-def resolve_checkpoint(url: str) -> str:
-    """A checkpoint folder as is; a run folder -> its best checkpoint (``trainer.best_checkpoint``'s rule)."""
-    url = url.rstrip("/")
-    if is_checkpoint(url):
-        return url
-    try:
-        return best_checkpoint(url).url
-    except CheckpointError as exc:
-        raise EvaluateError(f"{url} is not a checkpoint folder (no {MODEL_INPUT_FILE}); {exc}") from exc
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -154,38 +139,6 @@ def jsonable(value: Any) -> Any:
 # --- predictions for a split ---------------------------------------------------------------------
 
 
-@dataclass
-class SplitPredictions:
-    ids: np.ndarray
-    labels: np.ndarray
-    scores: np.ndarray
-    per_transform: np.ndarray | None  # (N, 8) with D4 test-time averaging
-    rows: np.ndarray  # store rows
-    seconds: float
-
-
-def predict_split(run: Any, store: Any, split: str = "test", tta: str | None = None,
-                  batch_size: int = PREDICT_BATCH) -> SplitPredictions:  # fmt: skip
-    """The run's scores for every labelled object of the store's split, read in batches."""
-    from lensray.score import predict_tta
-
-    rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
-    if rows.size == 0:
-        raise EvaluateError(f"{store.url}: the {split} split holds no labelled objects")
-    started = time.perf_counter()
-    scores, per_transform = [], []
-    for first in range(0, rows.size, batch_size):
-        mean, per = predict_tta(run, store.read(rows[first : first + batch_size]), tta, batch_size=batch_size)
-        scores.append(mean)
-        if per is not None:
-            per_transform.append(per)
-    return SplitPredictions(
-        ids=store.ids[rows], labels=store.labels[rows].astype(np.int8), scores=np.concatenate(scores),
-        per_transform=np.concatenate(per_transform) if per_transform else None, rows=rows,
-        seconds=time.perf_counter() - started,
-    )  # fmt: skip
-
-
 def _check_geometry(checkpoint_url: str, store: Any) -> None:
     record = json.loads(storage.read_bytes(storage.join(checkpoint_url, MODEL_INPUT_FILE)))
     c, h, w = store.sample_shape
@@ -203,7 +156,6 @@ def _check_geometry(checkpoint_url: str, store: Any) -> None:
 
 def validation_threshold(run: Any, store: Any, tta: str | None) -> tuple[float, str]:
     """The ACC-maximising threshold on the run's validation set, scored like the evaluated split."""
-    from lensray.score import predict_tta
 
     stored = run.val_predictions()
     labels, scores = stored["labels"], stored["scores"]
@@ -274,9 +226,9 @@ def evaluate_run(
     folder or an s3:// prefix: every file is rendered in memory and written through ``storage``).
     ``appendix``: more report blocks (HTML, or (caption, PNG) pairs) placed after the galleries, e.g. a
     comparison with other runs (``compare.ComparisonTable.html_blocks``)."""
-    from lensray.api import load_run
-    from lensray.score import check_tta
-    from lensray.store import LensStore
+    from lensray.runs import load_run
+    from lensray.evaluate.inference import check_tta
+    from lensray.ingest.store import LensStore
 
     tta = check_tta(tta)
     if not 0 < prevalence < 1:
@@ -348,8 +300,7 @@ def _galleries(store: Any, p: SplitPredictions, size: int) -> dict[str, tuple[li
 
 
 def _figures(numbers: dict[str, Any], galleries: dict, bands: list[str]) -> dict[str, bytes]:
-    from lensray import report
-
+    from lensray.evaluate import report
     label = f"{numbers['model']} (AUC {numbers['metrics']['auc']:.3f})"
     roc, pr, cal = numbers["roc"], numbers["precision_recall"], numbers["calibration"]
     figures = {
@@ -385,7 +336,7 @@ def _predictions_csv(p: SplitPredictions) -> str:
 
 def _report_html(numbers: dict[str, Any], figures: dict[str, bytes], galleries: dict,
                  appendix: Sequence[str | tuple[str, bytes]] = ()) -> str:
-    from lensray.report import html_page, html_table
+    from lensray.evaluate.report import html_page, html_table
 
     esc = html.escape
     m, t, survey = numbers["metrics"], numbers["thresholds"], numbers["survey"]

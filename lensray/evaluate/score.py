@@ -16,7 +16,6 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,111 +23,22 @@ import torch
 
 from lensray import storage
 from lensray.config import PreprocessConfig
-from lensray.data import d4_transform
-from lensray.ray_runtime import ensure_ray
-from lensray.trainer import MODEL_INPUT_FILE
+from lensray.runtime import ensure_ray
+from lensray.errors import ScoreError
+from lensray.evaluate.inference import check_tta, predict_tta
+from lensray.runs import ModelInput, model_input
+from lensray.sky.symmetry import D4_ELEMENTS
 
-TTA = Literal["d4"]
-D4_ELEMENTS = 8
 DEFAULT_BATCH = 64
 DEFAULT_GALLERY = 24
 ID_COLUMN = "ID"
 
 
-class ScoreError(ValueError):
-    """Scoring cannot run (unusable checkpoint, catalogue or output); the message names the object."""
-
 
 # --- scores for images in memory ------------------------------------------------------------------
 
 
-def check_tta(tta: str | None) -> str | None:
-    if tta not in (None, "none", "d4"):
-        raise ScoreError(f"unknown test-time augmentation {tta!r}; choose d4 or leave it out")
-    return None if tta == "none" else tta
-
-
-def predict_tta(run: Any, images: np.ndarray | torch.Tensor, tta: str | None = None,
-                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
-    """``(scores (N,), per-transform scores (N, 8) or None)`` for (N, C, H, W) preprocessed images.
-
-    ``run`` is an ``api.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
-    score is the mean of the probabilities over the 8 elements of D4 (``data.d4_transform``): a sky
-    cutout has no preferred orientation, so each is an equally valid view of the object. Probabilities
-    are averaged, not logits, so the result is still the mean of what the network says per view.
-    """
-    tta = check_tta(tta)
-    tensor = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images, dtype=np.float32))
-    if tta is None:
-        return run.predict(tensor, batch_size=batch_size), None
-    if tensor.shape[-1] != tensor.shape[-2]:
-        raise ScoreError(f"D4 test-time averaging needs square images, got {tuple(tensor.shape[-2:])}")
-    per_transform = np.stack(
-        [run.predict(d4_transform(tensor, k).contiguous(), batch_size=batch_size) for k in range(D4_ELEMENTS)], axis=1
-    )
-    return per_transform.mean(axis=1), per_transform
-
-
 # --- the transform a checkpoint's network was trained on ----------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """What the network of a checkpoint expects: bands, geometry and the store's recorded transform."""
-
-    bands: tuple[str, ...]
-    channels: int
-    size: int
-    preprocess: PreprocessConfig
-    store: str | None
-    notes: tuple[str, ...] = ()  # differences from the run's config (the store's record wins)
-
-
-def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInput:
-    """The checkpoint's ``model_input.json`` as a ``PreprocessConfig`` that reproduces its transform.
-
-    The store's recorded transform is what the weights were fitted to, so it is the authority: it is
-    rebuilt as a ``PreprocessConfig`` and ``transforms.describe`` of that must equal the record exactly
-    (else this lensray would preprocess differently from the one that wrote the store: an error). Where
-    the run's own config (``preprocess``, ``data.bands``) says otherwise, e.g. a run trained with
-    ``--store`` on a store ingested with another config, the difference is returned in ``notes``.
-    """
-    from lensray.transforms import describe
-
-    url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
-    try:
-        record = json.loads(storage.read_bytes(url))
-    except FileNotFoundError:
-        raise ScoreError(f"{url} is missing: {checkpoint_url} is not a lensray checkpoint folder") from None
-    transform, bands = record.get("transform"), record.get("bands")
-    if not transform or not bands:
-        raise ScoreError(
-            f"{url}: the training store {record.get('store')} recorded no transform/bands (not written by "
-            "`lensray preprocess`), so raw cutouts cannot be prepared the way this network saw its inputs"
-        )
-    try:
-        preprocess = PreprocessConfig(
-            mode=transform["mode"], upsample=transform["interpolation"], asinh_softening=transform["asinh_softening"],
-            border=transform["border"], crop=transform["crop"], bin=transform["bin"], dtype=transform["dtype"],
-        )  # fmt: skip
-    except (KeyError, ValueError) as exc:
-        raise ScoreError(f"{url}: unusable transform record {transform}: {exc}") from exc
-    rebuilt = describe(preprocess)
-    differing = sorted(k for k in set(rebuilt) | set(transform) if rebuilt.get(k) != transform.get(k))
-    if differing:
-        details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
-        raise ScoreError(f"{url}: this lensray cannot reproduce the training transform ({details})")
-    if rebuilt["output_shape"] != [record["size"], record["size"]]:
-        raise ScoreError(f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}")
-    notes = []
-    if run_config is not None:
-        configured = describe(run_config.preprocess)
-        for key in sorted(k for k in configured if configured[k] != transform.get(k)):
-            notes.append(f"run config preprocess {key}={configured[key]!r}, training store {transform.get(key)!r} (used)")
-        if tuple(run_config.data.bands) != tuple(bands):
-            notes.append(f"run config bands {list(run_config.data.bands)}, training store {bands} (used)")
-    return ModelInput(bands=tuple(bands), channels=int(record["channels"]), size=int(record["size"]),
-                      preprocess=preprocess, store=record.get("store"), notes=tuple(notes))  # fmt: skip
 
 
 # --- catalogue IDs --------------------------------------------------------------------------------
@@ -137,7 +47,7 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
 def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
     """``(unique IDs in file order, repeated IDs)`` of a catalogue: the challenge CSV, or any CSV with
     an ``ID`` column (``#`` comments allowed) -- a survey list needs no labels."""
-    from lensray.catalog import CatalogError, read_catalog
+    from lensray.sky.catalog import CatalogError, read_catalog
 
     try:
         catalog = read_catalog(url)
@@ -166,8 +76,8 @@ def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
 def prepare_batch(batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig,
                   nan_policy: str) -> dict[str, np.ndarray]:  # fmt: skip
     """CPU stage: read and preprocess a batch of IDs. Rejected IDs keep a NaN image and their reason."""
-    from lensray.fits_io import read_cutouts
-    from lensray.transforms import PreprocessError, output_shape, preprocess_batch
+    from lensray.sky.fits import read_cutouts
+    from lensray.ingest.preprocess import PreprocessError, output_shape, preprocess_batch
 
     ids = np.asarray(batch["id"], dtype=np.int64)
     size = output_shape(preprocess)[0]
@@ -200,7 +110,7 @@ class CutoutScorer:
     """Actor stage: the network, loaded once per actor, scores the batches' accepted images."""
 
     def __init__(self, checkpoint_url: str, tta: str | None, device: str, threads: int | None = None) -> None:
-        from lensray.api import load_run
+        from lensray.runs import load_run
 
         if threads:
             torch.set_num_threads(threads)
@@ -327,8 +237,8 @@ def score_catalog(
     """
     import ray
 
-    from lensray.api import load_run
-    from lensray.evaluate import resolve_checkpoint
+    from lensray.runs import load_run
+    from lensray.runs import resolve_checkpoint
 
     tta = check_tta(tta)
     started = time.perf_counter()
@@ -397,9 +307,9 @@ def score_catalog(
 def candidate_gallery_html(top: pd.DataFrame, images_url: str, prepared: ModelInput, nan_policy: str,
                            rejects: pd.DataFrame, checkpoint_url: str, catalog_url: str, tta: str | None) -> str:  # fmt: skip
     """A self-contained page: the top candidates (re-read and preprocessed as the network saw them)."""
-    from lensray.fits_io import read_cutouts
-    from lensray.report import gallery_png, html_page, html_table
-    from lensray.transforms import preprocess_batch
+    from lensray.sky.fits import read_cutouts
+    from lensray.evaluate.report import gallery_png, html_page, html_table
+    from lensray.ingest.preprocess import preprocess_batch
 
     cutouts, failed = read_cutouts(images_url, top["id"].tolist(), prepared.bands, nan_policy)
     if failed:  # they were read a moment ago: the data changed under us

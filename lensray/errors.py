@@ -1,0 +1,72 @@
+"""Every error lensray raises on purpose derives from ``LensrayError``; its message names the object.
+
+The CLI turns any of them into one line on stderr and exit status 1. Each also derives from the builtin
+that describes it best (``ValueError`` for bad input, ``OSError`` for storage, ``RuntimeError`` for a job
+that could not finish), so code that catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class LensrayError(Exception):
+    """Base of every lensray error; the message names the file, URL, key or ID at fault."""
+
+
+class ConfigError(LensrayError, ValueError):
+    """A configuration file or override is invalid; the message names the offending key."""
+
+
+class StorageError(LensrayError, OSError):
+    """A URL cannot be reached, or its bucket or credentials are wrong; the message names the URL."""
+
+
+class CatalogError(LensrayError, ValueError):
+    """The catalogue cannot be read; the message names the URL and, where known, the line and column."""
+
+
+class PreprocessError(LensrayError, ValueError):
+    """A cutout cannot be preprocessed; the message names the object ID (when known) and the band."""
+
+
+class StoreError(LensrayError, ValueError):
+    """A store, or data handed to it, is not what the store's layout requires; names the URL."""
+
+
+class StoreMismatchError(StoreError):
+    """An existing store was created with different parameters; names every differing key."""
+
+
+class StoreIncompleteError(StoreError):
+    """Shards are missing, or data was requested from a store that is not finalized yet."""
+
+
+class IngestError(LensrayError, RuntimeError):
+    """The ingest could not complete (strict mode with rejects, or unusable input)."""
+
+
+class CheckpointError(LensrayError, RuntimeError):
+    """A run folder has no usable checkpoint (no history, no finite metric, none kept); names the URL."""
+
+
+class SearchError(LensrayError, RuntimeError):
+    """A search cannot start, cannot be read, or none of its trials produced a result; says why."""
+
+
+class FeedError(LensrayError, ValueError):
+    """The store, split or sampling parameters cannot make the batches asked for; says why."""
+
+
+class SanityCheckError(LensrayError, RuntimeError):
+    """The model could not overfit a small fixed batch: full training would not learn either."""
+
+
+class TrainError(LensrayError, RuntimeError):
+    """Training cannot start or did not finish; the message says why."""
+
+
+class EvaluateError(LensrayError, ValueError):
+    """The run, store or split cannot be evaluated; the message names which and why."""
+
+
+class ScoreError(LensrayError, ValueError):
+    """Scoring cannot run (unusable checkpoint, catalogue or output); the message names the object."""

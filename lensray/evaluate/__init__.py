@@ -1,0 +1,1 @@
+"""Evaluation: metrics, inference with TTA, reports, run comparison and catalogue scoring."""

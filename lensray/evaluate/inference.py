@@ -1,0 +1,78 @@
+"""Scores for images: D4 test-time averaging over a loaded run, and whole store splits in batches.
+
+``predict_tta`` is the one place that turns preprocessed images into scores for ``evaluate``,
+``compare`` and ``score``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from lensray.errors import EvaluateError, ScoreError
+from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
+
+TTA = Literal["d4"]
+PREDICT_BATCH = 128
+def check_tta(tta: str | None) -> str | None:
+    if tta not in (None, "none", "d4"):
+        raise ScoreError(f"unknown test-time augmentation {tta!r}; choose d4 or leave it out")
+    return None if tta == "none" else tta
+
+
+def predict_tta(run: Any, images: np.ndarray | torch.Tensor, tta: str | None = None,
+                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """``(scores (N,), per-transform scores (N, 8) or None)`` for (N, C, H, W) preprocessed images.
+
+    ``run`` is an ``api.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
+    score is the mean of the probabilities over the 8 elements of D4 (``data.d4_transform``): a sky
+    cutout has no preferred orientation, so each is an equally valid view of the object. Probabilities
+    are averaged, not logits, so the result is still the mean of what the network says per view.
+    """
+    tta = check_tta(tta)
+    tensor = images if torch.is_tensor(images) else torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if tta is None:
+        return run.predict(tensor, batch_size=batch_size), None
+    if tensor.shape[-1] != tensor.shape[-2]:
+        raise ScoreError(f"D4 test-time averaging needs square images, got {tuple(tensor.shape[-2:])}")
+    per_transform = np.stack(
+        [run.predict(d4_transform(tensor, k).contiguous(), batch_size=batch_size) for k in range(D4_ELEMENTS)], axis=1
+    )
+    return per_transform.mean(axis=1), per_transform
+
+
+PREDICT_BATCH = 128
+@dataclass
+class SplitPredictions:
+    ids: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    per_transform: np.ndarray | None  # (N, 8) with D4 test-time averaging
+    rows: np.ndarray  # store rows
+    seconds: float
+
+
+def predict_split(run: Any, store: Any, split: str = "test", tta: str | None = None,
+                  batch_size: int = PREDICT_BATCH) -> SplitPredictions:  # fmt: skip
+    """The run's scores for every labelled object of the store's split, read in batches."""
+    rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
+    if rows.size == 0:
+        raise EvaluateError(f"{store.url}: the {split} split holds no labelled objects")
+    started = time.perf_counter()
+    scores, per_transform = [], []
+    for first in range(0, rows.size, batch_size):
+        mean, per = predict_tta(run, store.read(rows[first : first + batch_size]), tta, batch_size=batch_size)
+        scores.append(mean)
+        if per is not None:
+            per_transform.append(per)
+    return SplitPredictions(
+        ids=store.ids[rows], labels=store.labels[rows].astype(np.int8), scores=np.concatenate(scores),
+        per_transform=np.concatenate(per_transform) if per_transform else None, rows=rows,
+        seconds=time.perf_counter() - started,
+    )  # fmt: skip
+
+

@@ -1,0 +1,1 @@
+"""The challenge-format simulator (lenstronomy): scenes, rendering, catalogue measures, the writer."""

@@ -1,0 +1,1 @@
+"""Training: the data feed, the plain-torch loop, Ray Train and Ray Tune."""
