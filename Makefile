@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo_output
 
-.PHONY: demo test test-fast bench clean install reproduce
+.PHONY: demo test test-fast lint bench clean install reproduce
 
 install: $(STAMP)
 
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/lensray demo --out $(DEMO_OUT)
 
-test: $(STAMP)
+LINTED := lensray tests tools benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -ra tests
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/ruff check $(LINTED)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -ra -m "not slow" tests

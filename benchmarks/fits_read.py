@@ -120,7 +120,9 @@ def main() -> None:
         server.stop()
 
     local = by_name["local disk, sequential"]
-    print(f"FITS read rate, {args.n} IDs x {len(BAND_NAMES)} bands, median of {args.repeats} runs, {os.cpu_count()} CPUs")
+    print(
+        f"FITS read rate, {args.n} IDs x {len(BAND_NAMES)} bands, median of {args.repeats} runs, {os.cpu_count()} CPUs"
+    )
     print(f"{'path':32s} {'cutouts/s':>10s} {'vs local':>9s}")
     for name, value in by_name.items():
         print(f"{name:32s} {value:10.1f} {value / local:8.2f}x")

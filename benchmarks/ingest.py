@@ -17,25 +17,25 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from lensray import storage  # noqa: E402
-from lensray.sky.bands import BAND_NAMES, band_relpath  # noqa: E402
-from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog  # noqa: E402
-from lensray.config import DataConfig, PreprocessConfig, SimulateConfig  # noqa: E402
-from lensray.sky.fits import read_cutouts  # noqa: E402
-from lensray.ingest.ingest import assign_splits, ingest  # noqa: E402
-from lensray.ingest.store import create_store, finalize_store, shard_ranges, write_shard  # noqa: E402
-from lensray.ingest.preprocess import output_shape, preprocess_batch  # noqa: E402
+from lensray import storage
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
+from lensray.ingest.ingest import assign_splits, ingest
+from lensray.ingest.preprocess import output_shape, preprocess_batch
+from lensray.ingest.store import create_store, finalize_store, shard_ranges, write_shard
+from lensray.sky.bands import BAND_NAMES, band_relpath
+from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog
+from lensray.sky.fits import read_cutouts
 
 SHARD_SIZE = 50
 
@@ -51,11 +51,24 @@ def single_process(data: DataConfig, preprocess: PreprocessConfig) -> float:
     labelled = apply_label_rule(read_catalog(data.catalog), data.labels)
     ids = labelled.ids
     split = assign_splits(ids, preprocess.val_fraction, preprocess.test_fraction, preprocess.split_seed)
-    meta = {"preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
-            "label_rule": data.labels, "bands": list(data.bands), "source": {"images": data.images}}  # fmt: skip
+    meta = {
+        "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
+        "label_rule": data.labels,
+        "bands": list(data.bands),
+        "source": {"images": data.images},
+    }
     size = output_shape(preprocess)[0]
-    create_store(preprocess.out, ids=ids, labels=labelled.labels, split=split, channels=len(data.bands),
-                 size=size, dtype=preprocess.dtype, shard_size=preprocess.shard_size, meta=meta)  # fmt: skip
+    create_store(
+        preprocess.out,
+        ids=ids,
+        labels=labelled.labels,
+        split=split,
+        channels=len(data.bands),
+        size=size,
+        dtype=preprocess.dtype,
+        shard_size=preprocess.shard_size,
+        meta=meta,
+    )
     for index, (lo, hi) in enumerate(shard_ranges(len(ids), preprocess.shard_size)):
         shard_ids = [int(i) for i in ids[lo:hi]]
         cutouts, rejects = read_cutouts(data.images, shard_ids, data.bands, data.nan)
@@ -64,8 +77,13 @@ def single_process(data: DataConfig, preprocess: PreprocessConfig) -> float:
         rows = [k for k, i in enumerate(shard_ids) if i in good]
         images[rows] = preprocess_batch([good[shard_ids[k]].bands for k in rows], preprocess, data.bands)
         valid = np.isin(shard_ids, list(good))
-        write_shard(preprocess.out, index, images, valid,
-                    [{"id": int(r.object_id), "reason": r.reason, "message": str(r)} for r in rejects])  # fmt: skip
+        write_shard(
+            preprocess.out,
+            index,
+            images,
+            valid,
+            [{"id": int(r.object_id), "reason": r.reason, "message": str(r)} for r in rejects],
+        )
     finalize_store(preprocess.out)
     return time.perf_counter() - start
 
@@ -128,8 +146,11 @@ def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -137,8 +158,14 @@ def start_moto() -> tuple[subprocess.Popen, str]:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.2)
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})  # fmt: skip
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     import boto3
 
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
@@ -178,13 +205,19 @@ def main() -> None:
         ):
             base = single_process(*configs(images, out.format("single"), 1))
             fast = ray_pipeline(*configs(images, out.format("ray"), args.workers))
-            results[where] = {"single_rows_s": args.n / base, "ray_rows_s": args.n / fast,
-                              "ray_bytes_s": nbytes / fast, "speedup": base / fast}  # fmt: skip
+            results[where] = {
+                "single_rows_s": args.n / base,
+                "ray_rows_s": args.n / fast,
+                "ray_bytes_s": nbytes / fast,
+                "speedup": base / fast,
+            }
 
         print(f"\ningest of {args.n} IDs (4 x 200 x 200, asinh, float16), {args.workers} Ray workers")
         print(f"{'':6s} {'single rows/s':>14s} {'ray rows/s':>11s} {'ray MB/s':>9s} {'ray/single':>11s}")
         for where, r in results.items():
-            print(f"{where:6s} {r['single_rows_s']:14.1f} {r['ray_rows_s']:11.1f} {r['ray_bytes_s'] / 1e6:9.2f} {r['speedup']:10.2f}x")
+            print(
+                f"{where:6s} {r['single_rows_s']:14.1f} {r['ray_rows_s']:11.1f} {r['ray_bytes_s'] / 1e6:9.2f} {r['speedup']:10.2f}x"
+            )
         s3_vs_local = results["s3"]["ray_rows_s"] / results["local"]["ray_rows_s"]
         print(f"ray speed-up on local files: {results['local']['speedup']:.2f}x (target >= 1.6x)")
         print(f"ray S3 / ray local: {s3_vs_local:.2f}x (target >= 0.5x)")
@@ -195,8 +228,10 @@ def main() -> None:
         replicate(raw, big, args.big)
         peak_small = driver_peak_mb(str(small), str(tmp_path / "mem_small.zarr"), args.workers)
         peak_big = driver_peak_mb(str(big), str(tmp_path / "mem_big.zarr"), args.workers)
-        print(f"driver peak RSS: {peak_small:.0f} MB at {min(500, args.big)} IDs, {peak_big:.0f} MB at {args.big} IDs "
-              f"(ratio {peak_big / peak_small:.2f}; flat means it does not grow with N)")
+        print(
+            f"driver peak RSS: {peak_small:.0f} MB at {min(500, args.big)} IDs, {peak_big:.0f} MB at {args.big} IDs "
+            f"(ratio {peak_big / peak_small:.2f}; flat means it does not grow with N)"
+        )
         print(json.dumps({"results": results, "s3_vs_local": s3_vs_local, "driver_peak_mb": [peak_small, peak_big]}))
     server.terminate()
 

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from lensray.config import load_config
+from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
+from lensray.models import build_model
 from lensray.train.feed import WorkerFeed
 from lensray.train.loop import make_optimizer, train_one_epoch
-from lensray.models import build_model
-from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
 from lensray.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,9 +34,23 @@ def make_store(url: str, n: int) -> None:
     rng = np.random.default_rng(0)
     labels = (np.arange(n) % 2).astype(np.int8)
     split = np.where(np.arange(n) % 10 == 0, SPLITS["val"], SPLITS["train"]).astype(np.int8)
-    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "Y", "J", "H"], "source": {"images": "synthetic"}}
-    create_store(url, ids=np.arange(n) + 1, labels=labels, split=split, channels=CHANNELS, size=SIZE, dtype="float16",
-                 shard_size=256, meta=meta)  # fmt: skip
+    meta = {
+        "preprocess": {"synthetic": True},
+        "label_rule": "paper",
+        "bands": ["VIS", "Y", "J", "H"],
+        "source": {"images": "synthetic"},
+    }
+    create_store(
+        url,
+        ids=np.arange(n) + 1,
+        labels=labels,
+        split=split,
+        channels=CHANNELS,
+        size=SIZE,
+        dtype="float16",
+        shard_size=256,
+        meta=meta,
+    )
     yy, xx = np.mgrid[:SIZE, :SIZE] - (SIZE - 1) / 2
     ring = np.exp(-((np.hypot(yy, xx) - 10.0) ** 2) / 6.0)
     for index, (lo, hi) in enumerate(shard_ranges(n, 256)):
@@ -47,11 +61,20 @@ def make_store(url: str, n: int) -> None:
 
 
 def config_for(store: str, out: str, name: str, epochs: int, steps: int, workers: int):
-    return load_config(ROOT / "configs" / "lastro.yaml", [
-        f"data.store={store}", f"train.out={out}", f"train.name={name}", f"train.epochs={epochs}",
-        f"train.steps_per_epoch={steps}", "train.sanity=false", "train.early_stopping_patience=null",
-        f"resources.num_workers={workers}", "resources.cpus_per_worker=1",
-    ])  # fmt: skip
+    return load_config(
+        ROOT / "configs" / "lastro.yaml",
+        [
+            f"data.store={store}",
+            f"train.out={out}",
+            f"train.name={name}",
+            f"train.epochs={epochs}",
+            f"train.steps_per_epoch={steps}",
+            "train.sanity=false",
+            "train.early_stopping_patience=null",
+            f"resources.num_workers={workers}",
+            "resources.cpus_per_worker=1",
+        ],
+    )
 
 
 def plain_loop_rate(config, epochs: int) -> float:
@@ -114,7 +137,9 @@ def main() -> None:
     print(f"plain loop           {plain:8.1f} img/s")
     print(f"Ray Train, 1 worker  {ray_one:8.1f} img/s   overhead {100 * (1 - ray_one / plain):5.1f} % (target <= 10 %)")
     print(f"Ray Train, 2 workers {ray_two:8.1f} img/s   scaling {ray_two / ray_one:5.2f}x over 1 worker")
-    print(f"RAM feed + D4        {feed:8.1f} batches/s vs model fwd+bwd {model:.1f} batches/s: {feed / model:.0f}x (target >= 20x)")
+    print(
+        f"RAM feed + D4        {feed:8.1f} batches/s vs model fwd+bwd {model:.1f} batches/s: {feed / model:.0f}x (target >= 20x)"
+    )
 
 
 if __name__ == "__main__":

@@ -31,9 +31,13 @@ class Flag:
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
     parser.add_argument("--config", help="YAML run config (sections: data, preprocess, model, ...)")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override any config key, e.g. --set train.epochs=5 (repeatable)",
-    )  # fmt: skip
+    )
     for flag in flags:
         if flag.is_switch:
             parser.add_argument(flag.flag, action="store_true", default=None, help=f"{flag.help} [{flag.key}]")
@@ -152,7 +156,9 @@ TUNE_FLAGS = (
     Flag("--num-samples", "search.num_samples", "samples of the search space (each grid point this often)", int),
     Flag("--storage", "search.storage", "experiment root (local path or s3://); default train.out or ./runs"),
     Flag("--name", "search.name", "experiment name under --storage (needed for --resume)"),
-    Flag("--max-concurrent", "search.max_concurrent_trials", "trials at once (default: as many as the cluster fits)", int),
+    Flag(
+        "--max-concurrent", "search.max_concurrent_trials", "trials at once (default: as many as the cluster fits)", int
+    ),
     Flag("--epochs", "train.epochs", "epochs per trial (ASHA's max_t)", int),
 )
 
@@ -177,15 +183,15 @@ def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> 
         print(dump_config(outcome.best_config))
     if outcome.summary.unfinished:
         name = outcome.experiment_url.rsplit("/", 1)[-1]
-        print(f"lensray tune: interrupted; continue with: lensray tune --config {config_path} --name {name} --resume",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"lensray tune: interrupted; continue with: lensray tune --config {config_path} --name {name} --resume",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
 
-EVALUATE_FLAGS = (
-    Flag("--store", "data.store", "URL of the preprocessed store to evaluate on"),
-)
+EVALUATE_FLAGS = (Flag("--store", "data.store", "URL of the preprocessed store to evaluate on"),)
 
 
 def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
@@ -195,8 +201,18 @@ def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
     if config.data.store is None:
         raise ConfigError("data.store is required (--store URL)")
     try:
-        print(evaluate_run(args.run, config.data.store, args.out, args.split, args.tta, device="cuda" if args.gpu else "cpu",
-                           prevalence=args.prevalence, gallery=args.gallery))  # fmt: skip
+        print(
+            evaluate_run(
+                args.run,
+                config.data.store,
+                args.out,
+                args.split,
+                args.tta,
+                device="cuda" if args.gpu else "cpu",
+                prevalence=args.prevalence,
+                gallery=args.gallery,
+            )
+        )
     except (EvaluateError, ScoreError) as exc:
         print(f"lensray evaluate: {exc}", file=sys.stderr)
         return 1
@@ -209,8 +225,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     try:
-        print(compare_runs(args.runs, args.out, split=args.split, tta=args.tta, names=names, store=args.store,
-                           device="cuda" if args.gpu else "cpu"))  # fmt: skip
+        print(
+            compare_runs(
+                args.runs,
+                args.out,
+                split=args.split,
+                tta=args.tta,
+                names=names,
+                store=args.store,
+                device="cuda" if args.gpu else "cpu",
+            )
+        )
     except EvaluateError as exc:
         print(f"lensray compare: {exc}", file=sys.stderr)
         return 1
@@ -230,8 +255,19 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
     if config.data.images is None or config.data.catalog is None:
         raise ConfigError("data.images and data.catalog are required (--images URL --catalog URL)")
     try:
-        print(score_catalog(args.run, config.data.images, config.data.catalog, args.out, tta=args.tta,
-                            device=args.device, actors=args.actors, batch_size=args.batch_size, gallery=args.gallery))  # fmt: skip
+        print(
+            score_catalog(
+                args.run,
+                config.data.images,
+                config.data.catalog,
+                args.out,
+                tta=args.tta,
+                device=args.device,
+                actors=args.actors,
+                batch_size=args.batch_size,
+                gallery=args.gallery,
+            )
+        )
     except (ScoreError, EvaluateError) as exc:  # EvaluateError: --run is neither a checkpoint nor a run folder
         print(f"lensray score: {exc}", file=sys.stderr)
         return 1
@@ -280,13 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="Ray Tune search with ASHA early stopping over a YAML search space")
     _add_flags(tune, TUNE_FLAGS)
     tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
-    tune.set_defaults(handler=lambda args: cmd_tune(args.config, [*args.overrides, *_flag_overrides(args, TUNE_FLAGS)],
-                                                    resume=args.resume))  # fmt: skip
+    tune.set_defaults(
+        handler=lambda args: cmd_tune(
+            args.config, [*args.overrides, *_flag_overrides(args, TUNE_FLAGS)], resume=args.resume
+        )
+    )
 
     evaluate = sub.add_parser("evaluate", help="metrics, curves, galleries and an HTML report for a split")
     _add_flags(evaluate, EVALUATE_FLAGS)
     evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
-    evaluate.add_argument("--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs")
+    evaluate.add_argument(
+        "--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs"
+    )
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
     evaluate.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
     evaluate.add_argument("--gpu", action="store_true", help="run the network on the GPU (default: CPU)")
@@ -296,7 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = sub.add_parser("compare", help="a Table-I-style comparison of runs with overlaid ROC curves")
     compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
-    compare.add_argument("--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json")
+    compare.add_argument(
+        "--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json"
+    )
     compare.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
     compare.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
     compare.add_argument("--names", help="comma-separated row names (default: the run folders' names)")
@@ -307,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="score a catalogue of raw cutouts -> ranked candidates (Ray Data)")
     _add_flags(score, SCORE_FLAGS)
     score.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
-    score.add_argument("--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ...")
+    score.add_argument(
+        "--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ..."
+    )
     score.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips (kept per view)")
     score.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: GPUs when Ray has them")
     score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else half the CPUs)")

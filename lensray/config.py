@@ -22,7 +22,6 @@ LabelRule = Literal["paper", "official", "challenge"]
 PreprocessMode = Literal["asinh", "log", "clip"]
 
 
-
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -9,20 +9,20 @@ from pathlib import Path
 import numpy as np
 
 from lensray import storage
-from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
-from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.config import LensrayConfig, save_config
-from lensray.runs import load_best
 from lensray.evaluate.compare import compare_runs
 from lensray.evaluate.evaluate import evaluate_run
-from lensray.sky.fits import read_cutouts
-from lensray.ingest.ingest import ingest
 from lensray.evaluate.report import preview_grid
-from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.ingest import ingest
+from lensray.ingest.preprocess import preprocess_cutout
 from lensray.ingest.store import LensStore
+from lensray.runs import load_best
+from lensray.simulate.simulator import simulate_dataset
+from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
+from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
+from lensray.sky.fits import read_cutouts
 from lensray.train.trainer import train
 from lensray.train.tune import run_search
-from lensray.ingest.preprocess import preprocess_cutout
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 DEMO_SEARCH = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
@@ -74,7 +74,9 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     print(ingest(config.data, config.preprocess))
     print(LensStore.open(store_url).info())
 
-    _step(f"5. train {config.model.name.upper()} with Ray Train ({config.resources.num_workers} CPU worker(s), DDP/gloo)")
+    _step(
+        f"5. train {config.model.name.upper()} with Ray Train ({config.resources.num_workers} CPU worker(s), DDP/gloo)"
+    )
     outcome = train(config)
     print(outcome)
 
@@ -82,15 +84,21 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     search = run_search(DEMO_SEARCH, storage=str(experiments), store=store_url)
     print(search)
     best = load_best(search.experiment_url)
-    print(f"  load_best: trial {best.info['trial_id']} {best.info['params']} val_auc {best.info['value']:.3f}"
-          f" -> {best.checkpoint_url}")  # fmt: skip
+    print(
+        f"  load_best: trial {best.info['trial_id']} {best.info['params']} val_auc {best.info['value']:.3f}"
+        f" -> {best.checkpoint_url}"
+    )
 
     _step("7. compare every demo run on the test split (the study's Table I, for these runs)")
     runs_compared, names = [outcome.run_url], [f"{outcome.run_url.rsplit('/', 1)[-1]} (step 5)"]
     for _, trial in search.summary.table.iterrows():
         if isinstance(trial.get("run_url"), str):  # a trial that reported no epoch has nothing to compare
-            knobs = ", ".join(f"{key.rsplit('.', 1)[-1]}={trial[key]:g}" if isinstance(trial[key], float)
-                              else f"{key.rsplit('.', 1)[-1]}={trial[key]}" for key in best.info["params"])  # fmt: skip
+            knobs = ", ".join(
+                f"{key.rsplit('.', 1)[-1]}={trial[key]:g}"
+                if isinstance(trial[key], float)
+                else f"{key.rsplit('.', 1)[-1]}={trial[key]}"
+                for key in best.info["params"]
+            )
             names.append(f"trial {trial['trial_id']} ({knobs})")
             runs_compared.append(trial["run_url"])
     table = compare_runs(runs_compared, out / "compare", names=names)
@@ -102,9 +110,15 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
 
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
     print(f"HTML report: {report.html_path}")
-    return {"preview": preview, "store": Path(store_url), "config": out / "config.yaml", "run": Path(outcome.run_url),
-            "experiment": Path(search.experiment_url), "comparison": Path(table.html_path),
-            "report": Path(report.html_path)}
+    return {
+        "preview": preview,
+        "store": Path(store_url),
+        "config": out / "config.yaml",
+        "run": Path(outcome.run_url),
+        "experiment": Path(search.experiment_url),
+        "comparison": Path(table.html_path),
+        "report": Path(report.html_path),
+    }
 
 
 def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:
@@ -141,7 +155,9 @@ def write_preview(config: LensrayConfig, catalog: Catalog, out_path: Path) -> Pa
         for mode in ("asinh", "log", "clip"):
             content[mode] = preprocess_cutout(bands, view.model_copy(update={"mode": mode}), config.data.bands)
         rows.append((label, content))
-    return preview_grid(rows, config.data.bands, out_path, title="lensray demo: lenses, strong to weak (top) vs non-lenses (bottom)")
+    return preview_grid(
+        rows, config.data.bands, out_path, title="lensray demo: lenses, strong to weak (top) vs non-lenses (bottom)"
+    )
 
 
 def _central(image: np.ndarray, crop_vis_px: int | None, band: str) -> np.ndarray:

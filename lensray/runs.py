@@ -77,9 +77,14 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
         )
     try:
         preprocess = PreprocessConfig(
-            mode=transform["mode"], upsample=transform["interpolation"], asinh_softening=transform["asinh_softening"],
-            border=transform["border"], crop=transform["crop"], bin=transform["bin"], dtype=transform["dtype"],
-        )  # fmt: skip
+            mode=transform["mode"],
+            upsample=transform["interpolation"],
+            asinh_softening=transform["asinh_softening"],
+            border=transform["border"],
+            crop=transform["crop"],
+            bin=transform["bin"],
+            dtype=transform["dtype"],
+        )
     except (KeyError, ValueError) as exc:
         raise CheckpointError(f"{url}: unusable transform record {transform}: {exc}") from exc
     rebuilt = describe(preprocess)
@@ -88,17 +93,26 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
         details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
         raise CheckpointError(f"{url}: this lensray cannot reproduce the training transform ({details})")
     if rebuilt["output_shape"] != [record["size"], record["size"]]:
-        raise CheckpointError(f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}")
+        raise CheckpointError(
+            f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}"
+        )
     notes = []
     if run_config is not None:
         configured = describe(run_config.preprocess)
         for key in sorted(k for k in configured if configured[k] != transform.get(k)):
-            notes.append(f"run config preprocess {key}={configured[key]!r}, training store {transform.get(key)!r} (used)")
+            notes.append(
+                f"run config preprocess {key}={configured[key]!r}, training store {transform.get(key)!r} (used)"
+            )
         if tuple(run_config.data.bands) != tuple(bands):
             notes.append(f"run config bands {list(run_config.data.bands)}, training store {bands} (used)")
-    return ModelInput(bands=tuple(bands), channels=int(record["channels"]), size=int(record["size"]),
-                      preprocess=preprocess, store=record.get("store"), notes=tuple(notes))  # fmt: skip
-
+    return ModelInput(
+        bands=tuple(bands),
+        channels=int(record["channels"]),
+        size=int(record["size"]),
+        preprocess=preprocess,
+        store=record.get("store"),
+        notes=tuple(notes),
+    )
 
 
 # --- the best checkpoint of a run -----------------------------------------------------------------
@@ -139,8 +153,10 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
     for epoch in ranked:
         if epoch in kept:
             return BestCheckpoint(url=kept[epoch], metrics=rows[epoch], best_epoch=ranked[0])
-    raise CheckpointError(f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE}) of an epoch with a finite "
-                          f"{metric}; checkpoints kept: epochs {sorted(kept)}")  # fmt: skip
+    raise CheckpointError(
+        f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE}) of an epoch with a finite "
+        f"{metric}; checkpoints kept: epochs {sorted(kept)}"
+    )
 
 
 def _finite(value: Any) -> bool:
@@ -179,11 +195,14 @@ def _checkpoint_epoch(url: str, has_epoch_file: bool) -> int | None:
         if has_epoch_file:
             return int(json.loads(storage.read_bytes(storage.join(url, EPOCH_FILE)))["epoch"])
         # Runs written before epoch.json: the epoch is only inside the weights file.
-        state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, STATE_FILE))), map_location="cpu",
-                           weights_only=True)  # fmt: skip
+        state = torch.load(
+            io.BytesIO(storage.read_bytes(storage.join(url, STATE_FILE))), map_location="cpu", weights_only=True
+        )
         return int(state["epoch"])
     except FileNotFoundError:
         return None  # deleted by the keep-N policy while we looked
+
+
 def is_checkpoint(url: str) -> bool:
     return storage.exists(storage.join(url, MODEL_INPUT_FILE))
 
@@ -197,7 +216,6 @@ def resolve_checkpoint(url: str) -> str:
         return best_checkpoint(url).url
     except CheckpointError as exc:
         raise CheckpointError(f"{url} is not a checkpoint folder (no {MODEL_INPUT_FILE}); {exc}") from exc
-
 
 
 # --- a loaded model ---------------------------------------------------------------------------------
@@ -225,7 +243,9 @@ class Run:
 
     def predict(self, images: np.ndarray | torch.Tensor, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """Lens probabilities for (N, C, H, W) images preprocessed like the training store."""
-        tensor = torch.as_tensor(np.asarray(images, dtype=np.float32) if not torch.is_tensor(images) else images).float()
+        tensor = torch.as_tensor(
+            np.asarray(images, dtype=np.float32) if not torch.is_tensor(images) else images
+        ).float()
         if tensor.ndim != 4:
             raise ValueError(f"predict needs (N, C, H, W) images, got shape {tuple(tensor.shape)}")
         batches = (tensor[i : i + batch_size] for i in range(0, len(tensor), batch_size))
@@ -245,15 +265,21 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
     config = config_from_dict(
         yaml.safe_load(storage.read_bytes(storage.join(checkpoint_url, CONFIG_FILE))), f"{checkpoint_url}/{CONFIG_FILE}"
     )
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(checkpoint_url, STATE_FILE))),
-                       map_location=device, weights_only=True)  # fmt: skip
+    state = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(checkpoint_url, STATE_FILE))), map_location=device, weights_only=True
+    )
     geometry = json.loads(storage.read_bytes(storage.join(checkpoint_url, MODEL_INPUT_FILE)))
     model = build_model(config.model, geometry["channels"], geometry["size"])
     model.load_state_dict(state["model"])
     model.to(device).eval()
-    return Run(checkpoint_url=checkpoint_url, config=config, model=model, history=state["history"],
-               epoch=state["epoch"], device=device)  # fmt: skip
-
+    return Run(
+        checkpoint_url=checkpoint_url,
+        config=config,
+        model=model,
+        history=state["history"],
+        epoch=state["epoch"],
+        device=device,
+    )
 
 
 # --- reading a search (no cluster needed) ---------------------------------------------------------
@@ -262,6 +288,8 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
 ASHA_STOPS_FILE = "asha_stopped.json"
 TRIAL_RUN = "train"  # the Train run's folder inside each trial's folder
 METRICS = ("val_auc", "val_acc", "val_loss", "val_tpr0", "val_tpr10", "train_loss")  # reported every epoch
+
+
 def read_asha_stops(stops_url: str) -> dict[str, dict[str, Any]]:
     try:
         return json.loads(storage.read_bytes(stops_url))
@@ -307,7 +335,7 @@ def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str
     grid = ResultGrid(analysis)
     stops = read_asha_stops(storage.join(experiment_url, ASHA_STOPS_FILE))
     rows, curves, best = [], [], None
-    for trial, result in zip(analysis.trials, grid):
+    for trial, result in zip(analysis.trials, grid, strict=False):
         frame = result.metrics_dataframe
         params = dict(trial.config)
         row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **params}
@@ -316,17 +344,27 @@ def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str
         row[f"best_{metric}"], row["best_epoch"] = math.nan, None
         if len(scored):
             position = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
-            row[f"best_{metric}"], row["best_epoch"] = float(scored.loc[position, metric]), int(scored.loc[position, "epoch"])
+            row[f"best_{metric}"], row["best_epoch"] = (
+                float(scored.loc[position, metric]),
+                int(scored.loc[position, "epoch"]),
+            )
             row["start_overhead_s"] = float(scored["time_total_s"].iloc[0] - scored["epoch_s"].iloc[0])
             checkpoint = scored.loc[position].get("checkpoint_path")
-            run_folder = os.path.basename(os.path.dirname(str(checkpoint))) if isinstance(checkpoint, str) else TRIAL_RUN
+            run_folder = (
+                os.path.basename(os.path.dirname(str(checkpoint))) if isinstance(checkpoint, str) else TRIAL_RUN
+            )
             # Relative to the URL given, so an experiment copied elsewhere still resolves.
             row["run_url"] = storage.join(experiment_url, os.path.basename(trial.path), run_folder)
             curves.append(scored.assign(trial_id=trial.trial_id))
             value = row[f"best_{metric}"]
             if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
-                best = {"trial_id": trial.trial_id, "params": params, "value": value, "best_epoch": row["best_epoch"],
-                        "run_url": row["run_url"]}  # fmt: skip
+                best = {
+                    "trial_id": trial.trial_id,
+                    "params": params,
+                    "value": value,
+                    "best_epoch": row["best_epoch"],
+                    "run_url": row["run_url"],
+                }
         row["stopped_by_asha"] = trial.trial_id in stops
         row["error"] = str(result.error) if result.error is not None else None
         rows.append(row)
@@ -336,13 +374,20 @@ def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str
     keep = ["trial_id", "epoch", *METRICS, "lr", "epoch_s", "time_total_s"]
     curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=keep)
     unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
-    return ExperimentSummary(experiment_url=experiment_url, metric=metric, mode=mode, table=table.reset_index(drop=True),
-                             curves=curves_frame[[c for c in keep if c in curves_frame]], best=best, unfinished=unfinished)  # fmt: skip
+    return ExperimentSummary(
+        experiment_url=experiment_url,
+        metric=metric,
+        mode=mode,
+        table=table.reset_index(drop=True),
+        curves=curves_frame[[c for c in keep if c in curves_frame]],
+        best=best,
+        unfinished=unfinished,
+    )
 
 
-
-
-def load_best(experiment_url: str, metric: str = "val_auc", mode: str = "max", device: str | torch.device = "cpu") -> Run:
+def load_best(
+    experiment_url: str, metric: str = "val_auc", mode: str = "max", device: str | torch.device = "cpu"
+) -> Run:
     """The best trial of a search (``lensray tune``), read from storage (local or s3://), no cluster needed.
 
     The best trial is the one whose best epoch by ``metric`` is best; the checkpoint loaded is that
@@ -359,6 +404,12 @@ def load_best(experiment_url: str, metric: str = "val_auc", mode: str = "max", d
     except CheckpointError as exc:
         raise SearchError(f"{experiment_url}: best trial {summary.best['trial_id']}: {exc}") from exc
     run = load_run(best.url, device)
-    run.info = {"experiment": experiment_url, "metric": metric, "mode": mode, **summary.best,
-                "results": summary.table, "curves": summary.curves}  # fmt: skip
+    run.info = {
+        "experiment": experiment_url,
+        "metric": metric,
+        "mode": mode,
+        **summary.best,
+        "results": summary.table,
+        "curves": summary.curves,
+    }
     return run

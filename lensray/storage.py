@@ -13,8 +13,8 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
-from lensray.errors import StorageError
 
+from lensray.errors import StorageError
 
 
 def is_s3(url: str) -> bool:
@@ -96,7 +96,9 @@ def _missing(url: str, fs: pafs.FileSystem) -> Exception:
         except OSError as exc:
             return StorageError(f"cannot reach bucket {bucket!r} for {url}: {exc}")
         if info.type == pafs.FileType.NotFound:
-            return StorageError(f"bucket {bucket!r} does not exist (URL {url}, endpoint {s3_endpoint() or 'AWS default'})")
+            return StorageError(
+                f"bucket {bucket!r} does not exist (URL {url}, endpoint {s3_endpoint() or 'AWS default'})"
+            )
     return FileNotFoundError(f"no such object: {url}")
 
 

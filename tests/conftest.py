@@ -89,7 +89,7 @@ def ray_cluster(s3_server: str) -> Iterator[None]:
 TINY_SIZE = 32
 
 
-def separable_images(labels, rng):  # noqa: ANN001, ANN201 - plain numpy in, numpy out
+def separable_images(labels, rng):
     """Noise, plus a bright ring (an 'arc') around the centre for lenses: trivially separable."""
     import numpy as np
 
@@ -113,8 +113,15 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     split = np.full(n, SPLITS["train"], np.int8)
     split[64:] = SPLITS["val"]
     ids = np.arange(500000, 500000 + n)
-    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {"images": "synthetic"}}
-    create_store(url, ids=ids, labels=labels, split=split, channels=2, size=TINY_SIZE, dtype="float32", shard_size=32, meta=meta)
+    meta = {
+        "preprocess": {"synthetic": True},
+        "label_rule": "paper",
+        "bands": ["VIS", "H"],
+        "source": {"images": "synthetic"},
+    }
+    create_store(
+        url, ids=ids, labels=labels, split=split, channels=2, size=TINY_SIZE, dtype="float32", shard_size=32, meta=meta
+    )
     images = separable_images(labels, np.random.default_rng(0))
     for index, (lo, hi) in enumerate(shard_ranges(n, 32)):
         write_shard(url, index, images[lo:hi], np.ones(hi - lo, bool), [])
@@ -126,7 +133,7 @@ TINY_SEARCH_EPOCHS = 4
 
 
 @pytest.fixture(scope="session")
-def tiny_search_tree(tiny_store: str):  # noqa: ANN201 - returns a builder
+def tiny_search_tree(tiny_store: str):
     """A tune file's mapping for two trials on ``tiny_store``, the good learning rate first, one at a
     time: ASHA then has a rung result to compare the second (hopeless) trial with at epoch 2."""
     from pathlib import Path
@@ -134,11 +141,21 @@ def tiny_search_tree(tiny_store: str):  # noqa: ANN201 - returns a builder
     base = str(Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml")
 
     def build(storage_url: str, name: str, **train: object) -> dict:
-        settings = {"epochs": TINY_SEARCH_EPOCHS, "steps_per_epoch": 2, "batch_size": 16, "sanity": False,
-                    "early_stopping_patience": None, **train}  # fmt: skip
+        settings = {
+            "epochs": TINY_SEARCH_EPOCHS,
+            "steps_per_epoch": 2,
+            "batch_size": 16,
+            "sanity": False,
+            "early_stopping_patience": None,
+            **train,
+        }
         return {
             "base": base,
-            "run": {"data": {"store": tiny_store}, "model": {"lastro": {"filters": 8, "dense": [32]}}, "train": settings},
+            "run": {
+                "data": {"store": tiny_store},
+                "model": {"lastro": {"filters": 8, "dense": [32]}},
+                "train": settings,
+            },
             "space": {"optim.lr": {"grid": [3.0e-3, 1.0e-7]}},
             "search": {"name": name, "storage": storage_url, "max_concurrent_trials": 1, "grace_period": 2},
         }
@@ -147,7 +164,7 @@ def tiny_search_tree(tiny_store: str):  # noqa: ANN201 - returns a builder
 
 
 @pytest.fixture(scope="session")
-def tune_search(tiny_search_tree, s3_server: str, ray_cluster: None):  # noqa: ANN001, ANN201
+def tune_search(tiny_search_tree, s3_server: str, ray_cluster: None):
     """One finished two-trial ASHA search on moto's S3 (lensray.train.tune.SearchOutcome), shared by the session."""
     import boto3
 

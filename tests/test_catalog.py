@@ -61,7 +61,12 @@ def test_header_found_after_any_comment_block(n_comments: int, tmp_path: Path) -
 
 
 def test_header_found_after_prose_without_hash_marks() -> None:
-    prose = ["Catalogue of the Bologna lens challenge 2.0", "ID, the object's number", "mag_eff, effective magnification", ""]
+    prose = [
+        "Catalogue of the Bologna lens challenge 2.0",
+        "ID, the object's number",
+        "mag_eff, effective magnification",
+        "",
+    ]
     catalog = parse_catalog(catalog_text([row_values(7), row_values(8)], prose))
     assert catalog.ids.tolist() == [7, 8]
 
@@ -117,9 +122,13 @@ def test_short_row_names_its_line() -> None:
 
 def test_duplicate_ids_first_kept_and_reported(caplog: pytest.LogCaptureFixture) -> None:
     rows = [
-        row_values(10, mag_eff=1.0), row_values(11), row_values(10, mag_eff=9.0), row_values(12),
-        row_values(11), row_values(10, mag_eff=7.0),
-    ]  # fmt: skip
+        row_values(10, mag_eff=1.0),
+        row_values(11),
+        row_values(10, mag_eff=9.0),
+        row_values(12),
+        row_values(11),
+        row_values(10, mag_eff=7.0),
+    ]
     with caplog.at_level(logging.WARNING, logger="lensray.sky.catalog"):
         catalog = parse_catalog(catalog_text(rows, comment_block(3)), "cat.csv")
     assert catalog.ids.tolist() == [10, 11, 12]
@@ -163,7 +172,9 @@ def test_label_rules_on_hand_checked_table(label_catalog, rule: str, column: int
     assert labelled.rule == rule
     assert labelled.ids.dtype == np.int64 and labelled.labels.dtype == np.int8
     assert labelled.ids.tolist() == sorted(i for i, label in expected.items() if label is not None)
-    assert dict(zip(labelled.ids.tolist(), labelled.labels.tolist())) == {i: v for i, v in expected.items() if v is not None}
+    assert dict(zip(labelled.ids.tolist(), labelled.labels.tolist(), strict=False)) == {
+        i: v for i, v in expected.items() if v is not None
+    }
     assert [e.object_id for e in labelled.excluded] == sorted(i for i, v in expected.items() if v is None)
     lenses = sum(1 for v in expected.values() if v == 1)
     assert label_counts(labelled) == {

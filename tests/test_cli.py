@@ -9,13 +9,35 @@ import pytest
 import yaml
 
 from lensray import storage
-from lensray.sky.catalog import CATALOG_NAME, read_catalog
 from lensray.cli import main
+from lensray.sky.catalog import CATALOG_NAME, read_catalog
 
 
-def test_simulate_writes_local_and_s3(tmp_path: Path, s3_bucket: str, ray_cluster: None, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["simulate", "--out", str(tmp_path / "raw"), "--n", "6", "--seed", "3", "--lens-fraction", "0.5",
-                 "--workers", "1", "--set", "simulate.duplicate_id_rate=0", "--set", "simulate.missing_image_rate=0"]) == 0  # fmt: skip
+def test_simulate_writes_local_and_s3(
+    tmp_path: Path, s3_bucket: str, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "simulate",
+                "--out",
+                str(tmp_path / "raw"),
+                "--n",
+                "6",
+                "--seed",
+                "3",
+                "--lens-fraction",
+                "0.5",
+                "--workers",
+                "1",
+                "--set",
+                "simulate.duplicate_id_rate=0",
+                "--set",
+                "simulate.missing_image_rate=0",
+            ]
+        )
+        == 0
+    )
     assert "simulated 6 objects (3 lenses)" in capsys.readouterr().out
     assert len(read_catalog(str(tmp_path / "raw" / CATALOG_NAME))) == 6
     url = storage.join(s3_bucket, "sim")
@@ -35,7 +57,9 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
 
     config_file = tmp_path / "c.yaml"
     config_file.write_text(yaml.safe_dump({"preprocess": {"mode": "log", "crop": 64}, "data": {"bands": ["VIS"]}}))
-    args = build_parser().parse_args(["preprocess", "--config", str(config_file), "--mode", "clip", "--bands", "VIS,J", "--strict"])
+    args = build_parser().parse_args(
+        ["preprocess", "--config", str(config_file), "--mode", "clip", "--bands", "VIS,J", "--strict"]
+    )
     config = _resolve(args, PREPROCESS_FLAGS)
     assert config.preprocess.mode == "clip" and config.preprocess.crop == 64 and config.preprocess.strict
     assert config.data.bands == ("VIS", "J")
@@ -44,8 +68,26 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "160", "--seed", "5", "--set", "train.epochs=2",
-                 "--set", "train.steps_per_epoch=5", "--set", "train.sanity_samples=16"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "demo",
+                "--out",
+                str(out),
+                "--n",
+                "160",
+                "--seed",
+                "5",
+                "--set",
+                "train.epochs=2",
+                "--set",
+                "train.steps_per_epoch=5",
+                "--set",
+                "train.sanity_samples=16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert (out / "preview.png").stat().st_size > 50_000
     assert (out / "config.yaml").exists() and (out / "store.zarr").exists()

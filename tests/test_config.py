@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydantic
 import pytest
 
 from lensray.config import (
@@ -88,7 +89,7 @@ def test_malformed_overrides_are_rejected(bad: str) -> None:
 
 def test_config_is_frozen() -> None:
     config = LensrayConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="frozen"):
         config.train.epochs = 3  # type: ignore[misc]
 
 

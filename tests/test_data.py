@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lensray.config import TrainConfig
+from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
 from lensray.train.feed import (
     BalancedBatchSampler,
     EvalFeed,
@@ -26,7 +27,6 @@ from lensray.train.feed import (
     sanity_set,
     shard_bounds,
 )
-from lensray.ingest.store import SPLITS, create_store, finalize_store, shard_ranges, write_shard
 
 SIDE = 8
 
@@ -47,10 +47,16 @@ def make_store(url: str, labels: np.ndarray, split: np.ndarray, shard_size: int 
     n = len(labels)
     images = _images_encoding_rows(n)
     create_store(
-        url, ids=np.arange(300001, 300001 + n), labels=labels, split=split, channels=images.shape[1],
-        size=SIDE, dtype="float16", shard_size=shard_size,
+        url,
+        ids=np.arange(300001, 300001 + n),
+        labels=labels,
+        split=split,
+        channels=images.shape[1],
+        size=SIDE,
+        dtype="float16",
+        shard_size=shard_size,
         meta={"preprocess": {"mode": "test"}, "label_rule": "paper", "bands": ["VIS", "Y"], "source": "test"},
-    )  # fmt: skip
+    )
     for index, (start, stop) in enumerate(shard_ranges(n, shard_size)):
         write_shard(url, index, images[start:stop], np.ones(stop - start, bool), [])
     finalize_store(url)
@@ -109,8 +115,11 @@ def test_random_flips_never_rotate_and_work_on_any_shape() -> None:
     x = torch.arange(40 * 1 * 3 * 5, dtype=torch.float32).reshape(40, 1, 3, 5)
     y = random_flips(x, torch.Generator().manual_seed(1))
     flips = {
-        "none": lambda a: a, "lr": lambda a: a.flip(-1), "ud": lambda a: a.flip(-2), "both": lambda a: a.flip(-1, -2),
-    }  # fmt: skip
+        "none": lambda a: a,
+        "lr": lambda a: a.flip(-1),
+        "ud": lambda a: a.flip(-2),
+        "both": lambda a: a.flip(-1, -2),
+    }
     kinds = [next(name for name, f in flips.items() if torch.equal(y[i], f(x[i]))) for i in range(40)]
     assert set(kinds) == set(flips)
     assert augment(x, "none", torch.Generator()) is x

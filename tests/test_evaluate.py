@@ -14,8 +14,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from lensray import storage
-from lensray.errors import CheckpointError
 from lensray.config import load_config
+from lensray.errors import CheckpointError
 from lensray.evaluate.evaluate import (
     EvaluateError,
     calibration,
@@ -102,9 +102,23 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     split = np.full(N, SPLITS["train"], np.int8)
     split[64:88] = SPLITS["val"]
     split[88:] = SPLITS["test"]
-    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {"images": "synthetic"}}
-    create_store(url, ids=np.arange(700000, 700000 + N), labels=labels, split=split, channels=2, size=SIZE,
-                 dtype="float32", shard_size=40, meta=meta)  # fmt: skip
+    meta = {
+        "preprocess": {"synthetic": True},
+        "label_rule": "paper",
+        "bands": ["VIS", "H"],
+        "source": {"images": "synthetic"},
+    }
+    create_store(
+        url,
+        ids=np.arange(700000, 700000 + N),
+        labels=labels,
+        split=split,
+        channels=2,
+        size=SIZE,
+        dtype="float32",
+        shard_size=40,
+        meta=meta,
+    )
     images = _images(labels, rng)
     for index, (lo, hi) in enumerate(shard_ranges(N, 40)):
         write_shard(url, index, images[lo:hi], np.ones(hi - lo, bool), [])
@@ -113,18 +127,28 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(store_url: str, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None):  # noqa: ANN201
+def trained(store_url: str, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None):
     config = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
-        [f"data.store={store_url}", f"train.out={tmp_path_factory.mktemp('runs')}", "train.name=eval", "train.epochs=3",
-         "train.steps_per_epoch=4", "train.batch_size=16", "train.sanity=false", "model.lastro.dense=[16]",
-         "model.lastro.filters=4", "model.lastro.pairs=2", "train.num_to_keep=3"],
-    )  # fmt: skip
+        [
+            f"data.store={store_url}",
+            f"train.out={tmp_path_factory.mktemp('runs')}",
+            "train.name=eval",
+            "train.epochs=3",
+            "train.steps_per_epoch=4",
+            "train.batch_size=16",
+            "train.sanity=false",
+            "model.lastro.dense=[16]",
+            "model.lastro.filters=4",
+            "model.lastro.pairs=2",
+            "train.num_to_keep=3",
+        ],
+    )
     return train(config)
 
 
 @pytest.fixture(scope="module")
-def report(trained, store_url: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN001, ANN201
+def report(trained, store_url: str, tmp_path_factory: pytest.TempPathFactory):
     return evaluate_run(trained.best_checkpoint, store_url, tmp_path_factory.mktemp("report"), gallery=4)
 
 
@@ -138,12 +162,14 @@ def _brute_tpr_at_fp(labels: np.ndarray, scores: np.ndarray, max_fp: int) -> flo
     return float(best)
 
 
-def test_report_numbers_match_the_predictions(report) -> None:  # noqa: ANN001
+def test_report_numbers_match_the_predictions(report) -> None:
     with Path(report.predictions_path).open() as handle:
         rows = list(csv.DictReader(handle))
     labels = np.array([int(r["label"]) for r in rows])
     scores = np.array([float(r["score"]) for r in rows])
-    numbers = json.loads(Path(report.json_path).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    numbers = json.loads(
+        Path(report.json_path).read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON")
+    )
     assert numbers["n"] == len(rows) == N - 88 and numbers["n_pos"] == labels.sum()
     m = numbers["metrics"]
     assert m["auc"] == pytest.approx(roc_auc_score(labels, scores))
@@ -180,7 +206,7 @@ class _Collector(HTMLParser):
         self.images: list[str] = []
         self.text: list[str] = []
 
-    def handle_starttag(self, tag: str, attrs: list) -> None:  # noqa: ANN001
+    def handle_starttag(self, tag: str, attrs: list) -> None:
         if tag == "img":
             self.images.append(dict(attrs)["src"])
         elif tag not in self.VOID:
@@ -202,7 +228,7 @@ def parse_html(text: str) -> _Collector:
     return parser
 
 
-def test_report_files_are_well_formed(report) -> None:  # noqa: ANN001
+def test_report_files_are_well_formed(report) -> None:
     import base64
 
     page = parse_html(Path(report.html_path).read_text())
@@ -228,9 +254,9 @@ def _d4_views(images: np.ndarray) -> list[np.ndarray]:
     return views
 
 
-def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: str) -> None:  # noqa: ANN001
-    from lensray.runs import load_run
+def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: str) -> None:
     from lensray.evaluate.score import predict_tta
+    from lensray.runs import load_run
 
     run = load_run(trained.best_checkpoint)
     store = LensStore.open(store_url)
@@ -247,7 +273,7 @@ def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: s
     np.testing.assert_allclose(plain, direct[:, 0], rtol=1e-6)
 
 
-def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: Path) -> None:
     result = evaluate_run(trained.run_url, store_url, tmp_path, tta="d4", gallery=2)
     assert result.numbers["tta"] == "d4" and "re-scored" in result.numbers["thresholds"]["validation_source"]
     with Path(result.predictions_path).open() as handle:
@@ -257,7 +283,7 @@ def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: 
         assert float(row["score"]) == pytest.approx(np.mean(views), rel=1e-12)
 
 
-def test_best_checkpoint_of_a_run_folder(trained) -> None:  # noqa: ANN001
+def test_best_checkpoint_of_a_run_folder(trained) -> None:
     import torch
 
     history = json.loads((Path(trained.run_url) / "history.json").read_text())
@@ -269,22 +295,33 @@ def test_best_checkpoint_of_a_run_folder(trained) -> None:  # noqa: ANN001
     assert json.loads((Path(found.url) / "epoch.json").read_text()) == {"epoch": best_epoch}
     assert resolve_checkpoint(found.url) == found.url
     assert resolve_checkpoint(trained.run_url) == found.url
-    with pytest.raises(CheckpointError, match=r"nothing-here is not a checkpoint folder .*nothing-here is not a run folder"):
+    with pytest.raises(
+        CheckpointError, match=r"nothing-here is not a checkpoint folder .*nothing-here is not a run folder"
+    ):
         resolve_checkpoint(str(Path(trained.run_url) / "nothing-here"))
 
 
-def test_evaluate_refuses_a_store_of_another_geometry(trained, tmp_path: Path) -> None:  # noqa: ANN001
+def test_evaluate_refuses_a_store_of_another_geometry(trained, tmp_path: Path) -> None:
     url = str(tmp_path / "other.zarr")
     meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS"], "source": {"images": "x"}}
-    create_store(url, ids=np.arange(4), labels=np.array([0, 1, 0, 1], np.int8), split=np.full(4, 2, np.int8),
-                 channels=1, size=SIZE, dtype="float32", shard_size=4, meta=meta)  # fmt: skip
+    create_store(
+        url,
+        ids=np.arange(4),
+        labels=np.array([0, 1, 0, 1], np.int8),
+        split=np.full(4, 2, np.int8),
+        channels=1,
+        size=SIZE,
+        dtype="float32",
+        shard_size=4,
+        meta=meta,
+    )
     write_shard(url, 0, np.zeros((4, 1, SIZE, SIZE), np.float32), np.ones(4, bool), [])
     finalize_store(url)
     with pytest.raises(EvaluateError, match=r"1x24x24 images; the network .* takes 2x24x24"):
         evaluate_run(trained.best_checkpoint, url, tmp_path / "out")
 
 
-def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> None:  # noqa: ANN001
+def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> None:
     from lensray.evaluate.compare import compare_runs
 
     table = compare_runs([trained.run_url, trained.best_checkpoint], tmp_path, names=["folder", "checkpoint"])
@@ -303,18 +340,44 @@ def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> N
     assert len(page.images) == 1
     assert json.loads(Path(table.json_path).read_text())["rows"][0]["name"] == "folder"
     # The same checkpoint twice is one paired comparison on the same objects, with no difference at all.
-    assert table.paired == [{"better": "folder", "worse": "checkpoint", "delta_auc": 0.0, "low": 0.0, "high": 0.0,
-                             "p_not_better": 1.0, "n": first["n"], "resamples": 2000}]  # fmt: skip
+    assert table.paired == [
+        {
+            "better": "folder",
+            "worse": "checkpoint",
+            "delta_auc": 0.0,
+            "low": 0.0,
+            "high": 0.0,
+            "p_not_better": 1.0,
+            "n": first["n"],
+            "resamples": 2000,
+        }
+    ]
     assert "Paired AUC differences" in markdown
     history = json.loads((Path(trained.run_url) / "history.json").read_text())
     assert first["train_images"] == sum(row["train_samples"] for row in history) > 0
 
 
-def test_cli_evaluate_and_compare(trained, store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_cli_evaluate_and_compare(trained, store_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lensray.cli import main
 
-    assert main(["evaluate", "--run", trained.run_url, "--store", store_url, "--out", str(tmp_path / "e"),
-                 "--prevalence", "0.001", "--gallery", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                trained.run_url,
+                "--store",
+                store_url,
+                "--out",
+                str(tmp_path / "e"),
+                "--prevalence",
+                "0.001",
+                "--gallery",
+                "2",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "AUC" in printed and "survey at prevalence 0.001" in printed
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["survey"]["prevalence"] == 0.001
@@ -324,7 +387,9 @@ def test_cli_evaluate_and_compare(trained, store_url: str, tmp_path: Path, capsy
     assert "nope is not a checkpoint folder" in capsys.readouterr().err
 
 
-def test_cli_evaluate_and_compare_write_to_s3(trained, store_url: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_cli_evaluate_and_compare_write_to_s3(
+    trained, store_url: str, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lensray.cli import main
 
     out = storage.join(s3_bucket, "reports", "eval")
@@ -344,6 +409,9 @@ def test_cli_evaluate_and_compare_write_to_s3(trained, store_url: str, s3_bucket
     printed = capsys.readouterr().out
     assert "| remote |" in printed and f"{out}/compare.md" in printed
     assert "| remote |" in storage.read_bytes(storage.join(out, "compare.md")).decode()
-    assert json.loads(storage.read_bytes(storage.join(out, "compare.json")))["rows"][0]["checkpoint"] == trained.best_checkpoint
+    assert (
+        json.loads(storage.read_bytes(storage.join(out, "compare.json")))["rows"][0]["checkpoint"]
+        == trained.best_checkpoint
+    )
     assert len(parse_html(storage.read_bytes(storage.join(out, "compare.html")).decode()).images) == 1
     assert storage.read_bytes(storage.join(out, "compare_roc.png"))[:8] == b"\x89PNG\r\n\x1a\n"

@@ -55,7 +55,9 @@ def assert_same(cutout_bands: dict[str, np.ndarray], expected: dict[str, np.ndar
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_reads_back_every_band(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    root = str(tmp_path / "Public") if where == "local" else storage.join(request.getfixturevalue("s3_bucket"), "Public")
+    root = (
+        str(tmp_path / "Public") if where == "local" else storage.join(request.getfixturevalue("s3_bucket"), "Public")
+    )
     expected = write_object(root, 200001)
     cutout = read_cutout(root, 200001, BAND_NAMES, "reject")
     assert cutout.object_id == 200001
@@ -94,7 +96,9 @@ BAD_INPUTS = [
 
 @pytest.mark.filterwarnings("ignore:File may have been truncated")  # astropy's own notice, before our error
 @pytest.mark.parametrize(("name", "data", "policy", "reason", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_band_is_a_clear_error(name: str, data: bytes, policy: str, reason: str, words: str, tmp_path: Path) -> None:
+def test_bad_band_is_a_clear_error(
+    name: str, data: bytes, policy: str, reason: str, words: str, tmp_path: Path
+) -> None:
     root = str(tmp_path)
     write_object(root, 7, ("VIS",))
     url = put(root, 7, "Y", data)
@@ -158,9 +162,12 @@ def test_read_cutouts_rejects_bad_objects_and_keeps_the_rest(tmp_path: Path) -> 
         for cutout in cutouts:
             assert_same(cutout.bands, expected[cutout.object_id])
         assert [(r.object_id, r.reason) for r in rejects] == [
-            (102, "missing"), (104, "all_nan"), (106, "corrupt"), (107, "missing"),
-        ]  # fmt: skip
-        object_id, reason, message = rejects[0]
+            (102, "missing"),
+            (104, "all_nan"),
+            (106, "corrupt"),
+            (107, "missing"),
+        ]
+        _object_id, _reason, message = rejects[0]
         assert "ID 102 band H" in message and str(rejects[0]) == message
 
 
@@ -184,7 +191,10 @@ def moto_auth(s3_server: str) -> Iterator[None]:
 
     def set_count(value: str) -> None:
         request = urllib.request.Request(
-            f"{s3_server}/moto-api/reset-auth", data=value.encode(), method="POST", headers={"Content-Type": "text/plain"}
+            f"{s3_server}/moto-api/reset-auth",
+            data=value.encode(),
+            method="POST",
+            headers={"Content-Type": "text/plain"},
         )
         urllib.request.urlopen(request, timeout=10).read()
 

@@ -58,8 +58,9 @@ class RayHead:
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """A `ray` CLI command against this head, run from the repository root."""
-        return subprocess.run([str(VENV_BIN / "ray"), *args], cwd=REPO, env=self.env, capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [str(VENV_BIN / "ray"), *args], cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
 
 
 def _wait_for_dashboard(head: RayHead, process: subprocess.Popen[bytes], timeout: float = 180) -> None:
@@ -126,19 +127,36 @@ def ray_head() -> Iterator[RayHead]:
     # Measured without it: the first trial's placement group leaked and the second trial never started.
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ports = {
-        "--port": _free_port(), "--dashboard-port": dashboard_port, "--ray-client-server-port": _free_port(),
-        "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
-        "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-        "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
-        "--min-worker-port": 0, "--max-worker-port": 0,  # 0: the OS picks free ports
-    }  # fmt: skip
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-               "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--temp-dir={temp_dir}",
-               "--object-store-memory=300000000", "--disable-usage-stats",
-               *(f"{flag}={value}" for flag, value in ports.items())]  # fmt: skip
+        "--port": _free_port(),
+        "--dashboard-port": dashboard_port,
+        "--ray-client-server-port": _free_port(),
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--node-manager-port": _free_port(),
+        "--object-manager-port": _free_port(),
+        "--min-worker-port": 0,
+        "--max-worker-port": 0,  # 0: the OS picks free ports
+    }
+    command = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus=2",
+        "--num-gpus=0",
+        "--dashboard-host=127.0.0.1",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--object-store-memory=300000000",
+        "--disable-usage-stats",
+        *(f"{flag}={value}" for flag, value in ports.items()),
+    ]
     log = open(temp_dir / "ray-start.log", "wb")
-    process = subprocess.Popen(command, cwd=temp_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=temp_dir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     head = RayHead(address=f"http://127.0.0.1:{dashboard_port}", env=env, token=token)
     try:
         try:
@@ -169,17 +187,35 @@ def test_demo_tune_search_via_ray_job_submit(ray_head: RayHead, tiny_store: str,
     experiments = tmp_path / "experiments"
     job_id = f"lensray-test-{uuid.uuid4().hex[:8]}"
     submitted = ray_head.ray(
-        "job", "submit", "--address", ray_head.address, "--submission-id", job_id, "--no-wait",
-        "--working-dir", ".", "--runtime-env", str(RUNTIME_ENV.relative_to(REPO)),
-        "--", "lensray", "tune", "--config", "tune_configs/demo.yaml",
-        "--store", tiny_store, "--storage", str(experiments),
-    )  # fmt: skip
+        "job",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--submission-id",
+        job_id,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        str(RUNTIME_ENV.relative_to(REPO)),
+        "--",
+        "lensray",
+        "tune",
+        "--config",
+        "tune_configs/demo.yaml",
+        "--store",
+        tiny_store,
+        "--storage",
+        str(experiments),
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
 
     info = _wait_for_job(ray_head, job_id)
     status = ray_head.ray("job", "status", "--address", ray_head.address, job_id).stdout
     logs = ray_head.ray("job", "logs", "--address", ray_head.address, job_id).stdout
-    assert info["status"] == "SUCCEEDED", f"job {job_id}: {status}\n{info.get('message')}\nlogs end with:\n{logs[-6000:]}"
+    assert info["status"] == "SUCCEEDED", (
+        f"job {job_id}: {status}\n{info.get('message')}\nlogs end with:\n{logs[-6000:]}"
+    )
     assert "succeeded" in status.lower(), status  # `ray job status` says so too
     # The checkout was uploaded (as a gcs:// package) and the excludes came from the runtime-env file.
     runtime_env = info["runtime_env"]

@@ -14,10 +14,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import k8s_validate as kv
 import pytest
 import yaml
-
-import k8s_validate as kv
 from k8s_render import RenderError, containers, json_patch, render, split_image, strategic_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,7 +67,9 @@ def _substitute(text: str, values: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)], text)
 
 
-@pytest.mark.parametrize(("build_args", "platform"), [({}, "cpu"), ({"RAY_PLATFORM": "gpu", "TORCH_CHANNEL": "cu130"}, "gpu")])
+@pytest.mark.parametrize(
+    ("build_args", "platform"), [({}, "cpu"), ({"RAY_PLATFORM": "gpu", "TORCH_CHANNEL": "cu130"}, "gpu")]
+)
 def test_dockerfile_base_image_is_ray_2_60_python_3_11(build_args: dict[str, str], platform: str) -> None:
     instructions = _dockerfile()
     values = {**_arg_defaults(instructions), **build_args}
@@ -155,7 +156,9 @@ def test_manifests_validate(target: Path) -> None:
     assert kv.check(target) == []
 
 
-def test_validator_cli_reports_and_fails_on_a_broken_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validator_cli_reports_and_fails_on_a_broken_manifest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     broken = yaml.safe_load((K8S / "raycluster.yaml").read_text())
     broken["spec"]["workerGroupSpecs"][0]["minReplica"] = 1  # a typo the API server would silently drop
     (tmp_path / "raycluster.yaml").write_text(yaml.safe_dump(broken))
@@ -176,10 +179,15 @@ def test_each_step_is_selectable_by_its_component_label(rendered: dict[str, list
             assert same == [rayjob] and rayjob["metadata"]["name"] == f"lensray-{component}"
             assert _argv(rayjob)[1] == component, "each RayJob runs the lensray subcommand it is named after"
         assert {o["metadata"]["name"] for o in objects if o["kind"] == "RayJob"} >= {
-            "lensray-preprocess", "lensray-train", "lensray-tune"}  # fmt: skip
+            "lensray-preprocess",
+            "lensray-train",
+            "lensray-tune",
+        }
 
 
-def test_every_ray_pod_gets_s3_settings_and_credentials_from_the_secret(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_every_ray_pod_gets_s3_settings_and_credentials_from_the_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     secret = yaml.safe_load((K8S / "secret.example.yaml").read_text())
     assert secret["metadata"]["name"] == S3_SECRET and set(secret["stringData"]) == set(S3_KEYS)
     for name, objects in rendered.items():
@@ -193,7 +201,10 @@ def test_every_ray_pod_gets_s3_settings_and_credentials_from_the_secret(rendered
                 here = f"{name}: {kv.object_id(obj)} {where}"
                 assert {"configMapRef": {"name": STORAGE_CONFIGMAP}} in ray.get("envFrom", []), here
                 for key in S3_KEYS:
-                    assert kv.env_var(ray, key) == {"name": key, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}}}, here
+                    assert kv.env_var(ray, key) == {
+                        "name": key,
+                        "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": key}},
+                    }, here
 
 
 def test_ray_version_matches_the_image(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -224,10 +235,15 @@ def test_base_cluster_autoscales_a_gpu_group_and_a_cpu_ingest_group(rendered: di
     for group in (gpu, cpu):
         assert 0 == group["minReplicas"] < group["maxReplicas"], "an autoscaling range from zero"
     pod = gpu["template"]["spec"]
-    assert pod["nodeSelector"] and {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert (
+        pod["nodeSelector"]
+        and {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    )
 
 
-def test_rayjobs_delete_their_clusters_and_train_on_every_gpu_they_get(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_rayjobs_delete_their_clusters_and_train_on_every_gpu_they_get(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     for name in ("base", "gpu"):
         for rayjob in (o for o in rendered[name] if o["kind"] == "RayJob"):
             spec = rayjob["spec"]
@@ -259,7 +275,9 @@ def test_cpu_demo_overlay_has_no_gpus_and_runs_the_demo_configs(rendered: dict[s
     assert _flag(argv["lensray-train"], "--store") == _flag(argv["lensray-tune"], "--store") == store
 
 
-def test_gpu_overlay_sets_namespace_registry_and_restricted_pod_security(rendered: dict[str, list[dict[str, Any]]]) -> None:
+def test_gpu_overlay_sets_namespace_registry_and_restricted_pod_security(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
     objects = rendered["gpu"]
     images = {c["image"] for obj in objects for c in containers(obj)}
     assert images == {"registry.example.com/your-team/lensray:0.1.0-gpu"}
@@ -289,9 +307,14 @@ def test_json_patch_follows_rfc_6902() -> None:
     assert json_patch(document, [{"op": "copy", "from": "/foo", "path": "/copy"}])["copy"] == ["bar", "baz"]
     assert json_patch(document, [{"op": "test", "path": "/foo/1", "value": "baz"}]) == document
     assert document == {"foo": ["bar", "baz"], "a/b": {"~c": 1}}, "the input is not modified"
-    for bad in ({"op": "test", "path": "/foo/1", "value": "bar"}, {"op": "replace", "path": "/nope", "value": 1},
-                {"op": "remove", "path": "/foo/2"}, {"op": "add", "path": "/foo/x", "value": 1},
-                {"op": "add", "path": "/foo/01", "value": 1}, {"op": "frobnicate", "path": "/foo"}):  # fmt: skip
+    for bad in (
+        {"op": "test", "path": "/foo/1", "value": "bar"},
+        {"op": "replace", "path": "/nope", "value": 1},
+        {"op": "remove", "path": "/foo/2"},
+        {"op": "add", "path": "/foo/x", "value": 1},
+        {"op": "add", "path": "/foo/01", "value": 1},
+        {"op": "frobnicate", "path": "/foo"},
+    ):
         with pytest.raises(RenderError, match=re.escape(bad["path"])):
             json_patch(document, [bad], "case")
 
@@ -317,15 +340,34 @@ def _write(folder: Path, name: str, content: Any) -> None:
 
 def test_render_applies_namespace_labels_images_and_patches_in_kustomize_order(tmp_path: Path) -> None:
     base, overlay = tmp_path / "base", tmp_path / "overlay"
-    _write(base, "job.yaml", {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "job"},
-                              "spec": {"entrypoint": "x", "template": {"containers": [{"name": "c", "image": "reg:5000/app:1"}]}}})  # fmt: skip
+    _write(
+        base,
+        "job.yaml",
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "metadata": {"name": "job"},
+            "spec": {"entrypoint": "x", "template": {"containers": [{"name": "c", "image": "reg:5000/app:1"}]}},
+        },
+    )
     _write(base, "ns.yaml", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "old"}})
     _write(base, "kustomization.yaml", {"resources": ["job.yaml", "ns.yaml"]})
-    _write(overlay, "kustomization.yaml", {
-        "resources": ["../base"], "namespace": "team", "labels": [{"pairs": {"tier": "x"}}],
-        "images": [{"name": "reg:5000/app", "newName": "other/app", "newTag": "2"}],
-        "patches": [{"target": {"kind": "RayJob", "name": "j.b"}, "patch": "- {op: replace, path: /spec/entrypoint, value: y}"}],
-    })  # fmt: skip
+    _write(
+        overlay,
+        "kustomization.yaml",
+        {
+            "resources": ["../base"],
+            "namespace": "team",
+            "labels": [{"pairs": {"tier": "x"}}],
+            "images": [{"name": "reg:5000/app", "newName": "other/app", "newTag": "2"}],
+            "patches": [
+                {
+                    "target": {"kind": "RayJob", "name": "j.b"},
+                    "patch": "- {op: replace, path: /spec/entrypoint, value: y}",
+                }
+            ],
+        },
+    )
     job, namespace = render(overlay)
     assert job["metadata"] == {"name": "job", "namespace": "team", "labels": {"tier": "x"}}
     assert job["spec"]["entrypoint"] == "y"  # the target's name is a regular expression, as in kustomize
@@ -339,20 +381,43 @@ def test_render_applies_namespace_labels_images_and_patches_in_kustomize_order(t
         ({"resources": ["job.yaml"], "commonLabels": {"a": "b"}}, "does not implement: ['commonLabels']"),
         ({"resources": ["missing.yaml"]}, "'missing.yaml' does not exist"),
         ({"resources": ["job.yaml", "job.yaml"]}, "RayJob/job appears twice"),
-        ({"resources": ["job.yaml"], "patches": [{"target": {"kind": "RayCluster"}, "patch": "- {op: remove, path: /spec}"}]},
-         "matches no object"),
+        (
+            {
+                "resources": ["job.yaml"],
+                "patches": [{"target": {"kind": "RayCluster"}, "patch": "- {op: remove, path: /spec}"}],
+            },
+            "matches no object",
+        ),
         ({"resources": ["job.yaml"], "patches": [{"patch": "- {op: remove, path: /spec}"}]}, "needs a target"),
-        ({"resources": ["job.yaml"], "patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: test, path: /spec/entrypoint, value: z}"}]},
-         "test failed"),
+        (
+            {
+                "resources": ["job.yaml"],
+                "patches": [{"target": {"kind": "RayJob"}, "patch": "- {op: test, path: /spec/entrypoint, value: z}"}],
+            },
+            "test failed",
+        ),
         ({"resources": ["job.yaml"], "images": [{"name": "nothing-uses-this"}]}, "no container uses image"),
         ({"resources": ["job.yaml"], "labels": [{"pairs": {"a": "b"}, "includeSelectors": True}]}, "only `pairs`"),
     ],
-    ids=["unknown-field", "missing-resource", "duplicate", "unmatched-patch", "untargeted-json-patch", "failed-test",
-         "unused-image", "selector-labels"],
-)  # fmt: skip
-def test_render_refuses_what_it_cannot_render_faithfully(tmp_path: Path, kustomization: dict[str, Any], message: str) -> None:
-    _write(tmp_path, "job.yaml", {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "job"},
-                                  "spec": {"entrypoint": "x"}})  # fmt: skip
+    ids=[
+        "unknown-field",
+        "missing-resource",
+        "duplicate",
+        "unmatched-patch",
+        "untargeted-json-patch",
+        "failed-test",
+        "unused-image",
+        "selector-labels",
+    ],
+)
+def test_render_refuses_what_it_cannot_render_faithfully(
+    tmp_path: Path, kustomization: dict[str, Any], message: str
+) -> None:
+    _write(
+        tmp_path,
+        "job.yaml",
+        {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "job"}, "spec": {"entrypoint": "x"}},
+    )
     _write(tmp_path, "kustomization.yaml", kustomization)
     with pytest.raises(RenderError, match=re.escape(message)):
         render(tmp_path)
@@ -368,138 +433,461 @@ ENTRY = "lensray train --config /home/ray/lensray/configs/lastro.yaml --store s3
 
 BROKEN: list[tuple[str, str, list[dict[str, Any]], str]] = [
     # schema and API server
-    ("unknown-field", CLUSTER, [{"op": "add", "path": "/spec/headGroupSpec/rayStartParam", "value": {}}],
-     "spec.headGroupSpec.rayStartParam: unknown field"),
-    ("unknown-container-field", TRAIN, [{"op": "add", "path": f"{JOB_HEAD}/containers/0/resource", "value": {}}],
-     "containers[0].resource: unknown field"),
-    ("missing-container-name", TRAIN, [{"op": "remove", "path": f"{JOB_HEAD}/containers/0/name"}], "'name' is a required property"),
-    ("wrong-type", CLUSTER, [{"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": "four"}],
-     "'four' is not of type 'integer'"),
-    ("bad-quantity", CLUSTER, [{"op": "replace", "path": f"{HEAD}/containers/0/resources/limits/memory", "value": "16 GB"}],
-     "does not match"),
-    ("duplicate-env", TRAIN, [{"op": "add", "path": f"{JOB_HEAD}/containers/0/env/-", "value": {"name": "AWS_ACCESS_KEY_ID",
-     "valueFrom": {"secretKeyRef": {"name": "x", "key": "y"}}}}], "duplicate key ('AWS_ACCESS_KEY_ID',)"),
+    (
+        "unknown-field",
+        CLUSTER,
+        [{"op": "add", "path": "/spec/headGroupSpec/rayStartParam", "value": {}}],
+        "spec.headGroupSpec.rayStartParam: unknown field",
+    ),
+    (
+        "unknown-container-field",
+        TRAIN,
+        [{"op": "add", "path": f"{JOB_HEAD}/containers/0/resource", "value": {}}],
+        "containers[0].resource: unknown field",
+    ),
+    (
+        "missing-container-name",
+        TRAIN,
+        [{"op": "remove", "path": f"{JOB_HEAD}/containers/0/name"}],
+        "'name' is a required property",
+    ),
+    (
+        "wrong-type",
+        CLUSTER,
+        [{"op": "replace", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": "four"}],
+        "'four' is not of type 'integer'",
+    ),
+    (
+        "bad-quantity",
+        CLUSTER,
+        [{"op": "replace", "path": f"{HEAD}/containers/0/resources/limits/memory", "value": "16 GB"}],
+        "does not match",
+    ),
+    (
+        "duplicate-env",
+        TRAIN,
+        [
+            {
+                "op": "add",
+                "path": f"{JOB_HEAD}/containers/0/env/-",
+                "value": {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "x", "key": "y"}}},
+            }
+        ],
+        "duplicate key ('AWS_ACCESS_KEY_ID',)",
+    ),
     ("status-in-manifest", CLUSTER, [{"op": "add", "path": "/status", "value": {}}], "status: set by the controller"),
-    ("old-api-version", CLUSTER, [{"op": "replace", "path": "/apiVersion", "value": "ray.io/v1alpha1"}], "expected 'ray.io/v1'"),
+    (
+        "old-api-version",
+        CLUSTER,
+        [{"op": "replace", "path": "/apiVersion", "value": "ray.io/v1alpha1"}],
+        "expected 'ray.io/v1'",
+    ),
     ("bad-managed-by", TRAIN, [{"op": "add", "path": "/spec/managedBy", "value": "me"}], "managedBy: must be one of"),
-    ("metadata-typo", CLUSTER, [{"op": "add", "path": "/metadata/label", "value": {}}], "Additional properties are not allowed ('label'"),
-    ("label-value-too-long", CLUSTER, [{"op": "add", "path": "/metadata/labels/x", "value": "v" * 64}], "must be a string of <= 63"),
-    ("configmap-typo", CONFIGMAP, [{"op": "add", "path": "/date", "value": {}}], "Additional properties are not allowed ('date'"),
-    ("unknown-kind", CONFIGMAP, [{"op": "replace", "path": "/kind", "value": "Deployment"}], "'Deployment' has no schema"),
+    (
+        "metadata-typo",
+        CLUSTER,
+        [{"op": "add", "path": "/metadata/label", "value": {}}],
+        "Additional properties are not allowed ('label'",
+    ),
+    (
+        "label-value-too-long",
+        CLUSTER,
+        [{"op": "add", "path": "/metadata/labels/x", "value": "v" * 64}],
+        "must be a string of <= 63",
+    ),
+    (
+        "configmap-typo",
+        CONFIGMAP,
+        [{"op": "add", "path": "/date", "value": {}}],
+        "Additional properties are not allowed ('date'",
+    ),
+    (
+        "unknown-kind",
+        CONFIGMAP,
+        [{"op": "replace", "path": "/kind", "value": "Deployment"}],
+        "'Deployment' has no schema",
+    ),
     # KubeRay's controller
-    ("rayjob-name-too-long", TRAIN, [{"op": "replace", "path": "/metadata/name", "value": "lensray-" + "t" * 40}],
-     "at most 47 characters (48)"),
-    ("raycluster-name-too-long", CLUSTER, [{"op": "replace", "path": "/metadata/name", "value": "l" * 54}], "at most 53 characters (54)"),
-    ("name-not-dns-1035", TRAIN, [{"op": "replace", "path": "/metadata/name", "value": "1-train"}], "not a DNS-1035 label"),
-    ("bad-submission-mode", TRAIN, [{"op": "replace", "path": "/spec/submissionMode", "value": "K8sMode"}],
-     "spec.submissionMode: 'K8sMode' is not one of"),
-    ("min-above-max", CLUSTER, [{"op": "replace", "path": "/spec/workerGroupSpecs/1/minReplicas", "value": 9}],
-     "minReplicas 9 > maxReplicas 8"),
-    ("negative-replicas", TRAIN, [{"op": "replace", "path": f"{JOB_WORKER}/minReplicas", "value": -1}], "minReplicas: must be >= 0"),
-    ("replicas-outside-range", TRAIN, [{"op": "replace", "path": f"{JOB_WORKER}/replicas", "value": 3}], "outside [minReplicas 2"),
-    ("ttl-without-shutdown", TRAIN, [{"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False}],
-     "ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true"),
-    ("negative-ttl", TRAIN, [{"op": "replace", "path": "/spec/ttlSecondsAfterFinished", "value": -1}], "must be >= 0 (got -1)"),
-    ("suspend-without-shutdown", TRAIN, [{"op": "add", "path": "/spec/suspend", "value": True},
-                                         {"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False}],
-     "spec.suspend: needs shutdownAfterJobFinishes"),
-    ("zero-deadline", TRAIN, [{"op": "replace", "path": "/spec/activeDeadlineSeconds", "value": 0}], "activeDeadlineSeconds: must be > 0"),
-    ("negative-backoff", TRAIN, [{"op": "replace", "path": "/spec/backoffLimit", "value": -1}], "backoffLimit: must be >= 0"),
-    ("interactive-with-retries", TRAIN, [{"op": "replace", "path": "/spec/submissionMode", "value": "InteractiveMode"},
-                                         {"op": "replace", "path": "/spec/backoffLimit", "value": 1}], "must be 0 in InteractiveMode"),
-    ("sidecar-with-submitter-template", TRAIN, [{"op": "replace", "path": "/spec/submissionMode", "value": "SidecarMode"}],
-     "spec.submitterPodTemplate: not supported in SidecarMode"),
+    (
+        "rayjob-name-too-long",
+        TRAIN,
+        [{"op": "replace", "path": "/metadata/name", "value": "lensray-" + "t" * 40}],
+        "at most 47 characters (48)",
+    ),
+    (
+        "raycluster-name-too-long",
+        CLUSTER,
+        [{"op": "replace", "path": "/metadata/name", "value": "l" * 54}],
+        "at most 53 characters (54)",
+    ),
+    (
+        "name-not-dns-1035",
+        TRAIN,
+        [{"op": "replace", "path": "/metadata/name", "value": "1-train"}],
+        "not a DNS-1035 label",
+    ),
+    (
+        "bad-submission-mode",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/submissionMode", "value": "K8sMode"}],
+        "spec.submissionMode: 'K8sMode' is not one of",
+    ),
+    (
+        "min-above-max",
+        CLUSTER,
+        [{"op": "replace", "path": "/spec/workerGroupSpecs/1/minReplicas", "value": 9}],
+        "minReplicas 9 > maxReplicas 8",
+    ),
+    (
+        "negative-replicas",
+        TRAIN,
+        [{"op": "replace", "path": f"{JOB_WORKER}/minReplicas", "value": -1}],
+        "minReplicas: must be >= 0",
+    ),
+    (
+        "replicas-outside-range",
+        TRAIN,
+        [{"op": "replace", "path": f"{JOB_WORKER}/replicas", "value": 3}],
+        "outside [minReplicas 2",
+    ),
+    (
+        "ttl-without-shutdown",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False}],
+        "ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true",
+    ),
+    (
+        "negative-ttl",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/ttlSecondsAfterFinished", "value": -1}],
+        "must be >= 0 (got -1)",
+    ),
+    (
+        "suspend-without-shutdown",
+        TRAIN,
+        [
+            {"op": "add", "path": "/spec/suspend", "value": True},
+            {"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False},
+        ],
+        "spec.suspend: needs shutdownAfterJobFinishes",
+    ),
+    (
+        "zero-deadline",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/activeDeadlineSeconds", "value": 0}],
+        "activeDeadlineSeconds: must be > 0",
+    ),
+    (
+        "negative-backoff",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/backoffLimit", "value": -1}],
+        "backoffLimit: must be >= 0",
+    ),
+    (
+        "interactive-with-retries",
+        TRAIN,
+        [
+            {"op": "replace", "path": "/spec/submissionMode", "value": "InteractiveMode"},
+            {"op": "replace", "path": "/spec/backoffLimit", "value": 1},
+        ],
+        "must be 0 in InteractiveMode",
+    ),
+    (
+        "sidecar-with-submitter-template",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/submissionMode", "value": "SidecarMode"}],
+        "spec.submitterPodTemplate: not supported in SidecarMode",
+    ),
     ("no-cluster", TRAIN, [{"op": "remove", "path": "/spec/rayClusterSpec"}], "set rayClusterSpec or clusterSelector"),
-    ("empty-cluster-selector", TRAIN, [{"op": "add", "path": "/spec/clusterSelector", "value": {"team": "x"}}],
-     "needs a non-empty ray.io/cluster key"),
-    ("start-params-and-resources", CLUSTER, [{"op": "add", "path": "/spec/workerGroupSpecs/0/resources", "value": {"CPU": "8"}},
-                                             {"op": "add", "path": "/spec/workerGroupSpecs/0/rayStartParams/num-cpus", "value": "8"}],
-     "rayStartParams num-cpus/num-gpus/memory/resources and `resources` are both set"),
-    ("start-params-labels", CLUSTER, [{"op": "add", "path": "/spec/workerGroupSpecs/0/rayStartParams/labels", "value": "a=b"}],
-     "rayStartParams.labels: not supported"),
-    ("duplicate-group", CLUSTER, [{"op": "replace", "path": "/spec/workerGroupSpecs/1/groupName", "value": "gpu"}],
-     "duplicate groupName ['gpu']"),
-    ("no-containers", CLUSTER, [{"op": "replace", "path": f"{HEAD}/containers", "value": []}], "needs at least one container"),
-    ("autoscaler-v2-restart-policy", CLUSTER, [{"op": "add", "path": f"{HEAD}/restartPolicy", "value": "Always"}],
-     "must be Never or unset with autoscaler v2"),
-    ("idle-timeout-without-v2", CLUSTER, [{"op": "remove", "path": "/spec/autoscalerOptions/version"},
-                                          {"op": "add", "path": "/spec/workerGroupSpecs/0/idleTimeoutSeconds", "value": 60}],
-     "idleTimeoutSeconds: needs autoscaler v2"),
-    ("runtime-env-not-yaml", TRAIN, [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "env_vars: {A: [1"}],
-     "runtimeEnvYAML: not valid YAML"),
-    ("runtime-env-typo", TRAIN, [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "envvars: {A: '1'}"}],
-     "unknown runtime-env fields ['envvars']"),
-    ("runtime-env-bad-type", TRAIN, [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "env_vars: {A: 1}"}],
-     "must be of type Dict[str, str]"),
-    ("feature-gated", CLUSTER, [{"op": "add", "path": "/spec/networkPolicy", "value": {}}], "networkPolicy: needs an operator feature gate"),
+    (
+        "empty-cluster-selector",
+        TRAIN,
+        [{"op": "add", "path": "/spec/clusterSelector", "value": {"team": "x"}}],
+        "needs a non-empty ray.io/cluster key",
+    ),
+    (
+        "start-params-and-resources",
+        CLUSTER,
+        [
+            {"op": "add", "path": "/spec/workerGroupSpecs/0/resources", "value": {"CPU": "8"}},
+            {"op": "add", "path": "/spec/workerGroupSpecs/0/rayStartParams/num-cpus", "value": "8"},
+        ],
+        "rayStartParams num-cpus/num-gpus/memory/resources and `resources` are both set",
+    ),
+    (
+        "start-params-labels",
+        CLUSTER,
+        [{"op": "add", "path": "/spec/workerGroupSpecs/0/rayStartParams/labels", "value": "a=b"}],
+        "rayStartParams.labels: not supported",
+    ),
+    (
+        "duplicate-group",
+        CLUSTER,
+        [{"op": "replace", "path": "/spec/workerGroupSpecs/1/groupName", "value": "gpu"}],
+        "duplicate groupName ['gpu']",
+    ),
+    (
+        "no-containers",
+        CLUSTER,
+        [{"op": "replace", "path": f"{HEAD}/containers", "value": []}],
+        "needs at least one container",
+    ),
+    (
+        "autoscaler-v2-restart-policy",
+        CLUSTER,
+        [{"op": "add", "path": f"{HEAD}/restartPolicy", "value": "Always"}],
+        "must be Never or unset with autoscaler v2",
+    ),
+    (
+        "idle-timeout-without-v2",
+        CLUSTER,
+        [
+            {"op": "remove", "path": "/spec/autoscalerOptions/version"},
+            {"op": "add", "path": "/spec/workerGroupSpecs/0/idleTimeoutSeconds", "value": 60},
+        ],
+        "idleTimeoutSeconds: needs autoscaler v2",
+    ),
+    (
+        "runtime-env-not-yaml",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "env_vars: {A: [1"}],
+        "runtimeEnvYAML: not valid YAML",
+    ),
+    (
+        "runtime-env-typo",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "envvars: {A: '1'}"}],
+        "unknown runtime-env fields ['envvars']",
+    ),
+    (
+        "runtime-env-bad-type",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "env_vars: {A: 1}"}],
+        "must be of type Dict[str, str]",
+    ),
+    (
+        "feature-gated",
+        CLUSTER,
+        [{"op": "add", "path": "/spec/networkPolicy", "value": {}}],
+        "networkPolicy: needs an operator feature gate",
+    ),
     # Kubernetes, when it creates the pods
-    ("missing-image", TRAIN, [{"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/image"}], "image: missing"),
-    ("request-above-limit", CLUSTER, [{"op": "replace", "path": f"{HEAD}/containers/0/resources/requests/cpu", "value": "8"}],
-     "requests.cpu: 8 exceeds the limit 4"),
-    ("gpu-request-not-limit", TRAIN, [{"op": "replace", "path": f"{JOB_WORKER}/template/spec/containers/0/resources/requests/nvidia.com~1gpu",
-                                       "value": 2}], "extended resource nvidia.com/gpu needs equal requests and limits"),
+    (
+        "missing-image",
+        TRAIN,
+        [{"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/image"}],
+        "image: missing",
+    ),
+    (
+        "request-above-limit",
+        CLUSTER,
+        [{"op": "replace", "path": f"{HEAD}/containers/0/resources/requests/cpu", "value": "8"}],
+        "requests.cpu: 8 exceeds the limit 4",
+    ),
+    (
+        "gpu-request-not-limit",
+        TRAIN,
+        [
+            {
+                "op": "replace",
+                "path": f"{JOB_WORKER}/template/spec/containers/0/resources/requests/nvidia.com~1gpu",
+                "value": 2,
+            }
+        ],
+        "extended resource nvidia.com/gpu needs equal requests and limits",
+    ),
     # lensray's policy
-    ("literal-aws-key", TRAIN, [{"op": "replace", "path": f"{JOB_HEAD}/containers/0/env/0", "value": {"name": "AWS_ACCESS_KEY_ID",
-                                                                                                       "value": "AKIAIOSFODNN7EXAMPLE"}}],
-     "a credential as a literal value"),
-    ("literal-token-env", CLUSTER, [{"op": "add", "path": f"{HEAD}/containers/0/env/-", "value": {"name": "HF_TOKEN", "value": "x"}}],
-     "(HF_TOKEN): a credential as a literal value"),
-    ("literal-secret-env", CLUSTER, [{"op": "add", "path": f"{HEAD}/containers/0/env/-", "value": {"name": "DB_PASSWORD", "value": "x"}}],
-     "(DB_PASSWORD): a credential as a literal value"),
-    ("credential-from-configmap", CLUSTER, [{"op": "replace", "path": f"{HEAD}/containers/0/env/1/valueFrom",
-                                             "value": {"configMapKeyRef": {"name": "lensray-storage", "key": "k"}}}],
-     "must come from a Secret"),
-    ("aws-key-in-configmap", CONFIGMAP, [{"op": "add", "path": "/data/AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"}],
-     "a credential in a ConfigMap"),
-    ("credential-in-runtime-env", TRAIN, [{"op": "replace", "path": "/spec/runtimeEnvYAML",
-                                           "value": "env_vars: {AWS_SECRET_ACCESS_KEY: abc}"}], "a credential in the runtime env"),
-    ("privilege-escalation", TRAIN, [{"op": "replace", "path": f"{JOB_HEAD}/containers/0/securityContext/allowPrivilegeEscalation",
-                                      "value": True}], "allowPrivilegeEscalation: must be false"),
-    ("capabilities-kept", CLUSTER, [{"op": "remove", "path": f"{HEAD}/containers/0/securityContext/capabilities"}],
-     "capabilities.drop: must include ALL"),
-    ("root-allowed", TRAIN, [{"op": "remove", "path": f"{JOB_WORKER}/template/spec/securityContext/runAsNonRoot"},
-                             {"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/securityContext/runAsNonRoot"}],
-     "runAsNonRoot: must be true"),
-    ("run-as-root", CLUSTER, [{"op": "replace", "path": f"{HEAD}/securityContext/runAsUser", "value": 0}], "runAsUser: 0 (root)"),
-    ("no-seccomp", CLUSTER, [{"op": "remove", "path": f"{HEAD}/securityContext/seccompProfile"},
-                             {"op": "remove", "path": f"{HEAD}/containers/0/securityContext/seccompProfile"}],
-     "seccompProfile.type: must be RuntimeDefault"),
-    ("privileged", CLUSTER, [{"op": "add", "path": f"{HEAD}/containers/0/securityContext/privileged", "value": True}],
-     "privileged: not allowed"),
-    ("host-path", CLUSTER, [{"op": "add", "path": f"{HEAD}/volumes/-", "value": {"name": "h", "hostPath": {"path": "/"}}}],
-     "hostPath volumes are not allowed"),
-    ("autoscaler-not-restricted", CLUSTER, [{"op": "remove", "path": "/spec/autoscalerOptions/securityContext"}],
-     "autoscalerOptions.securityContext.allowPrivilegeEscalation"),
-    ("submitter-not-restricted", TRAIN, [{"op": "remove", "path": "/spec/submitterPodTemplate/spec/containers/0/securityContext"}],
-     "submitterPodTemplate.spec.containers[0].securityContext.allowPrivilegeEscalation"),
-    ("no-dev-shm", TRAIN, [{"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/volumeMounts"}],
-     "needs /dev/shm mounted from an emptyDir with medium: Memory"),
+    (
+        "literal-aws-key",
+        TRAIN,
+        [
+            {
+                "op": "replace",
+                "path": f"{JOB_HEAD}/containers/0/env/0",
+                "value": {"name": "AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"},
+            }
+        ],
+        "a credential as a literal value",
+    ),
+    (
+        "literal-token-env",
+        CLUSTER,
+        [{"op": "add", "path": f"{HEAD}/containers/0/env/-", "value": {"name": "HF_TOKEN", "value": "x"}}],
+        "(HF_TOKEN): a credential as a literal value",
+    ),
+    (
+        "literal-secret-env",
+        CLUSTER,
+        [{"op": "add", "path": f"{HEAD}/containers/0/env/-", "value": {"name": "DB_PASSWORD", "value": "x"}}],
+        "(DB_PASSWORD): a credential as a literal value",
+    ),
+    (
+        "credential-from-configmap",
+        CLUSTER,
+        [
+            {
+                "op": "replace",
+                "path": f"{HEAD}/containers/0/env/1/valueFrom",
+                "value": {"configMapKeyRef": {"name": "lensray-storage", "key": "k"}},
+            }
+        ],
+        "must come from a Secret",
+    ),
+    (
+        "aws-key-in-configmap",
+        CONFIGMAP,
+        [{"op": "add", "path": "/data/AWS_ACCESS_KEY_ID", "value": "AKIAIOSFODNN7EXAMPLE"}],
+        "a credential in a ConfigMap",
+    ),
+    (
+        "credential-in-runtime-env",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/runtimeEnvYAML", "value": "env_vars: {AWS_SECRET_ACCESS_KEY: abc}"}],
+        "a credential in the runtime env",
+    ),
+    (
+        "privilege-escalation",
+        TRAIN,
+        [{"op": "replace", "path": f"{JOB_HEAD}/containers/0/securityContext/allowPrivilegeEscalation", "value": True}],
+        "allowPrivilegeEscalation: must be false",
+    ),
+    (
+        "capabilities-kept",
+        CLUSTER,
+        [{"op": "remove", "path": f"{HEAD}/containers/0/securityContext/capabilities"}],
+        "capabilities.drop: must include ALL",
+    ),
+    (
+        "root-allowed",
+        TRAIN,
+        [
+            {"op": "remove", "path": f"{JOB_WORKER}/template/spec/securityContext/runAsNonRoot"},
+            {"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/securityContext/runAsNonRoot"},
+        ],
+        "runAsNonRoot: must be true",
+    ),
+    (
+        "run-as-root",
+        CLUSTER,
+        [{"op": "replace", "path": f"{HEAD}/securityContext/runAsUser", "value": 0}],
+        "runAsUser: 0 (root)",
+    ),
+    (
+        "no-seccomp",
+        CLUSTER,
+        [
+            {"op": "remove", "path": f"{HEAD}/securityContext/seccompProfile"},
+            {"op": "remove", "path": f"{HEAD}/containers/0/securityContext/seccompProfile"},
+        ],
+        "seccompProfile.type: must be RuntimeDefault",
+    ),
+    (
+        "privileged",
+        CLUSTER,
+        [{"op": "add", "path": f"{HEAD}/containers/0/securityContext/privileged", "value": True}],
+        "privileged: not allowed",
+    ),
+    (
+        "host-path",
+        CLUSTER,
+        [{"op": "add", "path": f"{HEAD}/volumes/-", "value": {"name": "h", "hostPath": {"path": "/"}}}],
+        "hostPath volumes are not allowed",
+    ),
+    (
+        "autoscaler-not-restricted",
+        CLUSTER,
+        [{"op": "remove", "path": "/spec/autoscalerOptions/securityContext"}],
+        "autoscalerOptions.securityContext.allowPrivilegeEscalation",
+    ),
+    (
+        "submitter-not-restricted",
+        TRAIN,
+        [{"op": "remove", "path": "/spec/submitterPodTemplate/spec/containers/0/securityContext"}],
+        "submitterPodTemplate.spec.containers[0].securityContext.allowPrivilegeEscalation",
+    ),
+    (
+        "no-dev-shm",
+        TRAIN,
+        [{"op": "remove", "path": f"{JOB_WORKER}/template/spec/containers/0/volumeMounts"}],
+        "needs /dev/shm mounted from an emptyDir with medium: Memory",
+    ),
     ("dev-shm-on-disk", CLUSTER, [{"op": "remove", "path": f"{HEAD}/volumes/0/emptyDir/medium"}], "medium: Memory"),
-    ("dev-shm-too-big", CLUSTER, [{"op": "replace", "path": f"{HEAD}/volumes/0/emptyDir/sizeLimit", "value": "16Gi"}],
-     "sizeLimit 16Gi must stay below the container's memory limit 16Gi"),
-    ("latest-image", TRAIN, [{"op": "replace", "path": f"{JOB_HEAD}/containers/0/image", "value": "lensray:latest"}],
-     "needs a pinned tag"),
-    ("untagged-image", TRAIN, [{"op": "replace", "path": "/spec/submitterPodTemplate/spec/containers/0/image", "value": "lensray"}],
-     "needs a pinned tag"),
-    ("cluster-outlives-job", TRAIN, [{"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False},
-                                     {"op": "remove", "path": "/spec/ttlSecondsAfterFinished"}], "shutdownAfterJobFinishes: must be true"),
-    ("entrypoint-shell", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --out $OUT"}], "shell characters ['$']"),
-    ("entrypoint-not-lensray", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": "python train.py"}],
-     "must run the `lensray` command"),
-    ("entrypoint-unknown-subcommand", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": "lensray fit --config x"}],
-     "invalid choice: 'fit'"),
-    ("entrypoint-unknown-flag", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --gpus 2"}],
-     "unrecognized arguments: --gpus 2"),
-    ("entrypoint-bad-flag-value", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --epochs ten"}],
-     "invalid int value: 'ten'"),
-    ("entrypoint-config-missing", TRAIN, [{"op": "replace", "path": "/spec/entrypoint",
-                                           "value": ENTRY.replace("lastro.yaml", "lastro_typo.yaml")}],
-     "configs/lastro_typo.yaml does not exist in the repository"),
-    ("entrypoint-config-relative", TRAIN, [{"op": "replace", "path": "/spec/entrypoint",
-                                            "value": ENTRY.replace("/home/ray/lensray/configs", "configs")}], "is not in the image"),
-    ("entrypoint-bad-override", TRAIN, [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --set train.epoch=3"}],
-     "train.epoch: unknown key"),
-]  # fmt: skip
+    (
+        "dev-shm-too-big",
+        CLUSTER,
+        [{"op": "replace", "path": f"{HEAD}/volumes/0/emptyDir/sizeLimit", "value": "16Gi"}],
+        "sizeLimit 16Gi must stay below the container's memory limit 16Gi",
+    ),
+    (
+        "latest-image",
+        TRAIN,
+        [{"op": "replace", "path": f"{JOB_HEAD}/containers/0/image", "value": "lensray:latest"}],
+        "needs a pinned tag",
+    ),
+    (
+        "untagged-image",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/submitterPodTemplate/spec/containers/0/image", "value": "lensray"}],
+        "needs a pinned tag",
+    ),
+    (
+        "cluster-outlives-job",
+        TRAIN,
+        [
+            {"op": "replace", "path": "/spec/shutdownAfterJobFinishes", "value": False},
+            {"op": "remove", "path": "/spec/ttlSecondsAfterFinished"},
+        ],
+        "shutdownAfterJobFinishes: must be true",
+    ),
+    (
+        "entrypoint-shell",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --out $OUT"}],
+        "shell characters ['$']",
+    ),
+    (
+        "entrypoint-not-lensray",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": "python train.py"}],
+        "must run the `lensray` command",
+    ),
+    (
+        "entrypoint-unknown-subcommand",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": "lensray fit --config x"}],
+        "invalid choice: 'fit'",
+    ),
+    (
+        "entrypoint-unknown-flag",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --gpus 2"}],
+        "unrecognized arguments: --gpus 2",
+    ),
+    (
+        "entrypoint-bad-flag-value",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --epochs ten"}],
+        "invalid int value: 'ten'",
+    ),
+    (
+        "entrypoint-config-missing",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY.replace("lastro.yaml", "lastro_typo.yaml")}],
+        "configs/lastro_typo.yaml does not exist in the repository",
+    ),
+    (
+        "entrypoint-config-relative",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY.replace("/home/ray/lensray/configs", "configs")}],
+        "is not in the image",
+    ),
+    (
+        "entrypoint-bad-override",
+        TRAIN,
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY + " --set train.epoch=3"}],
+        "train.epoch: unknown key",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -508,8 +896,9 @@ def base_objects() -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize(("case", "object_id", "operations", "message"), BROKEN, ids=[case[0] for case in BROKEN])
-def test_a_broken_manifest_is_rejected(base_objects: dict[str, dict[str, Any]], case: str, object_id: str,
-                                       operations: list[dict[str, Any]], message: str) -> None:  # fmt: skip
+def test_a_broken_manifest_is_rejected(
+    base_objects: dict[str, dict[str, Any]], case: str, object_id: str, operations: list[dict[str, Any]], message: str
+) -> None:
     original = base_objects[object_id]
     assert kv.problems(original) == [], f"{object_id} must be valid before the {case} change"
     broken = json_patch(copy.deepcopy(original), operations, case)
@@ -519,10 +908,14 @@ def test_a_broken_manifest_is_rejected(base_objects: dict[str, dict[str, Any]], 
     assert all(problem.startswith(f"{broken['kind']}/{name}: ") for problem in found), "each problem names its object"
 
 
-def test_an_invalid_config_file_named_by_an_entrypoint_is_rejected(tmp_path: Path, base_objects: dict[str, dict[str, Any]]) -> None:
+def test_an_invalid_config_file_named_by_an_entrypoint_is_rejected(
+    tmp_path: Path, base_objects: dict[str, dict[str, Any]]
+) -> None:
     _write(tmp_path / "configs", "bad.yaml", {"train": {"epochs": 0}, "modle": {}})
-    job = json_patch(base_objects[TRAIN], [{"op": "replace", "path": "/spec/entrypoint",
-                                            "value": ENTRY.replace("lastro.yaml", "bad.yaml")}])  # fmt: skip
+    job = json_patch(
+        base_objects[TRAIN],
+        [{"op": "replace", "path": "/spec/entrypoint", "value": ENTRY.replace("lastro.yaml", "bad.yaml")}],
+    )
     found = kv.problems(job, repo=tmp_path)
     assert any("modle: unknown key" in p for p in found) and any("train.epochs" in p for p in found), found
 
@@ -539,7 +932,9 @@ def test_the_secret_example_holds_placeholders_and_real_keys_are_refused() -> No
 
 
 def test_a_namespace_mismatch_is_reported(tmp_path: Path) -> None:
-    objects = [yaml.safe_load((K8S / "storage-configmap.yaml").read_text()),
-               {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}]  # fmt: skip
+    objects = [
+        yaml.safe_load((K8S / "storage-configmap.yaml").read_text()),
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
+    ]
     objects[0]["metadata"]["namespace"] = "lensray"
     assert any("Namespace/other: the other objects are in ['lensray']" in p for p in kv.validate(objects))

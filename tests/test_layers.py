@@ -88,7 +88,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         state[module] = 1
         for target in sorted(graph.get(module, ())):
             if state.get(target) == 1:
-                found.append(path[path.index(target) :] + [target])
+                found.append([*path[path.index(target) :], target])
             elif target in graph and state.get(target) is None:
                 visit(target, [*path, target])
         state[module] = 2
@@ -126,13 +126,23 @@ def test_every_stage_is_in_a_layer() -> None:
     ("files", "expected"),
     [
         (  # a function-level upward import: the kind that hid the evaluate <-> score cycle
-            {"__init__.py": "", "sky/__init__.py": "", "sky/fits.py": "def f():\n    from lensray.train import loop\n",
-             "train/__init__.py": "", "train/loop.py": ""},
+            {
+                "__init__.py": "",
+                "sky/__init__.py": "",
+                "sky/fits.py": "def f():\n    from lensray.train import loop\n",
+                "train/__init__.py": "",
+                "train/loop.py": "",
+            },
             "lensray.sky.fits (sky) imports lensray.train.loop (train), a later stage",
         ),
         (
-            {"__init__.py": "", "ingest/__init__.py": "", "ingest/store.py": "from lensray.simulate.scene import Scene\n",
-             "simulate/__init__.py": "", "simulate/scene.py": "Scene = 1\n"},
+            {
+                "__init__.py": "",
+                "ingest/__init__.py": "",
+                "ingest/store.py": "from lensray.simulate.scene import Scene\n",
+                "simulate/__init__.py": "",
+                "simulate/scene.py": "Scene = 1\n",
+            },
             "lensray.ingest.store (ingest) imports lensray.simulate.scene (simulate), a sibling stage",
         ),
         (
@@ -146,11 +156,15 @@ def test_a_planted_bad_import_is_caught(tmp_path: Path, files: dict[str, str], e
 
 
 def test_a_planted_cycle_is_caught(tmp_path: Path) -> None:
-    root = write_package(tmp_path, {
-        "__init__.py": "", "evaluate/__init__.py": "",
-        "evaluate/evaluate.py": "from lensray.evaluate import score\n",
-        "evaluate/score.py": "def f():\n    from lensray.evaluate.evaluate import g\n",
-    })  # fmt: skip
+    root = write_package(
+        tmp_path,
+        {
+            "__init__.py": "",
+            "evaluate/__init__.py": "",
+            "evaluate/evaluate.py": "from lensray.evaluate import score\n",
+            "evaluate/score.py": "def f():\n    from lensray.evaluate.evaluate import g\n",
+        },
+    )
     assert cycles(import_graph(root)) == [
         ["lensray.evaluate.evaluate", "lensray.evaluate.score", "lensray.evaluate.evaluate"]
     ]

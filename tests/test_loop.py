@@ -11,12 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lensray.models import inference
-from lensray.train import loop
-
-from lensray.evaluate import metrics
 from lensray.config import LastroConfig, ModelConfig, OptimConfig, PreprocessConfig, SimulateConfig
-from lensray.models import build_model
+from lensray.evaluate import metrics
+from lensray.models import build_model, inference
+from lensray.train import loop
 
 
 def separable_set(n: int, seed: int, side: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +98,8 @@ def test_train_one_epoch_refuses_empty_feeds_and_divergence() -> None:
 @pytest.fixture(scope="module")
 def simulated_cutouts() -> tuple[np.ndarray, np.ndarray]:
     """64 cutouts from the real simulator (32 lenses), preprocessed as the demo does: 4 x 50 x 50."""
-    from lensray.simulate.simulator import object_rng, simulate_object
     from lensray.ingest.preprocess import preprocess_batch
+    from lensray.simulate.simulator import object_rng, simulate_object
 
     config = SimulateConfig(nan_pixel_rate=0, offsize_nir_rate=0)
     labels = np.arange(64) % 2
@@ -114,8 +112,10 @@ def simulated_cutouts() -> tuple[np.ndarray, np.ndarray]:
 
 LEARNS = (LastroConfig(dropout_kind="none"), OptimConfig(lr=3e-4))  # bn_relu, Kaiming, Adam 3e-4
 # The study's recipe: conv->ReLU->conv->ReLU->BN, Dropout2d 0.2, dense dropout 0.5, Adam 1e-3.
-PAPER = (LastroConfig(block_order="paper", dropout_kind="spatial", dropout=0.2, dense_dropout=0.5),
-         OptimConfig(lr=1e-3))  # fmt: skip
+PAPER = (
+    LastroConfig(block_order="paper", dropout_kind="spatial", dropout=0.2, dense_dropout=0.5),
+    OptimConfig(lr=1e-3),
+)
 
 
 def _sanity(recipe: tuple[LastroConfig, OptimConfig], cutouts: tuple[np.ndarray, np.ndarray]) -> loop.SanityResult:
@@ -213,8 +213,14 @@ def _run(epochs: range, model, optimizer, scheduler, stopper, history, data) -> 
         labels, scores = inference.validate(model, batches_of(*data, 32))
         scheduler.step(PLATEAU_AUCS[epoch])
         stopper.step(PLATEAU_AUCS[epoch])
-        history.append({"epoch": epoch, "loss": stats["loss"], "val_auc": metrics.auc(labels, scores),
-                        "lr": optimizer.param_groups[0]["lr"]})  # fmt: skip
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": stats["loss"],
+                "val_auc": metrics.auc(labels, scores),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+        )
 
 
 def _fresh(config: OptimConfig) -> tuple:
@@ -238,8 +244,9 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     model, optimizer, scheduler, stopper = _fresh(config)
     first: list[dict] = []
     _run(range(3), model, optimizer, scheduler, stopper, first, data)
-    snapshot = loop.LoopState.capture(epoch=3, model=model, optimizer=optimizer, scheduler=scheduler,
-                                      early_stopping=stopper, history=first)  # fmt: skip
+    snapshot = loop.LoopState.capture(
+        epoch=3, model=model, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper, history=first
+    )
     _run(range(3, 4), model, optimizer, scheduler, stopper, first, data)  # the old process runs on...
     path = tmp_path / "state.pt"
     snapshot.save(path)  # (a snapshot is a copy: saving it later still saves epoch 3)

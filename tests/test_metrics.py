@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lensray.evaluate import metrics
+
 LABELS = [1, 1, 0, 1, 0, 0, 1, 0]
 SCORES = [0.9, 0.8, 0.7, 0.7, 0.6, 0.3, 0.2, 0.1]
 
@@ -119,9 +120,7 @@ def test_tpr_and_threshold_match_their_definitions_on_random_sets(seed: int) -> 
     # Scores on a coarse grid so that ties between and within classes are common.
     scores = np.round(rng.normal(labels * 0.8, 1.0), 1)
     for max_fp in (0, 1, 9, 30):
-        assert metrics.tpr_at_fp(labels, scores, max_fp) == pytest.approx(
-            _brute_force_tpr(labels, scores, max_fp)
-        )
+        assert metrics.tpr_at_fp(labels, scores, max_fp) == pytest.approx(_brute_force_tpr(labels, scores, max_fp))
     best_acc = max(metrics.acc(labels, scores, t) for t in np.r_[np.unique(scores), np.inf])
     assert metrics.acc(labels, scores, metrics.choose_threshold(labels, scores)) == pytest.approx(best_acc)
 

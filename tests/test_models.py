@@ -30,7 +30,7 @@ def layers_of(model: nn.Module, kind: type[nn.Module]) -> list[nn.Module]:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_forward_backward_every_model(name: str, bands: int, size: int) -> None:
     torch.manual_seed(0)
-    model = MODELS[name](default_section(name), bands, size)
+    model = MODELS[name].build(default_section(name), bands, size)
     images = torch.randn(4, bands, size, size)
     logits = model(images)
     assert logits.shape == (4,)
@@ -45,7 +45,7 @@ def test_forward_backward_every_model(name: str, bands: int, size: int) -> None:
 @pytest.mark.parametrize("size", [64, 100, 200])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_any_square_size_gives_one_logit_per_image(name: str, size: int) -> None:
-    model = MODELS[name](default_section(name), 4, size).eval()
+    model = MODELS[name].build(default_section(name), 4, size).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 4, size, size)).shape == (2,)
 
@@ -61,7 +61,7 @@ def test_build_model_uses_the_named_section() -> None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_eval_mode_is_deterministic(name: str) -> None:
     section = default_section(name).model_copy(update={"dropout": 0.3})
-    model = MODELS[name](section, 4, 32)
+    model = MODELS[name].build(section, 4, 32)
     images = torch.randn(8, 4, 32, 32)
     model.train()
     with torch.no_grad():
@@ -120,8 +120,14 @@ def test_lastro_block_orders_differ() -> None:
         return [type(m).__name__ for m in model.features]
 
     assert block_types("bn_relu") == [
-        "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
-    ]  # fmt: skip
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "Conv2d",
+        "BatchNorm2d",
+        "ReLU",
+        "MaxPool2d",
+    ]
     assert block_types("paper") == ["Conv2d", "ReLU", "Conv2d", "ReLU", "BatchNorm2d", "MaxPool2d"]
 
 
@@ -233,7 +239,7 @@ def test_resnet_even_kernel_is_a_clear_error() -> None:
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_bad_band_count_is_a_clear_error(name: str) -> None:
     with pytest.raises(ValueError, match=f"{name}: need in_channels >= 1"):
-        MODELS[name](default_section(name), 0, 32)
+        MODELS[name].build(default_section(name), 0, 32)
 
 
 # ---- learning -----------------------------------------------------------------------------------
@@ -256,7 +262,7 @@ def test_bn_relu_networks_learn_a_separable_batch(name: str) -> None:
     section = default_section(name)
     if name == "lastro":
         assert section.block_order == "bn_relu"  # the platform default is the order that learns
-    model = MODELS[name](section, 4, 32).train()
+    model = MODELS[name].build(section, 4, 32).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(30):

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from lensray import storage
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
+from lensray.ingest.ingest import IngestError, assign_splits, ingest
+from lensray.ingest.preprocess import preprocess_cutout
+from lensray.ingest.store import SPLITS, LensStore, StoreMismatchError
+from lensray.simulate.simulator import simulate_dataset
 from lensray.sky.bands import band_relpath
 from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog
-from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.sky.fits import read_cutout
-from lensray.ingest.ingest import IngestError, assign_splits, ingest
-from lensray.simulate.simulator import simulate_dataset
-from lensray.ingest.store import SPLITS, LensStore, StoreMismatchError
-from lensray.ingest.preprocess import preprocess_cutout
 
 N_OBJECTS = 24
 
@@ -27,10 +27,15 @@ def raw_root(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> Pat
     root = tmp_path_factory.mktemp("raw")
     simulate_dataset(
         SimulateConfig(
-            out=str(root), n=N_OBJECTS, seed=11, nan_pixel_rate=0.0, offsize_nir_rate=0.0,
-            missing_image_rate=0.0, duplicate_id_rate=0.0,
+            out=str(root),
+            n=N_OBJECTS,
+            seed=11,
+            nan_pixel_rate=0.0,
+            offsize_nir_rate=0.0,
+            missing_image_rate=0.0,
+            duplicate_id_rate=0.0,
         )
-    )  # fmt: skip
+    )
     return root
 
 
@@ -140,7 +145,9 @@ def damaged_root(raw_root: Path, tmp_path: Path) -> tuple[Path, dict[int, str]]:
     return root, expected
 
 
-def test_bad_inputs_are_rejected_recorded_and_never_written(damaged_root: tuple[Path, dict[int, str]], tmp_path: Path) -> None:
+def test_bad_inputs_are_rejected_recorded_and_never_written(
+    damaged_root: tuple[Path, dict[int, str]], tmp_path: Path
+) -> None:
     root, expected = damaged_root
     nan_id = sorted(read_catalog(str(root / CATALOG_NAME)).ids)[6]
     data, preprocess = _configs(str(root), str(tmp_path / "store.zarr"))
@@ -149,7 +156,10 @@ def test_bad_inputs_are_rejected_recorded_and_never_written(damaged_root: tuple[
     # The "all_nan" reason covers both all-NaN and all-zero stamps; whichever name fits_io gives, it is named.
     assert set(got) == set(expected)
     for object_id, reason in expected.items():
-        assert got[object_id] in ({reason} if reason != "all_nan" else {"all_nan", "empty"}), (object_id, got[object_id])
+        assert got[object_id] in ({reason} if reason != "all_nan" else {"all_nan", "empty"}), (
+            object_id,
+            got[object_id],
+        )
     store = LensStore.open(preprocess.out)
     assert store.meta["counts"]["valid"] == N_OBJECTS - len(expected)
     assert {r["id"] for r in store.meta["rejects"]} == set(expected)
@@ -203,9 +213,28 @@ def test_cli_preprocess_and_store_info(raw_root: Path, tmp_path: Path, capsys: p
 
     store_url = str(tmp_path / "cli.zarr")
     code = main(
-        ["preprocess", "--images", str(raw_root), "--catalog", str(raw_root / CATALOG_NAME), "--out", store_url,
-         "--bands", "VIS,H", "--crop", "64", "--bin", "2", "--labels", "paper", "--limit", "8", "--shard-size", "4"]
-    )  # fmt: skip
+        [
+            "preprocess",
+            "--images",
+            str(raw_root),
+            "--catalog",
+            str(raw_root / CATALOG_NAME),
+            "--out",
+            store_url,
+            "--bands",
+            "VIS,H",
+            "--crop",
+            "64",
+            "--bin",
+            "2",
+            "--labels",
+            "paper",
+            "--limit",
+            "8",
+            "--shard-size",
+            "4",
+        ]
+    )
     assert code == 0
     store = LensStore.open(store_url)
     assert store.n == 8 and store.sample_shape == (2, 32, 32)

@@ -16,18 +16,17 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from tiny_run import tiny_run_config
 
 from lensray import storage
-from lensray.sky.catalog import CATALOG_NAME
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.evaluate.evaluate import evaluate_run
-from lensray.ingest.ingest import ingest
 from lensray.evaluate.score import score_catalog
-from lensray.simulate.simulator import simulate_dataset
+from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
+from lensray.simulate.simulator import simulate_dataset
+from lensray.sky.catalog import CATALOG_NAME
 from lensray.train.trainer import train
-
-from tiny_run import tiny_run_config
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -43,8 +42,17 @@ def _browser() -> str:
 
 
 def _chromium(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}", *args]  # fmt: skip
+    command = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
 
 
@@ -69,12 +77,27 @@ def assert_renders(browser: str, page: Path, work: Path, min_images: int) -> Non
 def test_report_and_candidate_gallery_render_in_chromium(tmp_path: Path, ray_cluster: None) -> None:
     browser = _browser()
     raw = str(tmp_path / "raw")
-    simulate_dataset(SimulateConfig(out=raw, n=24, seed=4, nan_pixel_rate=0.0, offsize_nir_rate=0.0,
-                                    missing_image_rate=0.0, duplicate_id_rate=0.0, workers=2))  # fmt: skip
+    simulate_dataset(
+        SimulateConfig(
+            out=raw,
+            n=24,
+            seed=4,
+            nan_pixel_rate=0.0,
+            offsize_nir_rate=0.0,
+            missing_image_rate=0.0,
+            duplicate_id_rate=0.0,
+            workers=2,
+        )
+    )
     store_url = str(tmp_path / "store.zarr")
     data = DataConfig(images=raw, catalog=storage.join(raw, CATALOG_NAME), bands=("VIS", "Y", "J", "H"))
-    ingest(data, PreprocessConfig(out=store_url, crop=40, bin=2, shard_size=8, val_fraction=0.3, test_fraction=0.3,
-                                  split_seed=1), progress=False)  # fmt: skip
+    ingest(
+        data,
+        PreprocessConfig(
+            out=store_url, crop=40, bin=2, shard_size=8, val_fraction=0.3, test_fraction=0.3, split_seed=1
+        ),
+        progress=False,
+    )
     store = LensStore.open(store_url)
     for split in ("val", "test"):
         assert len(set(store.labels[store.indices(split)].tolist())) == 2, f"the test needs both classes in {split}"
@@ -82,7 +105,8 @@ def test_report_and_candidate_gallery_render_in_chromium(tmp_path: Path, ray_clu
     checkpoint = train(config).best_checkpoint
 
     report = evaluate_run(checkpoint, store_url, tmp_path / "report", gallery=4)
-    scored = score_catalog(checkpoint, raw, storage.join(raw, CATALOG_NAME), str(tmp_path / "cand.parquet"),
-                           device="cpu", gallery=12)  # fmt: skip
+    scored = score_catalog(
+        checkpoint, raw, storage.join(raw, CATALOG_NAME), str(tmp_path / "cand.parquet"), device="cpu", gallery=12
+    )
     assert_renders(browser, Path(report.html_path), tmp_path, min_images=5)
     assert_renders(browser, Path(scored.gallery_path), tmp_path, min_images=1)

@@ -11,21 +11,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_run import tiny_run_config
 
 from lensray import storage
-from lensray.sky.bands import band_relpath
-from lensray.sky.catalog import CATALOG_NAME
 from lensray.cli import main
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.ingest.ingest import ingest
 from lensray.errors import CheckpointError
 from lensray.evaluate.score import ScoreError, read_ids, score_catalog
+from lensray.ingest.ingest import ingest
+from lensray.ingest.store import LensStore
 from lensray.runs import model_input
 from lensray.simulate.simulator import simulate_dataset
-from lensray.ingest.store import LensStore
+from lensray.sky.bands import band_relpath
+from lensray.sky.catalog import CATALOG_NAME
 from lensray.train.trainer import MODEL_INPUT_FILE, train
-
-from tiny_run import tiny_run_config
 
 N = 16
 CORRUPT_ID, MISSING_ID = 200003, 200007
@@ -34,8 +33,18 @@ CORRUPT_ID, MISSING_ID = 200003, 200007
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> str:
     root = str(tmp_path_factory.mktemp("score") / "raw")
-    simulate_dataset(SimulateConfig(out=root, n=N, seed=11, nan_pixel_rate=0.0, offsize_nir_rate=0.0,
-                                    missing_image_rate=0.0, duplicate_id_rate=0.0, workers=2))  # fmt: skip
+    simulate_dataset(
+        SimulateConfig(
+            out=root,
+            n=N,
+            seed=11,
+            nan_pixel_rate=0.0,
+            offsize_nir_rate=0.0,
+            missing_image_rate=0.0,
+            duplicate_id_rate=0.0,
+            workers=2,
+        )
+    )
     return root
 
 
@@ -45,8 +54,13 @@ def trained(raw: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, st
     folder = tmp_path_factory.mktemp("score_run")
     store_url = str(folder / "store.zarr")
     data = DataConfig(images=raw, catalog=storage.join(raw, CATALOG_NAME), bands=("VIS", "J"))
-    ingest(data, PreprocessConfig(out=store_url, crop=40, bin=2, shard_size=8, val_fraction=0.3, test_fraction=0.2,
-                                  split_seed=3), progress=False)  # fmt: skip
+    ingest(
+        data,
+        PreprocessConfig(
+            out=store_url, crop=40, bin=2, shard_size=8, val_fraction=0.3, test_fraction=0.2, split_seed=3
+        ),
+        progress=False,
+    )
     store = LensStore.open(store_url)
     assert len(set(store.labels[store.indices("val")].tolist())) == 2, "the fixture needs both classes in val"
     config = tiny_run_config(store_url, folder / "runs", "score")
@@ -62,19 +76,23 @@ def _read_parquet(url: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(storage.read_bytes(url)))
 
 
-def test_scores_equal_the_store_predictions_and_rejects_are_listed(raw: str, trained: tuple[str, str], tmp_path: Path) -> None:
+def test_scores_equal_the_store_predictions_and_rejects_are_listed(
+    raw: str, trained: tuple[str, str], tmp_path: Path
+) -> None:
     from lensray.runs import load_run
 
     checkpoint, store_url = trained
     out = str(tmp_path / "candidates.parquet")
-    summary = score_catalog(checkpoint, raw, storage.join(raw, CATALOG_NAME), out, device="cpu", batch_size=5, gallery=6)
+    summary = score_catalog(
+        checkpoint, raw, storage.join(raw, CATALOG_NAME), out, device="cpu", batch_size=5, gallery=6
+    )
     candidates = _read_parquet(out)
     assert len(candidates) == N - 2 and summary.n_scored == N - 2
     assert CORRUPT_ID not in set(candidates["id"]) and MISSING_ID not in set(candidates["id"])
     assert candidates["rank"].tolist() == list(range(1, N - 1))
     assert (np.diff(candidates["score"]) <= 0).all(), "candidates must be ranked best first"
     rejects = pd.read_csv(tmp_path / "candidates_rejects.csv")
-    assert dict(zip(rejects["id"], rejects["reason"])) == {CORRUPT_ID: "corrupt", MISSING_ID: "missing"}
+    assert dict(zip(rejects["id"], rejects["reason"], strict=False)) == {CORRUPT_ID: "corrupt", MISSING_ID: "missing"}
     assert rejects["message"].str.contains(str(CORRUPT_ID)).any()
 
     # Raw FITS -> the run's transform -> scores: the same as predicting the store's own images.
@@ -99,7 +117,9 @@ def test_tta_scores_every_view_and_s3_works(raw: str, trained: tuple[str, str], 
         if path.is_file():
             storage.write_bytes(storage.join(remote, str(path.relative_to(raw))), path.read_bytes())
     out = storage.join(s3_bucket, "out", "candidates.parquet")
-    summary = score_catalog(checkpoint, remote, storage.join(remote, CATALOG_NAME), out, tta="d4", device="cpu", gallery=4)
+    summary = score_catalog(
+        checkpoint, remote, storage.join(remote, CATALOG_NAME), out, tta="d4", device="cpu", gallery=4
+    )
     candidates = _read_parquet(out)
     assert summary.n_scored == N - 2 and len(candidates) == N - 2
     views = candidates[[f"score_d4_{k}" for k in range(8)]].to_numpy()
@@ -110,15 +130,34 @@ def test_tta_scores_every_view_and_s3_works(raw: str, trained: tuple[str, str], 
     assert b"<img" in storage.read_bytes(storage.join(s3_bucket, "out", "candidates_gallery.html"))
 
 
-def test_a_plain_id_list_is_a_catalogue(raw: str, trained: tuple[str, str], tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_plain_id_list_is_a_catalogue(
+    raw: str, trained: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     listing = tmp_path / "ids.csv"
     listing.write_text("# survey list\nID,ra\n200001,1.0\n200002,2.0\n200001,1.0\n200003,3.0\n")
     ids, repeated = read_ids(str(listing))
     assert ids.tolist() == [200001, 200002, 200003] and repeated == [200001]
     run_folder = str(Path(trained[0]).parent)  # a run folder stands for its best checkpoint
-    assert main(["score", "--run", run_folder, "--images", raw, "--catalog", str(listing), "--out",
-                 str(tmp_path / "c.parquet"), "--device", "cpu", "--gallery", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "score",
+                "--run",
+                run_folder,
+                "--images",
+                raw,
+                "--catalog",
+                str(listing),
+                "--out",
+                str(tmp_path / "c.parquet"),
+                "--device",
+                "cpu",
+                "--gallery",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "scored 2 of 3 IDs" in capsys.readouterr().out
     assert _read_parquet(str(tmp_path / "c.parquet"))["id"].tolist().count(200001) == 1
     assert pd.read_csv(tmp_path / "c_rejects.csv")["id"].tolist() == [CORRUPT_ID]

@@ -13,8 +13,6 @@ import pytest
 from astropy.io import fits
 
 from lensray import storage
-from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
-from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 from lensray.config import SimulateConfig
 from lensray.simulate.simulator import (
     FIELD_DESCRIPTIONS,
@@ -24,10 +22,22 @@ from lensray.simulate.simulator import (
     simulate_dataset,
     simulate_object,
 )
+from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
+from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 
 NO_QUIRKS = dict(nan_pixel_rate=0.0, offsize_nir_rate=0.0, missing_image_rate=0.0, duplicate_id_rate=0.0)
-SOURCE_COLUMNS = ("source_ID", "z_source", "mag_source", "r_source", "n_pix_source", "source_flux",
-                  "n_source_im", "mag_eff", "sb_contrast", "color_diff")  # fmt: skip
+SOURCE_COLUMNS = (
+    "source_ID",
+    "z_source",
+    "mag_source",
+    "r_source",
+    "n_pix_source",
+    "source_flux",
+    "n_source_im",
+    "mag_eff",
+    "sb_contrast",
+    "color_diff",
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +106,10 @@ def test_catalogue_fluxes_and_magnitudes_match_the_images(sample):
 
 def test_nir_and_vis_show_the_same_field(sample):
     """NIR stamps are 3x3 blocks of the VIS field: the lens light's centroid agrees to a fraction of a pixel."""
-    bright = sorted((o for o in sample if o.kind == "elliptical" and not o.row["n_gal_10"] and not o.is_lens),
-                    key=lambda o: o.row["mag_lens"])[:5]  # fmt: skip
+    bright = sorted(
+        (o for o in sample if o.kind == "elliptical" and not o.row["n_gal_10"] and not o.is_lens),
+        key=lambda o: o.row["mag_lens"],
+    )[:5]
     assert bright
     for obj in bright:
         centroids = {}
@@ -177,7 +189,7 @@ def test_image_quirks_at_rate_one_do_what_they_claim():
         assert obj.quirks.nan_pixels, obj.object_id
         for band in BAND_NAMES:
             assert int(np.isnan(obj.images[band]).sum()) == obj.quirks.nan_pixels.get(band, 0)
-        (band, size), = obj.quirks.nir_sizes.items()
+        ((band, size),) = obj.quirks.nir_sizes.items()
         assert band in NIR_BANDS and size in (65, 67)
         assert obj.images[band].shape == (size, size)
         assert all(obj.images[b].shape == (66, 66) for b in NIR_BANDS if b != band)
@@ -224,8 +236,9 @@ def test_dataset_layout_headers_catalogue_and_worker_invariance(tmp_path, ray_cl
 
 
 def test_missing_images_and_duplicate_rows_at_rate_one(tmp_path, ray_cluster):
-    config = SimulateConfig(out=str(tmp_path), n=3, seed=2, workers=2,
-                            **{**NO_QUIRKS, "missing_image_rate": 1.0, "duplicate_id_rate": 1.0})  # fmt: skip
+    config = SimulateConfig(
+        out=str(tmp_path), n=3, seed=2, workers=2, **{**NO_QUIRKS, "missing_image_rate": 1.0, "duplicate_id_rate": 1.0}
+    )
     summary = simulate_dataset(config)
     assert summary.missing_image_ids == summary.duplicate_ids == (200001, 200002, 200003)
     assert not list(tmp_path.rglob("*.fits"))
@@ -238,8 +251,9 @@ def test_missing_images_and_duplicate_rows_at_rate_one(tmp_path, ray_cluster):
 
 def test_writes_to_s3_with_nan_and_offsize_quirks(s3_bucket, ray_cluster):
     out = f"{s3_bucket}/challenge/train"
-    config = SimulateConfig(out=out, n=3, seed=9, workers=2,
-                            **{**NO_QUIRKS, "nan_pixel_rate": 1.0, "offsize_nir_rate": 1.0})  # fmt: skip
+    config = SimulateConfig(
+        out=out, n=3, seed=9, workers=2, **{**NO_QUIRKS, "nan_pixel_rate": 1.0, "offsize_nir_rate": 1.0}
+    )
     summary = simulate_dataset(config)
     assert summary.catalog_url == f"{out}/{CATALOG_NAME}"
     assert summary.nan_pixel_ids == summary.offsize_nir_ids == (200001, 200002, 200003)
@@ -248,8 +262,7 @@ def test_writes_to_s3_with_nan_and_offsize_quirks(s3_bucket, ray_cluster):
     for object_id in summary.nan_pixel_ids:
         images = {band: _read_fits(storage.join(out, band_relpath(band, object_id)))[0] for band in BAND_NAMES}
         assert any(np.isnan(image).any() for image in images.values())
-        assert sorted(image.shape[0] for band, image in images.items() if band != "VIS") in (
-            [65, 66, 66], [66, 66, 67])  # fmt: skip
+        assert sorted(image.shape[0] for band, image in images.items() if band != "VIS") in ([65, 66, 66], [66, 66, 67])
 
 
 def test_missing_out_is_a_clear_error():

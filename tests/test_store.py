@@ -56,9 +56,13 @@ def make_dataset(n: int = 10, seed: int = 0, rejected_rows: tuple[int, ...] = (1
     images[~valid] = rng.normal(size=images[~valid].shape)  # garbage the store must not write
     reasons = {int(ids[r]): ("missing_image" if k % 2 == 0 else "all_nan") for k, r in enumerate(rejected_rows)}
     return Dataset(
-        ids=ids, labels=rng.integers(0, 2, n).astype(np.int8), split=rng.integers(0, 3, n).astype(np.int8),
-        images=images, valid=valid, reasons=reasons,
-    )  # fmt: skip
+        ids=ids,
+        labels=rng.integers(0, 2, n).astype(np.int8),
+        split=rng.integers(0, 3, n).astype(np.int8),
+        images=images,
+        valid=valid,
+        reasons=reasons,
+    )
 
 
 def meta(mode: str = "asinh") -> dict:
@@ -72,9 +76,15 @@ def meta(mode: str = "asinh") -> dict:
 
 def create(url: str, data: Dataset, dtype: str = "float16", **changes) -> None:
     kwargs = dict(
-        ids=data.ids, labels=data.labels, split=data.split, channels=CHANNELS, size=SIZE, dtype=dtype,
-        shard_size=SHARD, meta=meta(),
-    )  # fmt: skip
+        ids=data.ids,
+        labels=data.labels,
+        split=data.split,
+        channels=CHANNELS,
+        size=SIZE,
+        dtype=dtype,
+        shard_size=SHARD,
+        meta=meta(),
+    )
     kwargs.update(changes)
     create_store(url, **kwargs)
 

@@ -15,19 +15,40 @@ import pytest
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
 from lensray.ingest.store import LensStore
-from lensray.train.trainer import PREDICTIONS_FILE, CheckpointError, TrainError, best_checkpoint, run_sanity_check, train
+from lensray.train.trainer import (
+    PREDICTIONS_FILE,
+    CheckpointError,
+    TrainError,
+    best_checkpoint,
+    run_sanity_check,
+    train,
+)
 
 
 def _config(store: str, out: str, name: str, *overrides: str) -> LensrayConfig:
     return load_config(
         Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml",
-        [f"data.store={store}", f"train.out={out}", f"train.name={name}", "train.epochs=3", "train.steps_per_epoch=4",
-         "train.batch_size=16", "train.sanity=false", "model.lastro.dense=[32]", "model.lastro.filters=8", *overrides],
-    )  # fmt: skip
+        [
+            f"data.store={store}",
+            f"train.out={out}",
+            f"train.name={name}",
+            "train.epochs=3",
+            "train.steps_per_epoch=4",
+            "train.batch_size=16",
+            "train.sanity=false",
+            "model.lastro.dense=[32]",
+            "model.lastro.filters=8",
+            *overrides,
+        ],
+    )
 
 
-def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
-    config = _config(tiny_store, str(tmp_path / "runs"), "ddp", "resources.num_workers=2", "resources.cpus_per_worker=0.5")
+def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(
+    tiny_store: str, tmp_path: Path, ray_cluster: None
+) -> None:
+    config = _config(
+        tiny_store, str(tmp_path / "runs"), "ddp", "resources.num_workers=2", "resources.cpus_per_worker=0.5"
+    )
     outcome = train(config)
     assert [row["epoch"] for row in outcome.history] == [1, 2, 3]
     for row in outcome.history:
@@ -46,8 +67,12 @@ def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(tiny_sto
 def test_resume_continues_epochs_and_lr_schedule_exactly(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
     runs = str(tmp_path / "runs")
     # Patience 0 and a plateau at AUC 1.0 make the LR drop mid-run, so the schedule is visible.
-    knobs = ("optim.plateau_patience=0", "optim.plateau_factor=0.5", "train.early_stopping_patience=null",
-             "train.steps_per_epoch=8")  # val AUC reaches 1.0 within a few epochs, then plateaus
+    knobs = (
+        "optim.plateau_patience=0",
+        "optim.plateau_factor=0.5",
+        "train.early_stopping_patience=null",
+        "train.steps_per_epoch=8",
+    )  # val AUC reaches 1.0 within a few epochs, then plateaus
     straight = train(_config(tiny_store, runs, "straight", "train.epochs=6", *knobs))
 
     train(_config(tiny_store, runs, "split", "train.epochs=3", *knobs))
@@ -56,7 +81,7 @@ def test_resume_continues_epochs_and_lr_schedule_exactly(tiny_store: str, tmp_pa
     resumed = train(_config(tiny_store, runs, "split", "train.epochs=6", *knobs), resume=True)
 
     assert [row["epoch"] for row in resumed.history] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(straight.history, resumed.history):
+    for a, b in zip(straight.history, resumed.history, strict=False):
         assert a["lr"] == b["lr"], (a, b)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
@@ -98,7 +123,9 @@ def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     run_url = storage.join(root, "runs", "hand")
     aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8, 7: 0.99}
@@ -143,7 +170,9 @@ def test_missing_store_and_resume_errors(tmp_path: Path, tiny_store: str) -> Non
         train(_config(tiny_store, str(tmp_path), "never-ran"), resume=True)
 
 
-def test_load_run_reproduces_the_stored_validation_predictions(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+def test_load_run_reproduces_the_stored_validation_predictions(
+    tiny_store: str, tmp_path: Path, ray_cluster: None
+) -> None:
     from lensray.runs import load_run
 
     outcome = train(_config(tiny_store, str(tmp_path / "runs"), "reload", "train.epochs=2"))
@@ -156,7 +185,9 @@ def test_load_run_reproduces_the_stored_validation_predictions(tiny_store: str, 
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:
+def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
+    tiny_store: str, tmp_path: Path, ray_cluster: None
+) -> None:
     import contextlib
     import os
     import signal
@@ -166,8 +197,9 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(tiny_store: str
     from ray.util.state import list_actors
 
     runs = tmp_path / "runs"
-    config = _config(tiny_store, str(runs), "killed", "train.epochs=25", "train.max_failures=1",
-                     "train.early_stopping_patience=null")  # fmt: skip
+    config = _config(
+        tiny_store, str(runs), "killed", "train.epochs=25", "train.max_failures=1", "train.early_stopping_patience=null"
+    )
     result: dict[str, object] = {}
     thread = threading.Thread(target=lambda: result.update(outcome=train(config)))
     thread.start()

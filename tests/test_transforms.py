@@ -10,7 +10,6 @@ import pytest
 from astropy.visualization import LogStretch
 from scipy import ndimage
 
-from lensray.sky.bands import BAND_NAMES
 from lensray.config import PreprocessConfig
 from lensray.ingest.preprocess import (
     PreprocessError,
@@ -23,6 +22,7 @@ from lensray.ingest.preprocess import (
     resample_to_vis,
     robust_sigma,
 )
+from lensray.sky.bands import BAND_NAMES
 
 NOISE = 1e-12  # raw fluxes are ~1e-12..1e-10
 
@@ -201,7 +201,7 @@ def test_interpolation_rows_sum_to_one_and_batch_equals_single(rng, method):
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-6)
     stack = rng.normal(0, 1, (5, 66, 65)).astype(np.float32)
     batch = resample_to_vis(stack, 0.3, method=method)
-    for stamp, resampled in zip(stack, batch):
+    for stamp, resampled in zip(stack, batch, strict=False):
         assert np.array_equal(resample_to_vis(stamp, 0.3, method=method), resampled)
     cropped = resample_to_vis(stack, 0.3, method=method, crop=100)
     np.testing.assert_allclose(cropped, batch[:, 50:150, 50:150], atol=1e-6)
@@ -261,7 +261,7 @@ def test_batch_is_bit_identical_to_single(rng, config):
     cutouts = [make_cutout(rng) for _ in range(5)] + [make_cutout(rng, (65, 67))] + [make_cutout(rng)]
     cutouts[2] = {band: np.zeros_like(stamp) for band, stamp in cutouts[2].items()}  # hits the fallbacks
     batch = preprocess_batch(cutouts, config)
-    assert batch.shape == (7, 4) + output_shape(config)
+    assert batch.shape == (7, 4, *output_shape(config))
     singles = np.stack([preprocess_cutout(cutout, config) for cutout in cutouts])
     assert batch.dtype == singles.dtype == np.dtype(config.dtype)
     assert batch.tobytes() == singles.tobytes()

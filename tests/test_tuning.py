@@ -48,14 +48,21 @@ def test_every_tune_config_loads_validates_and_round_trips(path: Path) -> None:
 def test_the_required_tune_configs_exist() -> None:
     names = {p.name for p in TUNE_CONFIGS}
     assert {"lastro_kernels_pools.yaml", "resnet_depth.yaml", "model_choice.yaml", "demo.yaml"} <= names
-    assert load_tune_config(REPO / "tune_configs" / "model_choice.yaml").space["model.name"].values == ("lastro", "resnet")
+    assert load_tune_config(REPO / "tune_configs" / "model_choice.yaml").space["model.name"].values == (
+        "lastro",
+        "resnet",
+    )
 
 
 def test_overrides_and_trial_configs() -> None:
-    spec = load_tune_config(REPO / "tune_configs" / "lastro_kernels_pools.yaml",
-                            ["search.num_samples=3", "data.store=rel/store.zarr", "search.storage=s3://b/exp"])  # fmt: skip
+    spec = load_tune_config(
+        REPO / "tune_configs" / "lastro_kernels_pools.yaml",
+        ["search.num_samples=3", "data.store=rel/store.zarr", "search.storage=s3://b/exp"],
+    )
     assert spec.search.num_samples == 3 and spec.experiment_url() == "s3://b/exp/lastro-kernels-pools"
-    assert spec.run.data.store == str(Path("rel/store.zarr").resolve()), "trials run elsewhere: local paths are made absolute"
+    assert spec.run.data.store == str(Path("rel/store.zarr").resolve()), (
+        "trials run elsewhere: local paths are made absolute"
+    )
     trial = spec.trial_config({"model.lastro.first_kernel": 7, "optim.lr": 1e-3}, out="/x", name="t")
     assert (trial.model.lastro.first_kernel, trial.optim.lr, trial.train.out, trial.train.name) == (7, 1e-3, "/x", "t")
     assert trial.model.lastro.pool == spec.run.model.lastro.pool
@@ -71,7 +78,9 @@ def test_distributions_sample_inside_their_declared_ranges() -> None:
     assert values.min() >= 1e-4 and values.max() <= 1e-2 and np.mean(values < 1e-3) == pytest.approx(0.5, abs=0.1)
     dropout = parse_dimension("model.lastro.dropout", {"uniform": [0.1, 0.3]}, "t")
     assert dropout.reachable_values() == [0.1, pytest.approx(0.2), 0.3]
-    assert parse_dimension("model.name", {"grid": ["lastro", "resnet"]}, "t").to_tune() == {"grid_search": ["lastro", "resnet"]}
+    assert parse_dimension("model.name", {"grid": ["lastro", "resnet"]}, "t").to_tune() == {
+        "grid_search": ["lastro", "resnet"]
+    }
 
 
 def _with(**changes: Any) -> dict[str, Any]:
@@ -92,18 +101,48 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(space_entry=("optim.lr", {"uniform": [1.0e-3, 1.0e-4]})), r"space\.optim\.lr: uniform needs low < high"),
         (_with(space_entry=("optim.lr", {"loguniform": [0.0, 1.0e-3]})), r"space\.optim\.lr: loguniform needs low > 0"),
         (_with(space_entry=("optim.lr", {"uniform": ["1e-4", 1.0e-3]})), r"space\.optim\.lr: .*write 1\.0e-4"),
-        (_with(space_entry=("model.lastro.kernel", {"randint": [3, 5.5]})), r"space\.model\.lastro\.kernel: randint takes two integers"),
-        (_with(space_entry=("model.lastro.pool", {"choice": []})), r"space\.model\.lastro\.pool: choice needs at least one value"),
-        (_with(space_entry=("model.lastro.pool", [2, 3])), r"space\.model\.lastro\.pool: must be a mapping with one distribution"),
-        (_with(space_entry=("model.lastro.pool", {"choice": [2], "grid": [3]})), r"space\.model\.lastro\.pool: must be a mapping"),
-        (_with(space_entry=("model.lastro.kernal", {"choice": [3]})), r"space\.model\.lastro\.kernal: model\.lastro\.kernal is not a config key"),
-        (_with(space_entry=("optim.lr.max", {"choice": [3]})), r"space\.optim\.lr\.max: optim\.lr is a value, not a section"),
+        (
+            _with(space_entry=("model.lastro.kernel", {"randint": [3, 5.5]})),
+            r"space\.model\.lastro\.kernel: randint takes two integers",
+        ),
+        (
+            _with(space_entry=("model.lastro.pool", {"choice": []})),
+            r"space\.model\.lastro\.pool: choice needs at least one value",
+        ),
+        (
+            _with(space_entry=("model.lastro.pool", [2, 3])),
+            r"space\.model\.lastro\.pool: must be a mapping with one distribution",
+        ),
+        (
+            _with(space_entry=("model.lastro.pool", {"choice": [2], "grid": [3]})),
+            r"space\.model\.lastro\.pool: must be a mapping",
+        ),
+        (
+            _with(space_entry=("model.lastro.kernal", {"choice": [3]})),
+            r"space\.model\.lastro\.kernal: model\.lastro\.kernal is not a config key",
+        ),
+        (
+            _with(space_entry=("optim.lr.max", {"choice": [3]})),
+            r"space\.optim\.lr\.max: optim\.lr is a value, not a section",
+        ),
         (_with(space_entry=("train.out", {"choice": ["/a"]})), r"space\.train\.out: cannot be searched"),
         (_with(space_entry=("preprocess.crop", {"choice": [50]})), r"space\.preprocess\.crop: cannot be searched"),
-        (_with(space_entry=("resources.num_workers", {"choice": [2]})), r"space\.resources\.num_workers: cannot be searched"),
-        (_with(space_entry=("model.name", {"choice": ["lastro", "vgg"]})), r"space\.model\.name: a sample of 'vgg' gives an invalid run config"),
-        (_with(space_entry=("model.lastro.dropout", {"uniform": [0.0, 1.0]})), r"space\.model\.lastro\.dropout: a sample of 1\.0 gives"),
-        (_with(space_entry=("model.lastro.first_kernel", {"uniform": [3, 6]})), r"space\.model\.lastro\.first_kernel: a sample of 4\.5 gives"),
+        (
+            _with(space_entry=("resources.num_workers", {"choice": [2]})),
+            r"space\.resources\.num_workers: cannot be searched",
+        ),
+        (
+            _with(space_entry=("model.name", {"choice": ["lastro", "vgg"]})),
+            r"space\.model\.name: a sample of 'vgg' gives an invalid run config",
+        ),
+        (
+            _with(space_entry=("model.lastro.dropout", {"uniform": [0.0, 1.0]})),
+            r"space\.model\.lastro\.dropout: a sample of 1\.0 gives",
+        ),
+        (
+            _with(space_entry=("model.lastro.first_kernel", {"uniform": [3, 6]})),
+            r"space\.model\.lastro\.first_kernel: a sample of 4\.5 gives",
+        ),
         (_with(space_entry=("optim.lr", {"grid": [1.0e-3, -1.0]})), r"space\.optim\.lr: a sample of -1\.0 gives"),
         (_with(space={}), r"space must map at least one config key"),
         (_with(search={"metric": "val_f1"}), r"search\.metric 'val_f1' is not reported"),
@@ -173,14 +212,16 @@ def test_everything_lives_under_the_experiment_folder(tune_search: Any) -> None:
 
 
 def test_load_best_picks_tunes_best_trial_and_reproduces_its_predictions(tune_search: Any, tiny_store: str) -> None:
-    import lensray
     from ray.tune import ExperimentAnalysis
 
+    import lensray
     from lensray.ingest.store import LensStore
 
     experiment = tune_search.experiment_url
     fs = storage.arrow_filesystem(experiment)[0]
-    tune_best = ExperimentAnalysis(storage.strip_scheme(experiment), storage_filesystem=fs).get_best_trial("val_auc", "max", scope="all")
+    tune_best = ExperimentAnalysis(storage.strip_scheme(experiment), storage_filesystem=fs).get_best_trial(
+        "val_auc", "max", scope="all"
+    )
 
     run = lensray.load_best(experiment)
     assert run.info["trial_id"] == tune_best.trial_id
@@ -245,8 +286,9 @@ def test_an_interrupted_search_resumes_its_trials(tmp_path: Path, tiny_search_tr
     assert list(table["status"]) == ["TERMINATED", "TERMINATED"] and resumed.summary.unfinished == 0
     first_trial, epochs = next(iter(before)), resumed.best_config.train.epochs
     reported = resumed.summary.curves.query("trial_id == @first_trial")["epoch"].tolist()
-    assert reported[0] == 1 and reported == sorted(set(reported)) and reported[-1] == epochs, \
+    assert reported[0] == 1 and reported == sorted(set(reported)) and reported[-1] == epochs, (
         f"the first trial must continue from its checkpoint, not start again: epochs reported {reported}"
+    )
     history = json.loads(storage.read_bytes(storage.join(table.loc[first_trial, "run_url"], "history.json")))
     assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
     assert resumed.best_config is not None and (tmp_path / "experiments" / "resumed" / BEST_CONFIG_FILE).exists()

@@ -14,7 +14,16 @@ def tiny_run_config(store_url: str, runs: str | Path, name: str) -> LensrayConfi
     """One epoch of two batches of 8, one conv pair of 4 filters, no sanity check."""
     return load_config(
         LASTRO_CONFIG,
-        [f"data.store={store_url}", f"train.out={runs}", f"train.name={name}", "train.epochs=1",
-         "train.steps_per_epoch=2", "train.batch_size=8", "train.sanity=false", "model.lastro.dense=[8]",
-         "model.lastro.filters=4", "model.lastro.pairs=1"],
-    )  # fmt: skip
+        [
+            f"data.store={store_url}",
+            f"train.out={runs}",
+            f"train.name={name}",
+            "train.epochs=1",
+            "train.steps_per_epoch=2",
+            "train.batch_size=8",
+            "train.sanity=false",
+            "model.lastro.dense=[8]",
+            "model.lastro.filters=4",
+            "model.lastro.pairs=1",
+        ],
+    )

@@ -39,8 +39,7 @@ from typing import Any
 
 import jsonschema
 import yaml
-
-from k8s_render import CLUSTER_SCOPED, RenderError, containers, object_id, render, split_image
+from k8s_render import CLUSTER_SCOPED, RenderError, object_id, render, split_image
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO / "k8s"
@@ -114,8 +113,11 @@ CORE_SCHEMAS: dict[str, dict[str, Any]] = {
             "apiVersion": {"const": "v1"},
             "kind": {"const": "Namespace"},
             "metadata": OBJECT_META,
-            "spec": {"type": "object", "additionalProperties": False,
-                     "properties": {"finalizers": {"type": "array", "items": {"type": "string"}}}},  # fmt: skip
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"finalizers": {"type": "array", "items": {"type": "string"}}},
+            },
         },
     },
     "ConfigMap": {
@@ -191,7 +193,9 @@ def api_server_problems(value: Any, schema: dict[str, Any], path: list[Any] | No
             return problems  # a free-form object
         for key, item in value.items():
             if key not in properties:
-                problems.append(f"{_path([*path, key])}: unknown field (not in the schema; the API server would drop it)")
+                problems.append(
+                    f"{_path([*path, key])}: unknown field (not in the schema; the API server would drop it)"
+                )
             elif not path and key == "status":
                 problems.append("status: set by the controller, not by a manifest")
             elif path or key != "metadata":  # metadata: checked against OBJECT_META
@@ -220,8 +224,10 @@ def _list_key_problems(items: list[Any], schema: dict[str, Any], path: list[Any]
     else:
         return []
     duplicates = sorted({str(key) for key in keys if keys.count(key) > 1})
-    return [f"{_path(path)}: duplicate key {key} in a list the API server keys by {schema.get('x-kubernetes-list-map-keys', 'value')}"
-            for key in duplicates]  # fmt: skip
+    return [
+        f"{_path(path)}: duplicate key {key} in a list the API server keys by {schema.get('x-kubernetes-list-map-keys', 'value')}"
+        for key in duplicates
+    ]
 
 
 # --- walking RayCluster / RayJob objects ------------------------------------------------------------
@@ -266,11 +272,15 @@ def kuberay_problems(obj: dict[str, Any]) -> list[str]:
     problems = []
     name = str(metadata.get("name", ""))
     if len(name) > MAX_NAME_LENGTH[kind]:
-        problems.append(f"metadata.name: {kind} names may have at most {MAX_NAME_LENGTH[kind]} characters ({len(name)})")
+        problems.append(
+            f"metadata.name: {kind} names may have at most {MAX_NAME_LENGTH[kind]} characters ({len(name)})"
+        )
     if not re.fullmatch(DNS1035_LABEL, name) or len(name) > 63:
         problems.append(f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letter first, then [-a-z0-9])")
     for where, spec in cluster_specs(obj):
-        problems += _cluster_spec_problems(spec, where, metadata.get("annotations") or {}, embedded=kind != "RayCluster")
+        problems += _cluster_spec_problems(
+            spec, where, metadata.get("annotations") or {}, embedded=kind != "RayCluster"
+        )
     if kind == "RayJob":
         problems += _rayjob_problems(obj.get("spec") or {})
     return problems
@@ -285,7 +295,9 @@ def _autoscaler_version(spec: dict[str, Any]) -> str | None:
     return version or ("v2" if env and env.get("value") in ("1", "true") else "v1")
 
 
-def _cluster_spec_problems(spec: dict[str, Any], where: str, annotations: dict[str, str], *, embedded: bool) -> list[str]:
+def _cluster_spec_problems(
+    spec: dict[str, Any], where: str, annotations: dict[str, str], *, embedded: bool
+) -> list[str]:
     problems = []
     autoscaling = bool(spec.get("enableInTreeAutoscaling"))
     version = _autoscaler_version(spec)
@@ -293,17 +305,23 @@ def _cluster_spec_problems(spec: dict[str, Any], where: str, annotations: dict[s
     for path, role, group in ray_groups(spec, where):
         containers = ((group.get("template") or {}).get("spec") or {}).get("containers") or []
         if not containers:
-            problems.append(f"{path}.template.spec.containers: a {role} pod needs at least one container (the Ray container first)")
+            problems.append(
+                f"{path}.template.spec.containers: a {role} pod needs at least one container (the Ray container first)"
+            )
         params = group.get("rayStartParams") or {}
         if any(params.get(key) for key in ("num-cpus", "num-gpus", "memory", "resources")) and group.get("resources"):
-            problems.append(f"{path}: rayStartParams num-cpus/num-gpus/memory/resources and `resources` are both set; use one")
+            problems.append(
+                f"{path}: rayStartParams num-cpus/num-gpus/memory/resources and `resources` are both set; use one"
+            )
         if "labels" in params:
             problems.append(f"{path}.rayStartParams.labels: not supported; use the group's `labels` field")
         for key, value in (group.get("labels") or {}).items():
             problems += [f"{path}.labels: {p}" for p in label_problems(key, value)]
         restart = ((group.get("template") or {}).get("spec") or {}).get("restartPolicy")
         if version == "v2" and restart not in (None, "", "Never"):
-            problems.append(f"{path}.template.spec.restartPolicy: must be Never or unset with autoscaler v2 (got {restart})")
+            problems.append(
+                f"{path}.template.spec.restartPolicy: must be Never or unset with autoscaler v2 (got {restart})"
+            )
         if role != "worker":
             continue
         group_names.append(group.get("groupName"))
@@ -315,11 +333,17 @@ def _cluster_spec_problems(spec: dict[str, Any], where: str, annotations: dict[s
                 problems.append(f"{path}.{key}: must be >= 0 (got {value})")
         if isinstance(low, int) and isinstance(high, int) and low > high:
             problems.append(f"{path}: minReplicas {low} > maxReplicas {high}")
-        elif isinstance(replicas, int) and isinstance(low, int) and isinstance(high, int) and not low <= replicas <= high:
-            problems.append(f"{path}.replicas: {replicas} is outside [minReplicas {low}, maxReplicas {high}] (KubeRay clamps it)")
+        elif (
+            isinstance(replicas, int) and isinstance(low, int) and isinstance(high, int) and not low <= replicas <= high
+        ):
+            problems.append(
+                f"{path}.replicas: {replicas} is outside [minReplicas {low}, maxReplicas {high}] (KubeRay clamps it)"
+            )
         if group.get("suspend"):
-            problems.append(f"{path}.suspend: needs the RayJobDeletionPolicy feature gate" +
-                            (" and is not allowed with autoscaling" if autoscaling else ""))  # fmt: skip
+            problems.append(
+                f"{path}.suspend: needs the RayJobDeletionPolicy feature gate"
+                + (" and is not allowed with autoscaling" if autoscaling else "")
+            )
         if version != "v2" and "idleTimeoutSeconds" in group:
             problems.append(f"{path}.idleTimeoutSeconds: needs autoscaler v2 (autoscalerOptions.version: v2)")
         if version != "v2" and "priority" in group:
@@ -328,20 +352,30 @@ def _cluster_spec_problems(spec: dict[str, Any], where: str, annotations: dict[s
     if duplicates:
         problems.append(f"{where}.workerGroupSpecs: duplicate groupName {duplicates}")
 
-    head_containers = (((spec.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}).get("containers") or [{}]
+    head_containers = (((spec.get("headGroupSpec") or {}).get("template") or {}).get("spec") or {}).get(
+        "containers"
+    ) or [{}]
     head, head_params = head_containers[0], (spec.get("headGroupSpec") or {}).get("rayStartParams") or {}
     fault_tolerance = spec.get("gcsFaultToleranceOptions")
     if not autoscaling and (env := env_var(head, "RAY_enable_autoscaler_v2")) and env.get("value") in ("1", "true"):
         problems.append(f"{where}: RAY_enable_autoscaler_v2 is set but enableInTreeAutoscaling is not")
-    if autoscaling and (spec.get("autoscalerOptions") or {}).get("version") and env_var(head, "RAY_enable_autoscaler_v2"):
+    if (
+        autoscaling
+        and (spec.get("autoscalerOptions") or {}).get("version")
+        and env_var(head, "RAY_enable_autoscaler_v2")
+    ):
         problems.append(f"{where}: set autoscalerOptions.version, not the head's RAY_enable_autoscaler_v2")
     if fault_tolerance is not None:
         if annotations.get("ray.io/ft-enabled"):
             problems.append(f"{where}.gcsFaultToleranceOptions: not with the ray.io/ft-enabled annotation")
         if head_params.get("redis-password") or env_var(head, "REDIS_PASSWORD") or env_var(head, "RAY_REDIS_ADDRESS"):
-            problems.append(f"{where}.gcsFaultToleranceOptions: not with redis-password / REDIS_PASSWORD / RAY_REDIS_ADDRESS")
+            problems.append(
+                f"{where}.gcsFaultToleranceOptions: not with redis-password / REDIS_PASSWORD / RAY_REDIS_ADDRESS"
+            )
         if annotations.get("ray.io/external-storage-namespace"):
-            problems.append(f"{where}.gcsFaultToleranceOptions: not with the ray.io/external-storage-namespace annotation")
+            problems.append(
+                f"{where}.gcsFaultToleranceOptions: not with the ray.io/external-storage-namespace annotation"
+            )
     elif env_var(head, "RAY_REDIS_ADDRESS") and not annotations.get("ray.io/ft-enabled"):
         problems.append(f"{where}: RAY_REDIS_ADDRESS enables GCS fault tolerance; set gcsFaultToleranceOptions")
     if head_params.get("redis-username") or env_var(head, "REDIS_USERNAME"):
@@ -376,7 +410,9 @@ def _rayjob_problems(spec: dict[str, Any]) -> list[str]:
     if isinstance(ttl, int) and ttl < 0:
         problems.append(f"spec.ttlSecondsAfterFinished: must be >= 0 (got {ttl})")
     if isinstance(ttl, int) and ttl > 0 and not spec.get("shutdownAfterJobFinishes"):
-        problems.append("spec.ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true (nothing is deleted otherwise)")
+        problems.append(
+            "spec.ttlSecondsAfterFinished: needs shutdownAfterJobFinishes: true (nothing is deleted otherwise)"
+        )
     if "deletionStrategy" in spec:
         problems.append("spec.deletionStrategy: needs the operator's RayJobDeletionPolicy feature gate")
     if not spec.get("rayClusterSpec") and not selector:
@@ -398,7 +434,9 @@ def _rayjob_problems(spec: dict[str, Any]) -> list[str]:
                 problems.append(f"spec.{field}: not supported in SidecarMode")
         head = ((spec.get("rayClusterSpec") or {}).get("headGroupSpec") or {}).get("template", {}).get("spec", {})
         if head.get("restartPolicy") not in (None, "", "Never"):
-            problems.append("spec.rayClusterSpec.headGroupSpec.template.spec.restartPolicy: must be Never or unset in SidecarMode")
+            problems.append(
+                "spec.rayClusterSpec.headGroupSpec.template.spec.restartPolicy: must be Never or unset in SidecarMode"
+            )
     try:
         yaml.safe_load(spec.get("runtimeEnvYAML") or "")
     except yaml.YAMLError as exc:
@@ -430,8 +468,23 @@ def label_problems(key: str, value: Any) -> list[str]:
 # --- what Kubernetes checks when it creates the pods -------------------------------------------------
 
 QUANTITY = re.compile(r"([+-]?(?:\d+(?:\.\d*)?|\.\d+))(?:[eE]([+-]?\d+)|(Ki|Mi|Gi|Ti|Pi|Ei|[numkMGTPE]))?")
-QUANTITY_SCALE = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-                  "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}  # fmt: skip
+QUANTITY_SCALE = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+    "n": 1e-9,
+    "u": 1e-6,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "P": 1e15,
+    "E": 1e18,
+}
 
 
 def quantity(value: Any) -> float:
@@ -484,7 +537,9 @@ def policy_problems(obj: dict[str, Any], repo: Path = REPO) -> list[str]:
             image = str(container.get("image") or "")
             _, tag, digest = split_image(image)
             if image and not digest and tag in (None, "latest"):
-                problems.append(f"{where}.spec.containers[{index}].image: {image!r} needs a pinned tag (not latest) or a digest")
+                problems.append(
+                    f"{where}.spec.containers[{index}].image: {image!r} needs a pinned tag (not latest) or a digest"
+                )
         if role in ("head", "worker") and containers:
             problems += _shm_problems(template.get("spec") or {}, containers[0], f"{where}.spec")
     for where, spec in cluster_specs(obj):
@@ -508,8 +563,9 @@ def _pod_security_problems(pod: dict[str, Any], where: str) -> list[str]:
     pod_context = pod.get("securityContext") or {}
     for kind in ("initContainers", "containers"):
         for index, container in enumerate(pod.get(kind) or []):
-            problems += _container_security_problems(container.get("securityContext") or {}, pod_context,
-                                                     f"{where}.{kind}[{index}].securityContext")  # fmt: skip
+            problems += _container_security_problems(
+                container.get("securityContext") or {}, pod_context, f"{where}.{kind}[{index}].securityContext"
+            )
     return problems
 
 
@@ -531,7 +587,9 @@ def _container_security_problems(context: dict[str, Any], pod_context: dict[str,
         problems.append(f"{where}.runAsUser: 0 (root) is not allowed")
     seccomp = (context.get("seccompProfile") or pod_context.get("seccompProfile") or {}).get("type")
     if seccomp not in ("RuntimeDefault", "Localhost"):
-        problems.append(f"{where}.seccompProfile.type: must be RuntimeDefault or Localhost (here or in the pod's securityContext)")
+        problems.append(
+            f"{where}.seccompProfile.type: must be RuntimeDefault or Localhost (here or in the pod's securityContext)"
+        )
     return problems
 
 
@@ -548,7 +606,9 @@ def _shm_problems(pod: dict[str, Any], container: dict[str, Any], where: str) ->
     except ValueError:
         return []  # the schema reports a malformed quantity
     if too_big:
-        return [f"{where}: /dev/shm sizeLimit {size} must stay below the container's memory limit {memory} (it counts against it)"]
+        return [
+            f"{where}: /dev/shm sizeLimit {size} must stay below the container's memory limit {memory} (it counts against it)"
+        ]
     return []
 
 
@@ -587,8 +647,10 @@ def _credential_problems(obj: dict[str, Any]) -> list[str]:
         runtime_env = _runtime_env(obj.get("spec") or {})
         for key, value in (runtime_env.get("env_vars") or {}).items() if isinstance(runtime_env, dict) else ():
             if _looks_secret(str(key), value):
-                problems.append(f"spec.runtimeEnvYAML.env_vars.{key}: a credential in the runtime env (shown in the "
-                                "dashboard and job metadata); give the pods a secretKeyRef instead")  # fmt: skip
+                problems.append(
+                    f"spec.runtimeEnvYAML.env_vars.{key}: a credential in the runtime env (shown in the "
+                    "dashboard and job metadata); give the pods a secretKeyRef instead"
+                )
     return problems
 
 
@@ -693,7 +755,9 @@ def problems(obj: dict[str, Any], repo: Path = REPO) -> list[str]:
 def validate(objects: list[dict[str, Any]], repo: Path = REPO) -> list[str]:
     """Problems of a rendered set: each object's, plus one namespace for all and unique Kind/name."""
     found = [problem for obj in objects for problem in problems(obj, repo)]
-    namespaces = {(obj.get("metadata") or {}).get("namespace") for obj in objects if obj.get("kind") not in CLUSTER_SCOPED}
+    namespaces = {
+        (obj.get("metadata") or {}).get("namespace") for obj in objects if obj.get("kind") not in CLUSTER_SCOPED
+    }
     if len(namespaces) > 1:
         found.append(f"objects are spread over namespaces {sorted(map(str, namespaces))}")
     declared = [obj["metadata"]["name"] for obj in objects if obj.get("kind") == "Namespace"]

@@ -18,46 +18,50 @@ from typing import Any
 import numpy as np
 
 from lensray import storage
-
-from lensray.evaluate import metrics
 from lensray.config import LensrayConfig
+from lensray.errors import EvaluateError
+from lensray.evaluate import metrics
 from lensray.evaluate.evaluate import jsonable
 from lensray.evaluate.inference import predict_split
-from lensray.errors import EvaluateError
-from lensray.runs import resolve_checkpoint
-from lensray.runs import HISTORY_FILE, MODEL_INPUT_FILE
+from lensray.models import describe_model, model_recipe
+from lensray.runs import HISTORY_FILE, MODEL_INPUT_FILE, resolve_checkpoint
 
 PAIRED_COLUMNS = ("better", "worse", "delta_auc", "low", "high", "p_not_better", "n")
 PAIRED_HEADERS = ("run A", "run B", "AUC(A) - AUC(B)", "95% low", "95% high", "P(A <= B)", "test objects")
-COLUMNS = ("name", "network", "options", "label_rule", "acc", "auc", "tpr0", "tpr10", "best_epoch", "epochs", "train_images", "train_s")
-HEADERS = ("run", "network", "options", "labels", "ACC", "AUC", "TPR0", "TPR10", "best epoch", "epochs", "images seen", "train time (s)")
-
-
-def describe_network(config: LensrayConfig) -> str:
-    model = config.model
-    if model.name == "resnet":
-        return f"ResNet-{6 * model.resnet.blocks + 2}"
-    lastro = model.lastro
-    return f"LASTRO {lastro.pairs}x2 conv, {lastro.filters} filters"
+COLUMNS = (
+    "name",
+    "network",
+    "options",
+    "label_rule",
+    "acc",
+    "auc",
+    "tpr0",
+    "tpr10",
+    "best_epoch",
+    "epochs",
+    "train_images",
+    "train_s",
+)
+HEADERS = (
+    "run",
+    "network",
+    "options",
+    "labels",
+    "ACC",
+    "AUC",
+    "TPR0",
+    "TPR10",
+    "best epoch",
+    "epochs",
+    "images seen",
+    "train time (s)",
+)
 
 
 def describe_options(config: LensrayConfig, mode: str | None) -> str:
-    """The recipe in a few words: preprocessing, block order, dropout, optimiser, batch, augmentation."""
-    parts = [mode or config.preprocess.mode]
-    if config.model.name == "lastro":
-        lastro = config.model.lastro
-        parts.append("conv-ReLU-conv-ReLU-BN" if lastro.block_order == "paper" else "conv-BN-ReLU")
-        if lastro.dropout_kind != "none" and lastro.dropout > 0:
-            parts.append(f"{lastro.dropout_kind} dropout {lastro.dropout:g}")
-        else:
-            parts.append("no conv dropout")
-        parts.append(f"dense dropout {lastro.dense_dropout:g}")
-        parts.append(f"{lastro.init} init")
-    else:
-        parts.append(f"{config.model.resnet.init} init")
-    parts.append(f"{config.optim.name} {config.optim.lr:g}")
-    parts.append(f"batch {config.train.batch_size}")
-    parts.append(config.train.augment)
+    """The recipe in a few words: preprocessing, the network's own choices, optimiser, batch, augmentation."""
+    parts = [mode or config.preprocess.mode, *model_recipe(config.model)]
+    parts += [f"{config.optim.name} {config.optim.lr:g}", f"batch {config.train.batch_size}", config.train.augment]
     return ", ".join(parts)
 
 
@@ -103,8 +107,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS,
-                   headers: Sequence[str] = HEADERS) -> str:
+def markdown_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str] = COLUMNS, headers: Sequence[str] = HEADERS
+) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row[c]).replace("|", "/") for c in columns) + " |")
@@ -116,7 +121,7 @@ def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list
     stores of one catalogue under one label rule): AUC difference with a paired-bootstrap 95 % interval,
     the better run first. Runs on different objects are not paired: their AUCs are not comparable so."""
     keyed = []
-    for name, p in zip(names, predictions):
+    for name, p in zip(names, predictions, strict=False):
         order = np.argsort(p.ids, kind="stable")
         keyed.append((name, p.ids[order], p.labels[order], p.scores[order]))
     pairs = []
@@ -130,8 +135,18 @@ def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list
             d = metrics.paired_auc_difference(y_a, better[1], worse[1])
             if math.isnan(d.difference):
                 continue
-            pairs.append({"better": better[0], "worse": worse[0], "delta_auc": d.difference, "low": d.low, "high": d.high,
-                          "p_not_better": d.p_not_better, "n": int(len(y_a)), "resamples": d.resamples})  # fmt: skip
+            pairs.append(
+                {
+                    "better": better[0],
+                    "worse": worse[0],
+                    "delta_auc": d.difference,
+                    "low": d.low,
+                    "high": d.high,
+                    "p_not_better": d.p_not_better,
+                    "n": len(y_a),
+                    "resamples": d.resamples,
+                }
+            )
     return pairs
 
 
@@ -148,8 +163,8 @@ def compare_runs(
     """Score every run on ``split`` of its own training store (or ``store``) and write the comparison
     into ``out_dir``: a local folder or an s3:// prefix (files rendered in memory, written through ``storage``)."""
     from lensray.evaluate import report
-    from lensray.runs import load_run
     from lensray.ingest.store import LensStore
+    from lensray.runs import load_run
 
     if not runs:
         raise EvaluateError("compare needs at least one run")
@@ -170,16 +185,28 @@ def compare_runs(
         history = _run_history(checkpoint, run.history)
         name = names[k] if names else checkpoint.rstrip("/").rsplit("/", 2)[-2]
         summary = metrics.summarise(y, s)
-        rows.append({
-            "name": name, "network": describe_network(run.config),
-            "options": describe_options(run.config, (lens_store.meta.get("transform") or {}).get("mode")),
-            "label_rule": lens_store.meta.get("label_rule", run.config.data.labels),
-            "acc": summary["acc"], "auc": summary["auc"], "tpr0": summary["tpr0"], "tpr10": summary["tpr10"],
-            "n": summary["n"], "n_pos": summary["n_pos"], "best_epoch": run.epoch, "epochs": len(history),
-            "train_images": _images_seen(history),
-            "train_s": float(sum(row.get("epoch_s", 0.0) for row in history)),
-            "checkpoint": checkpoint, "store": store_url, "split": split, "tta": tta,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "network": describe_model(run.config.model),
+                "options": describe_options(run.config, (lens_store.meta.get("transform") or {}).get("mode")),
+                "label_rule": lens_store.meta.get("label_rule", run.config.data.labels),
+                "acc": summary["acc"],
+                "auc": summary["auc"],
+                "tpr0": summary["tpr0"],
+                "tpr10": summary["tpr10"],
+                "n": summary["n"],
+                "n_pos": summary["n_pos"],
+                "best_epoch": run.epoch,
+                "epochs": len(history),
+                "train_images": _images_seen(history),
+                "train_s": float(sum(row.get("epoch_s", 0.0) for row in history)),
+                "checkpoint": checkpoint,
+                "store": store_url,
+                "split": split,
+                "tta": tta,
+            }
+        )
         if 0 < summary["n_pos"] < summary["n"]:
             roc = metrics.roc(y, s)
             curves.append(report.Curve(f"{name} (AUC {summary['auc']:.3f})", roc.fpr, roc.tpr))
@@ -196,8 +223,12 @@ def compare_runs(
         markdown += markdown_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS) + "\n"
     storage.write_bytes(markdown_path, markdown.encode())
     json_path = storage.join(out, "compare.json")
-    storage.write_bytes(json_path, json.dumps(jsonable({"split": split, "tta": tta, "rows": rows, "paired": paired}), indent=1,
-                                              allow_nan=False).encode())  # fmt: skip
+    storage.write_bytes(
+        json_path,
+        json.dumps(
+            jsonable({"split": split, "tta": tta, "rows": rows, "paired": paired}), indent=1, allow_nan=False
+        ).encode(),
+    )
     html_path = storage.join(out, "compare.html")
     blocks: list[str | tuple[str, bytes]] = [
         "<h2>Runs compared (Table I of the study, for these runs)</h2>",
@@ -206,14 +237,28 @@ def compare_runs(
         f"images seen: training images drawn over all epochs (the run's budget); train time: the sum of the "
         f"epochs' wall times; test-time averaging: {tta or 'none'}.</p>",
         report.html_table(rows, COLUMNS, HEADERS),
-        report.html_table(rows, ("name", "n", "n_pos", "checkpoint", "store"), ("run", "test objects", "lenses", "checkpoint", "store")),
-    ]  # fmt: skip
+        report.html_table(
+            rows,
+            ("name", "n", "n_pos", "checkpoint", "store"),
+            ("run", "test objects", "lenses", "checkpoint", "store"),
+        ),
+    ]
     if paired:
-        blocks += ["<p>Paired AUC differences: runs scored on the same test objects with the same labels, "
-                   "objects resampled together (2,000 bootstrap draws); P(A &le; B) is the fraction of draws in "
-                   "which A does not beat B.</p>", report.html_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS)]
+        blocks += [
+            "<p>Paired AUC differences: runs scored on the same test objects with the same labels, "
+            "objects resampled together (2,000 bootstrap draws); P(A &le; B) is the fraction of draws in "
+            "which A does not beat B.</p>",
+            report.html_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS),
+        ]
     if roc_png:
         blocks.append(("ROC curves overlaid", roc_png))
     storage.write_bytes(html_path, report.html_page("lensray comparison", blocks).encode())
-    return ComparisonTable(rows=rows, markdown_path=markdown_path, html_path=html_path, json_path=json_path,
-                           roc_path=roc_path, html_blocks=blocks, paired=paired)  # fmt: skip
+    return ComparisonTable(
+        rows=rows,
+        markdown_path=markdown_path,
+        html_path=html_path,
+        json_path=json_path,
+        roc_path=roc_path,
+        html_blocks=blocks,
+        paired=paired,
+    )

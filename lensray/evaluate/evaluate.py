@@ -26,12 +26,10 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from lensray import storage
-
-from lensray.evaluate import metrics
-from lensray.runs import MODEL_INPUT_FILE
 from lensray.errors import EvaluateError
+from lensray.evaluate import metrics
 from lensray.evaluate.inference import PREDICT_BATCH, SplitPredictions, predict_split, predict_tta
-from lensray.runs import resolve_checkpoint
+from lensray.runs import MODEL_INPUT_FILE, resolve_checkpoint
 
 DEFAULT_PREVALENCE = 1e-4  # lenses per cutout in a survey (order of magnitude for Euclid)
 PER_CUTOUTS = 10_000  # survey numbers are per this many cutouts
@@ -40,7 +38,6 @@ CALIBRATION_BINS = 10
 GALLERY_SIZE = 8
 RULE_OF_THREE = 3.0  # 95 % upper bound on a rate with 0 events in n trials: 3 / n
 REPORT_HTML, REPORT_JSON, PREDICTIONS_CSV = "report.html", "metrics.json", "predictions.csv"
-
 
 
 # --- which checkpoint -----------------------------------------------------------------------------
@@ -55,8 +52,13 @@ def confusion(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[st
     return {"tp": int(np.sum(y & s)), "fp": int(np.sum(~y & s)), "tn": int(np.sum(~y & ~s)), "fn": int(np.sum(y & ~s))}
 
 
-def survey_row(labels: ArrayLike, scores: ArrayLike, threshold: float, prevalence: float = DEFAULT_PREVALENCE,
-               per: int = PER_CUTOUTS) -> dict[str, Any]:  # fmt: skip
+def survey_row(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    threshold: float,
+    prevalence: float = DEFAULT_PREVALENCE,
+    per: int = PER_CUTOUTS,
+) -> dict[str, Any]:
     """What a survey of ``per`` cutouts with lens fraction ``prevalence`` would get at ``threshold``.
 
     expected true = prevalence x TPR x per; expected false = (1 - prevalence) x FPR x per;
@@ -81,13 +83,20 @@ def survey_row(labels: ArrayLike, scores: ArrayLike, threshold: float, prevalenc
         return true / (true + false) if true + false > 0 else None
 
     return {
-        "threshold": float(threshold), **counts, "tpr": tpr, "fpr": fpr,
-        "fpr_is_upper_bound": counts["fp"] == 0, "fpr_bound": fpr_bound,
-        "expected_true": expected_true, "expected_false": expected_false, "expected_false_bound": expected_false_bound,
+        "threshold": float(threshold),
+        **counts,
+        "tpr": tpr,
+        "fpr": fpr,
+        "fpr_is_upper_bound": counts["fp"] == 0,
+        "fpr_bound": fpr_bound,
+        "expected_true": expected_true,
+        "expected_false": expected_false,
+        "expected_false_bound": expected_false_bound,
         "precision": precision(expected_true, expected_false),
         "precision_bound": precision(expected_true, expected_false_bound),
-        "prevalence": prevalence, "per": per,
-    }  # fmt: skip
+        "prevalence": prevalence,
+        "per": per,
+    }
 
 
 def calibration(labels: ArrayLike, scores: ArrayLike, n_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
@@ -109,16 +118,26 @@ def calibration(labels: ArrayLike, scores: ArrayLike, n_bins: int = CALIBRATION_
     fraction_full[counts > 0], mean_full[counts > 0] = fraction, mean
     filled = counts > 0
     ece = float(np.sum(counts[filled] / y.size * np.abs(fraction_full[filled] - mean_full[filled])))
-    return {"edges": edges, "counts": counts, "mean_predicted": mean_full, "fraction_positive": fraction_full,
-            "ece": ece, "brier": float(brier_score_loss(y, s))}  # fmt: skip
+    return {
+        "edges": edges,
+        "counts": counts,
+        "mean_predicted": mean_full,
+        "fraction_positive": fraction_full,
+        "ece": ece,
+        "brier": float(brier_score_loss(y, s)),
+    }
 
 
 def precision_recall(labels: ArrayLike, scores: ArrayLike) -> dict[str, Any]:
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
     precision, recall, thresholds = precision_recall_curve(labels, scores)
-    return {"precision": precision, "recall": recall, "thresholds": thresholds,
-            "average_precision": float(average_precision_score(labels, scores))}  # fmt: skip
+    return {
+        "precision": precision,
+        "recall": recall,
+        "thresholds": thresholds,
+        "average_precision": float(average_precision_score(labels, scores)),
+    }
 
 
 def jsonable(value: Any) -> Any:
@@ -164,8 +183,12 @@ def validation_threshold(run: Any, store: Any, tta: str | None) -> tuple[float, 
         position = {int(i): k for k, i in enumerate(store.ids)}
         rows = [position.get(int(i)) for i in stored["ids"]]
         if all(r is not None and store.valid[r] for r in rows):
-            scores = np.concatenate([predict_tta(run, store.read(np.asarray(rows[k : k + PREDICT_BATCH])), tta)[0]
-                                     for k in range(0, len(rows), PREDICT_BATCH)])  # fmt: skip
+            scores = np.concatenate(
+                [
+                    predict_tta(run, store.read(np.asarray(rows[k : k + PREDICT_BATCH])), tta)[0]
+                    for k in range(0, len(rows), PREDICT_BATCH)
+                ]
+            )
             source = f"the validation set re-scored with {tta} test-time averaging"
         else:
             source += f" (without {tta}: the validation IDs are not in {store.url})"
@@ -226,9 +249,9 @@ def evaluate_run(
     folder or an s3:// prefix: every file is rendered in memory and written through ``storage``).
     ``appendix``: more report blocks (HTML, or (caption, PNG) pairs) placed after the galleries, e.g. a
     comparison with other runs (``compare.ComparisonTable.html_blocks``)."""
-    from lensray.runs import load_run
     from lensray.evaluate.inference import check_tta
     from lensray.ingest.store import LensStore
+    from lensray.runs import load_run
 
     tta = check_tta(tta)
     if not 0 < prevalence < 1:
@@ -241,38 +264,71 @@ def evaluate_run(
     y, s = predictions.labels, predictions.scores
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
-        raise EvaluateError(f"{store_url}: the {split} split has {n_pos} lenses of {y.size}; ROC and AUC need both classes")
+        raise EvaluateError(
+            f"{store_url}: the {split} split has {n_pos} lenses of {y.size}; ROC and AUC need both classes"
+        )
     chosen, chosen_source = validation_threshold(run, store, tta)
     roc = metrics.roc(y, s)
     pr = precision_recall(y, s)
     reliability = calibration(y, s)
     levels = sorted({*thresholds, chosen})
-    survey = [survey_row(y, s, t, prevalence) | {"name": "validation-chosen" if t == chosen else f"{t:g}"} for t in levels]
+    survey = [
+        survey_row(y, s, t, prevalence) | {"name": "validation-chosen" if t == chosen else f"{t:g}"} for t in levels
+    ]
     numbers: dict[str, Any] = {
-        "checkpoint": checkpoint_url, "store": store_url, "split": split, "tta": tta, "device": device,
-        "epoch": run.epoch, "model": run.config.model.name, "label_rule": store.meta.get("label_rule"),
-        "bands": store.meta.get("bands"), "transform": store.meta.get("transform"),
-        "n": int(y.size), "n_pos": n_pos, "n_neg": int(y.size - n_pos),
-        "thresholds": {"default": 0.5, "validation": chosen, "validation_criterion": "acc",
-                       "validation_source": chosen_source},
+        "checkpoint": checkpoint_url,
+        "store": store_url,
+        "split": split,
+        "tta": tta,
+        "device": device,
+        "epoch": run.epoch,
+        "model": run.config.model.name,
+        "label_rule": store.meta.get("label_rule"),
+        "bands": store.meta.get("bands"),
+        "transform": store.meta.get("transform"),
+        "n": int(y.size),
+        "n_pos": n_pos,
+        "n_neg": int(y.size - n_pos),
+        "thresholds": {
+            "default": 0.5,
+            "validation": chosen,
+            "validation_criterion": "acc",
+            "validation_source": chosen_source,
+        },
         "metrics": {
-            "auc": metrics.auc(y, s), "tpr0": metrics.tpr0(y, s), "tpr10": metrics.tpr10(y, s),
-            "acc_at_0.5": metrics.acc(y, s, 0.5), "acc_at_validation": metrics.acc(y, s, chosen),
-            "confusion_at_0.5": confusion(y, s, 0.5), "confusion_at_validation": confusion(y, s, chosen),
-            "average_precision": pr["average_precision"], "brier": reliability["brier"], "ece": reliability["ece"],
+            "auc": metrics.auc(y, s),
+            "tpr0": metrics.tpr0(y, s),
+            "tpr10": metrics.tpr10(y, s),
+            "acc_at_0.5": metrics.acc(y, s, 0.5),
+            "acc_at_validation": metrics.acc(y, s, chosen),
+            "confusion_at_0.5": confusion(y, s, 0.5),
+            "confusion_at_validation": confusion(y, s, chosen),
+            "average_precision": pr["average_precision"],
+            "brier": reliability["brier"],
+            "ece": reliability["ece"],
         },
         "roc": roc._asdict(),
         "precision_recall": pr,
         "calibration": reliability,
-        "survey": {"prevalence": prevalence, "per": PER_CUTOUTS, "rule": "FPR < 3/n_neg (95%) when no FP", "rows": survey},
-        "timing": {"predict_s": predictions.seconds,
-                   "images_per_s": y.size * (8 if tta else 1) / max(predictions.seconds, 1e-9)},
-        "run_metrics": run.metrics, "trained_balanced": run.config.train.balanced,
-    }  # fmt: skip
+        "survey": {
+            "prevalence": prevalence,
+            "per": PER_CUTOUTS,
+            "rule": "FPR < 3/n_neg (95%) when no FP",
+            "rows": survey,
+        },
+        "timing": {
+            "predict_s": predictions.seconds,
+            "images_per_s": y.size * (8 if tta else 1) / max(predictions.seconds, 1e-9),
+        },
+        "run_metrics": run.metrics,
+        "trained_balanced": run.config.train.balanced,
+    }
 
     out = str(out_dir).rstrip("/")
     galleries = _galleries(store, predictions, gallery)
-    numbers["gallery"] = {name: [{"id": i, "score": sc} for i, sc, _ in items] for name, (items, _) in galleries.items()}
+    numbers["gallery"] = {
+        name: [{"id": i, "score": sc} for i, sc, _ in items] for name, (items, _) in galleries.items()
+    }
     bands = store.meta.get("bands") or [f"band {k}" for k in range(store.sample_shape[0])]
     figures = _figures(numbers, galleries, bands)
     for name, png in figures.items():
@@ -283,8 +339,9 @@ def evaluate_run(
     storage.write_bytes(predictions_path, _predictions_csv(predictions).encode())
     html_path = storage.join(out, REPORT_HTML)  # last: its presence says the report is complete
     storage.write_bytes(html_path, _report_html(numbers, figures, galleries, appendix).encode())
-    return EvaluationReport(out_dir=out, html_path=html_path, json_path=json_path,
-                            predictions_path=predictions_path, numbers=numbers)  # fmt: skip
+    return EvaluationReport(
+        out_dir=out, html_path=html_path, json_path=json_path, predictions_path=predictions_path, numbers=numbers
+    )
 
 
 def _galleries(store: Any, p: SplitPredictions, size: int) -> dict[str, tuple[list, np.ndarray | None]]:
@@ -301,14 +358,21 @@ def _galleries(store: Any, p: SplitPredictions, size: int) -> dict[str, tuple[li
 
 def _figures(numbers: dict[str, Any], galleries: dict, bands: list[str]) -> dict[str, bytes]:
     from lensray.evaluate import report
+
     label = f"{numbers['model']} (AUC {numbers['metrics']['auc']:.3f})"
     roc, pr, cal = numbers["roc"], numbers["precision_recall"], numbers["calibration"]
     figures = {
-        "roc": report.roc_png([report.Curve(label, roc["fpr"], roc["tpr"])], title=f"ROC, {numbers['split']} split",
-                              min_fpr=1.0 / numbers["n_neg"]),  # fmt: skip
-        "precision_recall": report.pr_png([report.Curve(label, pr["recall"], pr["precision"])],
-                                          prevalence=numbers["n_pos"] / numbers["n"]),  # fmt: skip
-        "calibration": report.calibration_png(cal["mean_predicted"], cal["fraction_positive"], cal["counts"], cal["edges"]),
+        "roc": report.roc_png(
+            [report.Curve(label, roc["fpr"], roc["tpr"])],
+            title=f"ROC, {numbers['split']} split",
+            min_fpr=1.0 / numbers["n_neg"],
+        ),
+        "precision_recall": report.pr_png(
+            [report.Curve(label, pr["recall"], pr["precision"])], prevalence=numbers["n_pos"] / numbers["n"]
+        ),
+        "calibration": report.calibration_png(
+            cal["mean_predicted"], cal["fraction_positive"], cal["counts"], cal["edges"]
+        ),
     }
     shown = [images for items, images in galleries.values() if images is not None]
     if shown:
@@ -318,7 +382,9 @@ def _figures(numbers: dict[str, Any], galleries: dict, bands: list[str]) -> dict
             if images is None:
                 continue
             kind = "FP" if name == "false_positives" else "FN"
-            captions = [f"ID {i}\n{score:.4f}{' ' + kind if (score >= t) == (kind == 'FP') else ''}" for i, score, _ in items]
+            captions = [
+                f"ID {i}\n{score:.4f}{' ' + kind if (score >= t) == (kind == 'FP') else ''}" for i, score, _ in items
+            ]
             figures[name] = report.gallery_png(images, captions, bands, per_row=max(1, 12 // len(bands)), limits=limits)
     return figures
 
@@ -334,51 +400,100 @@ def _predictions_csv(p: SplitPredictions) -> str:
     return handle.getvalue()
 
 
-def _report_html(numbers: dict[str, Any], figures: dict[str, bytes], galleries: dict,
-                 appendix: Sequence[str | tuple[str, bytes]] = ()) -> str:
+def _report_html(
+    numbers: dict[str, Any],
+    figures: dict[str, bytes],
+    galleries: dict,
+    appendix: Sequence[str | tuple[str, bytes]] = (),
+) -> str:
     from lensray.evaluate.report import html_page, html_table
 
     esc = html.escape
     m, t, survey = numbers["metrics"], numbers["thresholds"], numbers["survey"]
     headline = [
-        {"metric": "AUC", "value": m["auc"]}, {"metric": "TPR0", "value": m["tpr0"]}, {"metric": "TPR10", "value": m["tpr10"]},
+        {"metric": "AUC", "value": m["auc"]},
+        {"metric": "TPR0", "value": m["tpr0"]},
+        {"metric": "TPR10", "value": m["tpr10"]},
         {"metric": "ACC at 0.5", "value": m["acc_at_0.5"]},
         {"metric": f"ACC at {t['validation']:.4f} (validation-chosen)", "value": m["acc_at_validation"]},
         {"metric": "average precision (test prevalence)", "value": m["average_precision"]},
-        {"metric": "Brier score", "value": m["brier"]}, {"metric": "expected calibration error", "value": m["ece"]},
-    ]  # fmt: skip
-    rows = [{**row, "fp_shown": f"{row['fp']}" + (" (FPR < bound)" if row["fpr_is_upper_bound"] else "")} for row in survey["rows"]]
+        {"metric": "Brier score", "value": m["brier"]},
+        {"metric": "expected calibration error", "value": m["ece"]},
+    ]
+    rows = [
+        {**row, "fp_shown": f"{row['fp']}" + (" (FPR < bound)" if row["fpr_is_upper_bound"] else "")}
+        for row in survey["rows"]
+    ]
     per = f"{survey['per']:,}"
     blocks: list[str | tuple[str, bytes]] = [
         f"<p>Checkpoint <code>{esc(numbers['checkpoint'])}</code> (epoch {numbers['epoch']}, {numbers['model']}); store "
         f"<code>{esc(numbers['store'])}</code>, split <b>{numbers['split']}</b>: {numbers['n']} objects, {numbers['n_pos']} "
         f"lenses, label rule {numbers['label_rule']}; test-time averaging: {numbers['tta'] or 'none'}; device "
         f"{numbers['device']}. Validation-chosen threshold from {t['validation_source']}.</p>",
-        "<h2>Metrics</h2>", html_table(headline, ["metric", "value"]),
-        html_table([{"threshold": k.split("_at_")[-1], **v} for k, v in m.items() if k.startswith("confusion")],
-                   ["threshold", "tp", "fp", "tn", "fn"]),  # fmt: skip
+        "<h2>Metrics</h2>",
+        html_table(headline, ["metric", "value"]),
+        html_table(
+            [{"threshold": k.split("_at_")[-1], **v} for k, v in m.items() if k.startswith("confusion")],
+            ["threshold", "tp", "fp", "tn", "fn"],
+        ),
         f"<h2>What a survey would see</h2><p>At a lens prevalence of {survey['prevalence']:g} (the test set has "
         f"{numbers['n_pos'] / numbers['n']:.2f}), per {per} cutouts: expected lenses = prevalence &times; TPR &times; {per}, "
         f"false candidates = (1 &minus; prevalence) &times; FPR &times; {per}. With no false positive among the "
         f"{numbers['n_neg']} test non-lenses the FPR is only known to be below 3/{numbers['n_neg']} (95 %, rule of three): "
         "the <i>bound</i> columns use that bound (they equal the measured values otherwise).</p>",
-        html_table(rows, ["name", "threshold", "tpr", "fpr", "fp_shown", "fpr_bound", "expected_true", "expected_false",
-                          "expected_false_bound", "precision", "precision_bound"],
-                   ["threshold", "value", "TPR", "FPR", "test FP", "FPR (95% bound)", f"lenses / {per}",
-                    f"false / {per}", f"false / {per} (bound)", "precision", "precision (bound)"]),  # fmt: skip
+        html_table(
+            rows,
+            [
+                "name",
+                "threshold",
+                "tpr",
+                "fpr",
+                "fp_shown",
+                "fpr_bound",
+                "expected_true",
+                "expected_false",
+                "expected_false_bound",
+                "precision",
+                "precision_bound",
+            ],
+            [
+                "threshold",
+                "value",
+                "TPR",
+                "FPR",
+                "test FP",
+                "FPR (95% bound)",
+                f"lenses / {per}",
+                f"false / {per}",
+                f"false / {per} (bound)",
+                "precision",
+                "precision (bound)",
+            ],
+        ),
         "<h2>Curves</h2>",
         ("ROC: linear and log false-positive rate", figures["roc"]),
         ("Precision-recall on the test set (its own prevalence)", figures["precision_recall"]),
-        ("Reliability: fraction of lenses per score bin" + (" (training used balanced batches: the scores are "
-         "calibrated for a 50 % prevalence, not the survey's)" if numbers["trained_balanced"] else ""), figures["calibration"]),
+        (
+            "Reliability: fraction of lenses per score bin"
+            + (
+                " (training used balanced batches: the scores are calibrated for a 50 % prevalence, not the survey's)"
+                if numbers["trained_balanced"]
+                else ""
+            ),
+            figures["calibration"],
+        ),
         "<h2>Galleries</h2>",
-    ]  # fmt: skip
+    ]
     for name, title in (("false_positives", "Highest-scored non-lenses"), ("false_negatives", "Lowest-scored lenses")):
         if name in figures:
             kind = "false positives" if name == "false_positives" else "false negatives"
             n_wrong = sum((sc >= t["validation"]) == (name == "false_positives") for _, sc, _ in galleries[name][0])
-            blocks.append((f"{title}: {n_wrong} of these {len(galleries[name][0])} are {kind} at the validation-chosen "
-                           f"threshold {t['validation']:.4f} (marked). Network inputs, one fixed range per band.",
-                           figures[name]))  # fmt: skip
+            blocks.append(
+                (
+                    f"{title}: {n_wrong} of these {len(galleries[name][0])} are {kind} at the validation-chosen "
+                    f"threshold {t['validation']:.4f} (marked). Network inputs, one fixed range per band.",
+                    figures[name],
+                )
+            )
     blocks.extend(appendix)
     return html_page(f"lensray evaluation: {numbers['model']} on {numbers['split']}", blocks)

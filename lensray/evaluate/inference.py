@@ -18,14 +18,17 @@ from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
 
 TTA = Literal["d4"]
 PREDICT_BATCH = 128
+
+
 def check_tta(tta: str | None) -> str | None:
     if tta not in (None, "none", "d4"):
         raise ScoreError(f"unknown test-time augmentation {tta!r}; choose d4 or leave it out")
     return None if tta == "none" else tta
 
 
-def predict_tta(run: Any, images: np.ndarray | torch.Tensor, tta: str | None = None,
-                batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+def predict_tta(
+    run: Any, images: np.ndarray | torch.Tensor, tta: str | None = None, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
     """``(scores (N,), per-transform scores (N, 8) or None)`` for (N, C, H, W) preprocessed images.
 
     ``run`` is an ``api.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
@@ -46,6 +49,8 @@ def predict_tta(run: Any, images: np.ndarray | torch.Tensor, tta: str | None = N
 
 
 PREDICT_BATCH = 128
+
+
 @dataclass
 class SplitPredictions:
     ids: np.ndarray
@@ -56,8 +61,9 @@ class SplitPredictions:
     seconds: float
 
 
-def predict_split(run: Any, store: Any, split: str = "test", tta: str | None = None,
-                  batch_size: int = PREDICT_BATCH) -> SplitPredictions:  # fmt: skip
+def predict_split(
+    run: Any, store: Any, split: str = "test", tta: str | None = None, batch_size: int = PREDICT_BATCH
+) -> SplitPredictions:
     """The run's scores for every labelled object of the store's split, read in batches."""
     rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
     if rows.size == 0:
@@ -70,9 +76,10 @@ def predict_split(run: Any, store: Any, split: str = "test", tta: str | None = N
         if per is not None:
             per_transform.append(per)
     return SplitPredictions(
-        ids=store.ids[rows], labels=store.labels[rows].astype(np.int8), scores=np.concatenate(scores),
-        per_transform=np.concatenate(per_transform) if per_transform else None, rows=rows,
+        ids=store.ids[rows],
+        labels=store.labels[rows].astype(np.int8),
+        scores=np.concatenate(scores),
+        per_transform=np.concatenate(per_transform) if per_transform else None,
+        rows=rows,
         seconds=time.perf_counter() - started,
-    )  # fmt: skip
-
-
+    )

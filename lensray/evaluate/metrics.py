@@ -40,9 +40,7 @@ def _checked(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarr
     not_finite = ~np.isfinite(s)
     if not_finite.any():
         first = int(np.flatnonzero(not_finite)[0])
-        raise ValueError(
-            f"{int(not_finite.sum())} non-finite score(s); first at position {first}: {s[first].item()!r}"
-        )
+        raise ValueError(f"{int(not_finite.sum())} non-finite score(s); first at position {first}: {s[first].item()!r}")
     return y.astype(np.int8), s
 
 
@@ -122,9 +120,7 @@ def summarise(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> d
     }
 
 
-def choose_threshold(
-    labels: ArrayLike, scores: ArrayLike, criterion: Literal["acc", "youden"] = "acc"
-) -> float:
+def choose_threshold(labels: ArrayLike, scores: ArrayLike, criterion: Literal["acc", "youden"] = "acc") -> float:
     """The decision threshold that maximises ``criterion`` on a labelled (validation) set.
 
     ``"acc"``: accuracy; ``"youden"``: Youden's J = TPR - FPR (needs both classes). The threshold is
@@ -145,10 +141,7 @@ def choose_threshold(
     neg_per_score = np.bincount(inverse, weights=(y == 0), minlength=distinct.size)[::-1]
     tp = np.concatenate([[0.0], np.cumsum(pos_per_score)])
     fp = np.concatenate([[0.0], np.cumsum(neg_per_score)])
-    if criterion == "acc":
-        objective = (tp + (n_neg - fp)) / y.size
-    else:
-        objective = tp / n_pos - fp / n_neg
+    objective = (tp + (n_neg - fp)) / y.size if criterion == "acc" else tp / n_pos - fp / n_neg
     best = int(np.argmax(objective))
 
     descending = distinct[::-1]
@@ -202,4 +195,4 @@ def paired_auc_difference(
     y = y.astype(np.int64)
     diffs = _bootstrap_aucs(y, a, draws) - _bootstrap_aucs(y, b, draws)
     low, high = np.percentile(diffs, [2.5, 97.5])
-    return AucDifference(auc(y, a) - auc(y, b), float(low), float(high), float(np.mean(diffs <= 0)), int(len(draws)))
+    return AucDifference(auc(y, a) - auc(y, b), float(low), float(high), float(np.mean(diffs <= 0)), len(draws))

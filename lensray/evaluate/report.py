@@ -19,9 +19,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: the demo and cluster jobs have no display
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from astropy.visualization import ImageNormalize, ZScaleInterval  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from astropy.visualization import ImageNormalize, ZScaleInterval
 
 
 def preview_grid(
@@ -134,8 +134,13 @@ def pr_png(curves: Sequence[Curve], prevalence: float | None = None, title: str 
     return _png(fig)
 
 
-def calibration_png(mean_predicted: np.ndarray, fraction_positive: np.ndarray, counts: np.ndarray,
-                    edges: np.ndarray, title: str = "Reliability") -> bytes:  # fmt: skip
+def calibration_png(
+    mean_predicted: np.ndarray,
+    fraction_positive: np.ndarray,
+    counts: np.ndarray,
+    edges: np.ndarray,
+    title: str = "Reliability",
+) -> bytes:
     """Reliability diagram: the fraction of lenses per score bin against the bin's mean score, and
     below it how many objects fall in each bin (empty bins have no point)."""
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.8, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -166,8 +171,15 @@ def display_limits(images: np.ndarray, percentiles: tuple[float, float] = (0.5, 
     return limits
 
 
-def gallery_png(images: np.ndarray, captions: Sequence[str], bands: Sequence[str], *, per_row: int = 4,
-                limits: np.ndarray | None = None, title: str = "") -> bytes:  # fmt: skip
+def gallery_png(
+    images: np.ndarray,
+    captions: Sequence[str],
+    bands: Sequence[str],
+    *,
+    per_row: int = 4,
+    limits: np.ndarray | None = None,
+    title: str = "",
+) -> bytes:
     """Cutouts (N, C, H, W) side by side, every band of an object in a row, its caption under it."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim != 4 or images.shape[1] != len(bands):
@@ -182,8 +194,13 @@ def gallery_png(images: np.ndarray, captions: Sequence[str], bands: Sequence[str
     rows = math.ceil(n / per_row)
     stride = channels + 1  # a narrow blank column between objects
     ratios = ([1.0] * channels + [0.15]) * per_row
-    fig, axes = plt.subplots(rows, stride * per_row - 1, squeeze=False, gridspec_kw={"width_ratios": ratios[:-1]},
-                             figsize=(sum(ratios) + 0.2, 1.45 * rows + (0.35 if title else 0.1)))  # fmt: skip
+    fig, axes = plt.subplots(
+        rows,
+        stride * per_row - 1,
+        squeeze=False,
+        gridspec_kw={"width_ratios": ratios[:-1]},
+        figsize=(sum(ratios) + 0.2, 1.45 * rows + (0.35 if title else 0.1)),
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for k in range(n):
@@ -191,8 +208,9 @@ def gallery_png(images: np.ndarray, captions: Sequence[str], bands: Sequence[str
         for c in range(channels):
             ax = axes[r][c0 * stride + c]
             ax.axis("on")
-            ax.imshow(images[k, c], origin="lower", cmap="gray", vmin=limits[c, 0], vmax=limits[c, 1],
-                      interpolation="nearest")  # fmt: skip
+            ax.imshow(
+                images[k, c], origin="lower", cmap="gray", vmin=limits[c, 0], vmax=limits[c, 1], interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(bands[c], fontsize=6, pad=2)
@@ -267,5 +285,7 @@ def html_page(title: str, blocks: Sequence[str | tuple[str, bytes]]) -> str:
             parts.append(block)
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"{_STYLE}</head>\n<body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(parts) + f"\n{_LOAD_CHECK}\n</body></html>\n"
+        f"{_STYLE}</head>\n<body>\n<h1>{html.escape(title)}</h1>\n"
+        + "\n".join(parts)
+        + f"\n{_LOAD_CHECK}\n</body></html>\n"
     )

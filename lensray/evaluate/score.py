@@ -23,16 +23,15 @@ import torch
 
 from lensray import storage
 from lensray.config import PreprocessConfig
-from lensray.runtime import ensure_ray
 from lensray.errors import ScoreError
 from lensray.evaluate.inference import check_tta, predict_tta
 from lensray.runs import ModelInput, model_input
+from lensray.runtime import ensure_ray
 from lensray.sky.symmetry import D4_ELEMENTS
 
 DEFAULT_BATCH = 64
 DEFAULT_GALLERY = 24
 ID_COLUMN = "ID"
-
 
 
 # --- scores for images in memory ------------------------------------------------------------------
@@ -56,14 +55,20 @@ def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
         try:
             table = pd.read_csv(io.BytesIO(storage.read_bytes(url)), comment="#", skipinitialspace=True)
         except (ValueError, pd.errors.ParserError) as exc:
-            raise ScoreError(f"catalogue {url}: neither the challenge format ({challenge_error}) nor CSV ({exc})") from None
+            raise ScoreError(
+                f"catalogue {url}: neither the challenge format ({challenge_error}) nor CSV ({exc})"
+            ) from None
         if ID_COLUMN not in table.columns:
-            raise ScoreError(f"catalogue {url}: no {ID_COLUMN!r} column (columns: {list(table.columns)[:12]})") from None
+            raise ScoreError(
+                f"catalogue {url}: no {ID_COLUMN!r} column (columns: {list(table.columns)[:12]})"
+            ) from None
         raw = pd.to_numeric(table[ID_COLUMN], errors="coerce")
         bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
         if bad.size:
             value = table[ID_COLUMN].iloc[bad[0]]
-            raise ScoreError(f"catalogue {url}: {ID_COLUMN} on data row {bad[0] + 1} is {value!r}, not an integer")
+            raise ScoreError(
+                f"catalogue {url}: {ID_COLUMN} on data row {bad[0] + 1} is {value!r}, not an integer"
+            ) from None
         ids = raw.to_numpy().astype(np.int64)
         _, first = np.unique(ids, return_index=True)
         repeated = sorted(set(ids[np.setdiff1d(np.arange(ids.size), first)].tolist()))
@@ -73,11 +78,12 @@ def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
 # --- Ray Data stages ------------------------------------------------------------------------------
 
 
-def prepare_batch(batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig,
-                  nan_policy: str) -> dict[str, np.ndarray]:  # fmt: skip
+def prepare_batch(
+    batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig, nan_policy: str
+) -> dict[str, np.ndarray]:
     """CPU stage: read and preprocess a batch of IDs. Rejected IDs keep a NaN image and their reason."""
-    from lensray.sky.fits import read_cutouts
     from lensray.ingest.preprocess import PreprocessError, output_shape, preprocess_batch
+    from lensray.sky.fits import read_cutouts
 
     ids = np.asarray(batch["id"], dtype=np.int64)
     size = output_shape(preprocess)[0]
@@ -92,12 +98,14 @@ def prepare_batch(batch: dict[str, np.ndarray], images_url: str, bands: Sequence
         return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
     try:
         prepared = preprocess_batch([c.bands for c in cutouts], preprocess, bands, [c.object_id for c in cutouts])
-        for cutout, image in zip(cutouts, prepared):
+        for cutout, image in zip(cutouts, prepared, strict=False):
             images[position[cutout.object_id]] = image
     except PreprocessError:  # find which ones: one at a time
         for cutout in cutouts:
             try:
-                images[position[cutout.object_id]] = preprocess_batch([cutout.bands], preprocess, bands, [cutout.object_id])[0]
+                images[position[cutout.object_id]] = preprocess_batch(
+                    [cutout.bands], preprocess, bands, [cutout.object_id]
+                )[0]
             except PreprocessError as exc:
                 reasons[position[cutout.object_id]], messages[position[cutout.object_id]] = "preprocess", str(exc)
     nan_images = (reasons == "") & ~np.isfinite(images).all(axis=(1, 2, 3))
@@ -237,8 +245,7 @@ def score_catalog(
     """
     import ray
 
-    from lensray.runs import load_run
-    from lensray.runs import resolve_checkpoint
+    from lensray.runs import load_run, resolve_checkpoint
 
     tta = check_tta(tta)
     started = time.perf_counter()
@@ -258,13 +265,32 @@ def score_catalog(
     blocks = max(1, min(len(ids) // batch_size + 1, 4 * int(ray.cluster_resources().get("CPU", 1))))
     dataset = (
         ray.data.from_items([{"id": int(i)} for i in ids], override_num_blocks=blocks)
-        .map_batches(prepare_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                     fn_kwargs={"images_url": images_url, "bands": prepared.bands, "preprocess": prepared.preprocess,
-                                "nan_policy": nan_policy})  # fmt: skip
-        .map_batches(CutoutScorer, batch_size=batch_size, batch_format="numpy",
-                     compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=0 if gpus else 1,
-                     fn_constructor_kwargs={"checkpoint_url": checkpoint_url, "tta": tta, "device": device,
-                                            "threads": None if gpus else 1})  # fmt: skip
+        .map_batches(
+            prepare_batch,
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+            fn_kwargs={
+                "images_url": images_url,
+                "bands": prepared.bands,
+                "preprocess": prepared.preprocess,
+                "nan_policy": nan_policy,
+            },
+        )
+        .map_batches(
+            CutoutScorer,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+            fn_constructor_kwargs={
+                "checkpoint_url": checkpoint_url,
+                "tta": tta,
+                "device": device,
+                "threads": None if gpus else 1,
+            },
+        )
     )
     table = dataset.to_pandas()
     table = _plain_columns(table)
@@ -274,8 +300,11 @@ def score_catalog(
     rejected = table["reason"] != ""
     rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
     score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
-    candidates = (table.loc[~rejected, ["id", *score_columns]]
-                  .sort_values(["score", "id"], ascending=[False, True]).reset_index(drop=True))  # fmt: skip
+    candidates = (
+        table.loc[~rejected, ["id", *score_columns]]
+        .sort_values(["score", "id"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
     candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
     rejects_url = _sibling(out_url, "_rejects.csv")
     storage.write_bytes(out_url, _parquet_bytes(candidates))
@@ -289,34 +318,73 @@ def score_catalog(
         storage.write_bytes(gallery_url, html.encode())
     summary_url = _sibling(out_url, "_summary.json")
     summary = ScoreSummary(
-        candidates_url=out_url, rejects_url=rejects_url, gallery_path=gallery_url, summary_url=summary_url,
-        n_ids=len(ids), n_scored=len(candidates), rejects=rejects, top=top, repeated_ids=repeated,
-        notes=list(prepared.notes), device=device, actors=n_actors, wall_s=time.perf_counter() - started,
-    )  # fmt: skip
-    storage.write_bytes(summary_url, json.dumps({
-        "checkpoint": checkpoint_url, "images": images_url, "catalog": catalog_url, "tta": tta,
-        "bands": list(prepared.bands), "transform": prepared.preprocess.model_dump(mode="json", exclude={"out"}),
-        "nan_policy": nan_policy, "n_ids": len(ids), "n_scored": len(candidates), "n_rejected": len(rejects),
-        "rejects": rejects.to_dict(orient="records"), "repeated_ids": repeated, "notes": list(prepared.notes),
-        "device": device, "actors": n_actors, "wall_s": round(summary.wall_s, 3),
-        "top": top[["rank", "id", "score"]].to_dict(orient="records"),
-    }, indent=1).encode())  # fmt: skip
+        candidates_url=out_url,
+        rejects_url=rejects_url,
+        gallery_path=gallery_url,
+        summary_url=summary_url,
+        n_ids=len(ids),
+        n_scored=len(candidates),
+        rejects=rejects,
+        top=top,
+        repeated_ids=repeated,
+        notes=list(prepared.notes),
+        device=device,
+        actors=n_actors,
+        wall_s=time.perf_counter() - started,
+    )
+    storage.write_bytes(
+        summary_url,
+        json.dumps(
+            {
+                "checkpoint": checkpoint_url,
+                "images": images_url,
+                "catalog": catalog_url,
+                "tta": tta,
+                "bands": list(prepared.bands),
+                "transform": prepared.preprocess.model_dump(mode="json", exclude={"out"}),
+                "nan_policy": nan_policy,
+                "n_ids": len(ids),
+                "n_scored": len(candidates),
+                "n_rejected": len(rejects),
+                "rejects": rejects.to_dict(orient="records"),
+                "repeated_ids": repeated,
+                "notes": list(prepared.notes),
+                "device": device,
+                "actors": n_actors,
+                "wall_s": round(summary.wall_s, 3),
+                "top": top[["rank", "id", "score"]].to_dict(orient="records"),
+            },
+            indent=1,
+        ).encode(),
+    )
     return summary
 
 
-def candidate_gallery_html(top: pd.DataFrame, images_url: str, prepared: ModelInput, nan_policy: str,
-                           rejects: pd.DataFrame, checkpoint_url: str, catalog_url: str, tta: str | None) -> str:  # fmt: skip
+def candidate_gallery_html(
+    top: pd.DataFrame,
+    images_url: str,
+    prepared: ModelInput,
+    nan_policy: str,
+    rejects: pd.DataFrame,
+    checkpoint_url: str,
+    catalog_url: str,
+    tta: str | None,
+) -> str:
     """A self-contained page: the top candidates (re-read and preprocessed as the network saw them)."""
-    from lensray.sky.fits import read_cutouts
     from lensray.evaluate.report import gallery_png, html_page, html_table
     from lensray.ingest.preprocess import preprocess_batch
+    from lensray.sky.fits import read_cutouts
 
     cutouts, failed = read_cutouts(images_url, top["id"].tolist(), prepared.bands, nan_policy)
     if failed:  # they were read a moment ago: the data changed under us
         raise ScoreError(f"top candidates could not be re-read for the gallery: {[str(f) for f in failed]}")
-    images = preprocess_batch([c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts])
+    images = preprocess_batch(
+        [c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts]
+    )
     captions = [f"#{r.rank} ID {r.id}\nscore {r.score:.4f}" for r in top.itertuples()]
-    picture = gallery_png(np.asarray(images, np.float32), captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands)))
+    picture = gallery_png(
+        np.asarray(images, np.float32), captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands))
+    )
     blocks = [
         f"<p>Checkpoint <code>{html.escape(checkpoint_url)}</code>; catalogue <code>{html.escape(catalog_url)}</code>; "
         f"images <code>{html.escape(images_url)}</code>; test-time averaging: {tta or 'none'}. Bands {', '.join(prepared.bands)} as the "
@@ -327,4 +395,3 @@ def candidate_gallery_html(top: pd.DataFrame, images_url: str, prepared: ModelIn
         html_table(rejects.to_dict(orient="records"), ["id", "reason", "message"]) if len(rejects) else "<p>none</p>",
     ]
     return html_page(f"lensray candidates: top {len(top)}", blocks)
-

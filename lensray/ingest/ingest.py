@@ -18,19 +18,22 @@ from typing import Any
 import numpy as np
 
 from lensray import storage
-from lensray.sky.catalog import apply_label_rule, read_catalog
 from lensray.config import DataConfig, PreprocessConfig
-from lensray.sky.fits import read_cutouts
-from lensray.runtime import ensure_ray
-from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
-from lensray.ingest.preprocess import describe, output_shape, preprocess_batch
 from lensray.errors import IngestError
+from lensray.ingest.preprocess import describe, output_shape, preprocess_batch
+from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
+from lensray.runtime import ensure_ray
+from lensray.sky.catalog import apply_label_rule, read_catalog
+from lensray.sky.fits import read_cutouts
 
 
 def assign_splits(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """0 train / 1 val / 2 test per ID, from a hash of (seed, ID): independent of the other IDs."""
     uniform = np.array(
-        [int.from_bytes(hashlib.blake2b(f"{seed}:{int(i)}".encode(), digest_size=8).digest(), "big") / 2**64 for i in ids],
+        [
+            int.from_bytes(hashlib.blake2b(f"{seed}:{int(i)}".encode(), digest_size=8).digest(), "big") / 2**64
+            for i in ids
+        ],
         dtype=np.float64,
     )
     split = np.zeros(len(ids), dtype=np.int8)
@@ -72,7 +75,9 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def _process_shard(item: dict[str, Any], data: DataConfig, preprocess: PreprocessConfig, store_url: str) -> dict[str, Any]:
+def _process_shard(
+    item: dict[str, Any], data: DataConfig, preprocess: PreprocessConfig, store_url: str
+) -> dict[str, Any]:
     """One Ray task: read a shard's cutouts, preprocess them together, write the whole shard."""
     ids = item["ids"]
     cutouts, rejects = read_cutouts(data.images, ids, data.bands, data.nan)
@@ -89,7 +94,9 @@ def _process_shard(item: dict[str, Any], data: DataConfig, preprocess: Preproces
     reject_rows = [{"id": int(r.object_id), "reason": r.reason, "message": str(r)} for r in rejects]
     nan_ids = sum(1 for c in cutouts if sum(c.nan_pixels.values()) > 0)
     nan_pixels = int(sum(sum(c.nan_pixels.values()) for c in cutouts))
-    write_shard(store_url, item["shard"], images, valid, reject_rows, stats={"nan_ids": nan_ids, "nan_pixels": nan_pixels})
+    write_shard(
+        store_url, item["shard"], images, valid, reject_rows, stats={"nan_ids": nan_ids, "nan_pixels": nan_pixels}
+    )
     # Rejects travel through the shard's report in the store, not through Ray: only counts come back.
     return {"shard": item["shard"], "written": int(valid.sum()), "rejected": len(reject_rows)}
 
@@ -123,9 +130,16 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
         "duplicate_catalog_rows": len(catalog.duplicates),
     }
     create_store(
-        preprocess.out, ids=ids, labels=labels, split=split, channels=len(data.bands), size=size,
-        dtype=preprocess.dtype, shard_size=preprocess.shard_size, meta=meta,
-    )  # fmt: skip
+        preprocess.out,
+        ids=ids,
+        labels=labels,
+        split=split,
+        channels=len(data.bands),
+        size=size,
+        dtype=preprocess.dtype,
+        shard_size=preprocess.shard_size,
+        meta=meta,
+    )
     ranges = shard_ranges(len(ids), preprocess.shard_size)
     done = completed_shards(preprocess.out)
     todo = [
@@ -137,11 +151,17 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
     summary_meta = finalize_store(preprocess.out, {"ingest_wall_s": round(time.perf_counter() - started, 3)})
     rejects = summary_meta["rejects"]
     summary = IngestSummary(
-        store_url=preprocess.out, n_ids=len(ids), n_shards=len(ranges), shards_written=len(results),
-        shards_skipped=len(ranges) - len(todo), n_written=int(summary_meta["counts"]["valid"]),
-        rejects=rejects, excluded_by_label_rule=len(labelled.excluded), duplicate_ids=len(catalog.duplicates),
+        store_url=preprocess.out,
+        n_ids=len(ids),
+        n_shards=len(ranges),
+        shards_written=len(results),
+        shards_skipped=len(ranges) - len(todo),
+        n_written=int(summary_meta["counts"]["valid"]),
+        rejects=rejects,
+        excluded_by_label_rule=len(labelled.excluded),
+        duplicate_ids=len(catalog.duplicates),
         wall_s=time.perf_counter() - started,
-    )  # fmt: skip
+    )
     if summary.n_written == 0:
         raise IngestError(f"every cutout was rejected: is {data.images} the right root?\n{summary}")
     if preprocess.strict and rejects:
@@ -149,7 +169,9 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
     return summary
 
 
-def _run_shards(todo: list[dict[str, Any]], data: DataConfig, preprocess: PreprocessConfig, progress: bool) -> Iterator[dict[str, Any]]:
+def _run_shards(
+    todo: list[dict[str, Any]], data: DataConfig, preprocess: PreprocessConfig, progress: bool
+) -> Iterator[dict[str, Any]]:
     import ray
     from tqdm import tqdm
 

@@ -51,9 +51,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from astropy.visualization import LogStretch
 
-from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
 from lensray.config import PreprocessConfig
 from lensray.errors import PreprocessError
+from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
 
 MAD_TO_SIGMA = 1.4826  # MAD -> sigma for Gaussian noise
 LOG_STRETCH_A = 1000.0  # astropy's default, used by the study
@@ -65,7 +65,6 @@ KEYS_A = -0.5  # Keys (1981) cubic convolution: reproduces quadratics exactly
 MAX_NIR_SIZE_DEVIATION = 6
 MODES = ("asinh", "log", "clip")
 METHODS = ("bilinear", "bicubic")
-
 
 
 class BandScaling(NamedTuple):
@@ -180,9 +179,7 @@ def _stretch(scaled: np.ndarray, scaling: BandScaling, mode: str) -> np.ndarray:
     return stretched.astype(np.float32, copy=False)
 
 
-def normalise_band(
-    image: np.ndarray, mode: str = "asinh", *, softening: float = 3.0, border: int = 8
-) -> np.ndarray:
+def normalise_band(image: np.ndarray, mode: str = "asinh", *, softening: float = 3.0, border: int = 8) -> np.ndarray:
     """Normalise one band's stamp (h, w), or each stamp of (k, h, w), on its native grid -> float32.
 
     See the module docstring for the definition and output range of each mode.
@@ -248,7 +245,11 @@ def _crop_start(side: int, crop: int | None) -> int:
 
 @lru_cache(maxsize=64)
 def _resampling_pair(
-    src_shape: tuple[int, int], src_scale: float, dst_shape: tuple[int, int], dst_scale: float, method: str,
+    src_shape: tuple[int, int],
+    src_scale: float,
+    dst_shape: tuple[int, int],
+    dst_scale: float,
+    method: str,
     crop: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Wy, Wx.T), both C-contiguous (BLAS-ready), restricted to the central crop of the destination."""
@@ -360,7 +361,7 @@ def _bin_mean(images: np.ndarray, factor: int) -> np.ndarray:
     (elementwise, so every image's result is independent of the batch it sits in)."""
     if factor == 1:
         return images
-    total = np.zeros(images.shape[:-2] + (images.shape[-2] // factor, images.shape[-1] // factor), np.float32)
+    total = np.zeros((*images.shape[:-2], images.shape[-2] // factor, images.shape[-1] // factor), np.float32)
     for dy in range(factor):
         for dx in range(factor):
             total += images[..., dy::factor, dx::factor]

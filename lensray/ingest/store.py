@@ -28,6 +28,7 @@ object per shard.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -74,9 +75,6 @@ _DENSE_FRACTION = 0.25
 _READ_THREADS = 8
 
 
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Opening
 
@@ -92,10 +90,8 @@ def _close_async_s3() -> None:
     for key, fs in _ASYNC_S3.items():
         client = getattr(fs, "_s3creator", None)
         if client is not None and key[0] == os.getpid():  # a forked child must not touch its parent's
-            try:
+            with contextlib.suppress(Exception):
                 zarr_sync(client.__aexit__(None, None, None), timeout=2)
-            except Exception:  # noqa: BLE001 -- at exit, a failed close must not mask the real outcome
-                pass
     _ASYNC_S3.clear()
 
 
@@ -273,14 +269,24 @@ def create_store(
         raise StoreError(f"channels, size and shard_size must be >= 1, got {channels}, {(height, width)}, {shard_size}")
     n_shards = len(shard_ranges(len(ids), shard_size))
     layout = {
-        "format": FORMAT_VERSION, "n": len(ids), "channels": int(channels), "height": int(height),
-        "width": int(width), "dtype": image_dtype.name, "shard_size": int(shard_size), "n_shards": n_shards,
-    }  # fmt: skip
+        "format": FORMAT_VERSION,
+        "n": len(ids),
+        "channels": int(channels),
+        "height": int(height),
+        "width": int(width),
+        "dtype": image_dtype.name,
+        "shard_size": int(shard_size),
+        "n_shards": n_shards,
+    }
     base_meta = _check_meta(meta)
     fingerprint = {
-        "layout": layout, "meta": base_meta, "lensray_version": __version__,
-        "ids": _digest(ids, "<i8"), "labels": _digest(labels, "i1"), "split": _digest(split, "i1"),
-    }  # fmt: skip
+        "layout": layout,
+        "meta": base_meta,
+        "lensray_version": __version__,
+        "ids": _digest(ids, "<i8"),
+        "labels": _digest(labels, "i1"),
+        "split": _digest(split, "i1"),
+    }
 
     storage.check_reachable(url, must_exist=False)
     zstore = _zarr_store(url, read_only=False)
@@ -309,10 +315,15 @@ def create_store(
     n = len(ids)
     column_chunks = {"chunks": (shard_size,), "shards": (n_shards * shard_size,)}
     group.create_array(
-        "images", shape=(n, channels, height, width), dtype=image_dtype, fill_value=np.nan,
-        chunks=(1, channels, height, width), shards=(shard_size, channels, height, width),
-        compressors=[_IMAGE_COMPRESSOR], dimension_names=("sample", "channel", "y", "x"),
-    )  # fmt: skip
+        "images",
+        shape=(n, channels, height, width),
+        dtype=image_dtype,
+        fill_value=np.nan,
+        chunks=(1, channels, height, width),
+        shards=(shard_size, channels, height, width),
+        compressors=[_IMAGE_COMPRESSOR],
+        dimension_names=("sample", "channel", "y", "x"),
+    )
     group.create_array("ids", data=ids, **column_chunks, dimension_names=("sample",))
     group.create_array("labels", data=labels, **column_chunks, dimension_names=("sample",))
     group.create_array("split", data=split, **column_chunks, dimension_names=("sample",))
@@ -359,9 +370,13 @@ def write_shard(
         raise StoreError(f"{where}: valid must be bool of shape ({stop - start},), got {valid.dtype} {valid.shape}")
     block = _shard_images(images, valid, ids, layout, where)
     report = {
-        "shard": shard_index, "start": start, "stop": stop, "n_valid": int(valid.sum()),
-        "rejects": _shard_rejects(rejects, ids, valid, where), "stats": _shard_stats(stats, where),
-    }  # fmt: skip
+        "shard": shard_index,
+        "start": start,
+        "stop": stop,
+        "n_valid": int(valid.sum()),
+        "rejects": _shard_rejects(rejects, ids, valid, where),
+        "stats": _shard_stats(stats, where),
+    }
 
     done = group["shard_done"]
     if done[shard_index]:
@@ -465,10 +480,14 @@ def finalize_store(url: str, extra_meta: Mapping[str, Any] | None = None) -> dic
     counts["rejected_by_reason"] = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     fingerprint = attrs["fingerprint"]
     meta = {
-        **fingerprint["meta"], "lensray_version": fingerprint["lensray_version"],
-        "created": attrs["meta"].get("created", _now()), "finalized": _now(),
-        "counts": counts, "rejects": rejects, "shard_stats": shard_stats,
-    }  # fmt: skip
+        **fingerprint["meta"],
+        "lensray_version": fingerprint["lensray_version"],
+        "created": attrs["meta"].get("created", _now()),
+        "finalized": _now(),
+        "counts": counts,
+        "rejects": rejects,
+        "shard_stats": shard_stats,
+    }
     extra = _jsonable(extra_meta or {}, "extra_meta")
     clashes = sorted(set(extra) & set(meta))
     if clashes:
@@ -493,7 +512,7 @@ def _read_reports(url: str, n_shards: int) -> list[dict[str, Any]]:
 
 
 def _counts(labels: np.ndarray, split: np.ndarray, valid: np.ndarray) -> dict[str, Any]:
-    counts: dict[str, Any] = {"n": int(len(valid)), "valid": int(valid.sum()), "rejected": int((~valid).sum())}
+    counts: dict[str, Any] = {"n": len(valid), "valid": int(valid.sum()), "rejected": int((~valid).sum())}
     for name, code in SPLITS.items():
         in_split = valid & (split == code)
         counts[name] = {label_name: int((in_split & (labels == label)).sum()) for label, label_name in LABELS.items()}

@@ -1,33 +1,91 @@
-"""The networks, in a plain registry: ``MODELS[name](section, in_channels, image_size) -> nn.Module``.
+"""The networks, in one registry: each is registered once with its builder, its description and its
+config section (whose fields are its tunable options, ``model.<name>.<field>`` in a tune file).
 
 Every model maps (N, in_channels, image_size, image_size) images to one lens logit per image, shape
-(N,) (apply a sigmoid for a probability; train with ``BCEWithLogitsLoss``).
+(N,) (apply a sigmoid for a probability; train with ``BCEWithLogitsLoss``). Adding a network touches
+its own file, this registry and its config section.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from lensray.config import ModelConfig
-from lensray.models.lastro import Lastro, build_lastro
-from lensray.models.resnet import ResNet, build_resnet
+from lensray.models.lastro import Lastro, build_lastro, describe_lastro, lastro_recipe
+from lensray.models.resnet import ResNet, build_resnet, describe_resnet, resnet_recipe
 
 ModelBuilder = Callable[[Any, int, int], nn.Module]
 
-MODELS: dict[str, ModelBuilder] = {
-    "resnet": build_resnet,
-    "lastro": build_lastro,
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered network. ``section`` is the field of ``ModelConfig`` holding its options."""
+
+    name: str
+    build: ModelBuilder  # (section, in_channels, image_size) -> nn.Module
+    describe: Callable[[Any], str]  # section -> a short name, e.g. "ResNet-20"
+    recipe: Callable[[Any], list[str]]  # section -> the choices that matter in a comparison
+    summary: str  # one line for help texts and docs
+
+    @property
+    def section(self) -> str:
+        return self.name
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("lastro", build_lastro, describe_lastro, lastro_recipe, "the LASTRO CNN (Schaefer et al. 2018)"),
+        ModelSpec("resnet", build_resnet, describe_resnet, resnet_recipe, "a Keras-CIFAR-style ResNet (6n+2 layers)"),
+    )
 }
+
+
+def model_spec(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def model_section(config: ModelConfig) -> Any:
+    """The options of the network ``config.name`` (its own section of the model config)."""
+    return getattr(config, model_spec(config.name).section)
 
 
 def build_model(config: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
     """The network ``config.name``, built from its own section (``config.lastro`` or ``config.resnet``)."""
-    if config.name not in MODELS:
-        raise ValueError(f"unknown model {config.name!r}; registered: {sorted(MODELS)}")
-    return MODELS[config.name](getattr(config, config.name), in_channels, image_size)
+    return model_spec(config.name).build(model_section(config), in_channels, image_size)
 
 
-__all__ = ["MODELS", "Lastro", "ModelBuilder", "ResNet", "build_model"]
+def describe_model(config: ModelConfig) -> str:
+    """The configured network in a few words, e.g. ``LASTRO 2x2 conv, 16 filters``."""
+    return model_spec(config.name).describe(model_section(config))
+
+
+def model_recipe(config: ModelConfig) -> list[str]:
+    """The configured network's distinguishing choices (block order, dropout, init ...)."""
+    return model_spec(config.name).recipe(model_section(config))
+
+
+def tunable_prefixes() -> dict[str, str]:
+    """``{"model.lastro.": "lastro", ...}``: a tune key under one of these varies that network."""
+    return {f"model.{spec.section}.": name for name, spec in MODELS.items()}
+
+
+__all__ = [
+    "MODELS",
+    "Lastro",
+    "ModelBuilder",
+    "ModelSpec",
+    "ResNet",
+    "build_model",
+    "describe_model",
+    "model_recipe",
+    "model_section",
+    "model_spec",
+    "tunable_prefixes",
+]

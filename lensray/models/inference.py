@@ -91,5 +91,3 @@ def validate(
     if not scores:
         return np.empty(0, dtype=np.int8), np.empty(0)
     return np.concatenate(labels), np.concatenate(scores)
-
-

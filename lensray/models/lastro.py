@@ -62,9 +62,7 @@ class Lastro(nn.Module):
     def __init__(self, config: LastroConfig, in_channels: int, image_size: int) -> None:
         super().__init__()
         if in_channels < 1 or image_size < 1:
-            raise ValueError(
-                f"lastro: need in_channels >= 1 and image_size >= 1, got {in_channels} and {image_size}"
-            )
+            raise ValueError(f"lastro: need in_channels >= 1 and image_size >= 1, got {in_channels} and {image_size}")
         self.config = config
         layers: list[nn.Module] = []
         channels, side = in_channels, image_size
@@ -102,3 +100,20 @@ class Lastro(nn.Module):
 def build_lastro(config: LastroConfig, in_channels: int, image_size: int) -> Lastro:
     """Registry entry: the LASTRO CNN of ``config`` for ``in_channels`` bands of ``image_size`` px."""
     return Lastro(config, in_channels, image_size)
+
+
+def describe_lastro(config: LastroConfig) -> str:
+    """The network in a table cell, e.g. ``LASTRO 2x2 conv, 16 filters``."""
+    return f"LASTRO {config.pairs}x2 conv, {config.filters} filters"
+
+
+def lastro_recipe(config: LastroConfig) -> list[str]:
+    """The choices that set this network apart in a comparison: block order, dropout, init."""
+    parts = ["conv-ReLU-conv-ReLU-BN" if config.block_order == "paper" else "conv-BN-ReLU"]
+    if config.dropout_kind != "none" and config.dropout > 0:
+        parts.append(f"{config.dropout_kind} dropout {config.dropout:g}")
+    else:
+        parts.append("no conv dropout")
+    parts.append(f"dense dropout {config.dense_dropout:g}")
+    parts.append(f"{config.init} init")
+    return parts

@@ -58,9 +58,7 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig, in_channels: int, image_size: int) -> None:
         super().__init__()
         if in_channels < 1 or image_size < 1:
-            raise ValueError(
-                f"resnet: need in_channels >= 1 and image_size >= 1, got {in_channels} and {image_size}"
-            )
+            raise ValueError(f"resnet: need in_channels >= 1 and image_size >= 1, got {in_channels} and {image_size}")
         if config.kernel % 2 == 0:
             # An even kernel has no symmetric "same" padding for the stride-2 convs.
             raise ValueError(f"resnet: kernel={config.kernel} must be odd")
@@ -101,3 +99,13 @@ class ResNet(nn.Module):
 def build_resnet(config: ResNetConfig, in_channels: int, image_size: int) -> ResNet:
     """Registry entry: the ResNet of ``config`` for ``in_channels`` bands of ``image_size`` px."""
     return ResNet(config, in_channels, image_size)
+
+
+def describe_resnet(config: ResNetConfig) -> str:
+    """The network in a table cell, e.g. ``ResNet-20`` (6n + 2 layers for n blocks per stage)."""
+    return f"ResNet-{6 * config.blocks + 2}"
+
+
+def resnet_recipe(config: ResNetConfig) -> list[str]:
+    """The choices that set this network apart in a comparison."""
+    return [f"{config.init} init"]

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from astropy.cosmology import FlatLambdaCDM
@@ -27,16 +27,16 @@ from lenstronomy.Cosmo.lens_cosmo import LensCosmo
 from lenstronomy.LensModel.lens_model import LensModel
 from lenstronomy.LensModel.Solver.lens_equation_solver import LensEquationSolver
 from lenstronomy.LightModel.light_model import LightModel
-from lenstronomy.SimulationAPI.ObservationConfig.Euclid import Euclid
 from lenstronomy.SimulationAPI.observation_api import SingleBand
+from lenstronomy.SimulationAPI.ObservationConfig.Euclid import Euclid
 from lenstronomy.Util import param_util
 from scipy import ndimage
 
 from lensray import storage
-from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
-from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 from lensray.config import SimulateConfig
 from lensray.runtime import ensure_ray
+from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
+from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 
 # ---------------------------------------------------------------------------------------------------
 # Instrument, units, canvas
@@ -80,7 +80,7 @@ class BandObservation:
         return 10.0 ** (-0.4 * (magnitude - self.zero_point))
 
 
-@lru_cache(maxsize=None)
+@cache
 def band_observation(band: str) -> BandObservation:
     kwargs = Euclid(band=band).kwargs_single_band()
     kwargs["pixel_scale"] = BANDS[band].pixel_scale  # the challenge's grids, not lenstronomy's 0.101"
@@ -88,17 +88,17 @@ def band_observation(band: str) -> BandObservation:
     return BandObservation(band, kwargs["magnitude_zero_point"], single.exposure_time, single.background_noise)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lens_model() -> LensModel:
     return LensModel(["SIE", "SHEAR"])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _light_model(profile: str) -> LightModel:
     return LightModel([profile])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lens_solver() -> LensEquationSolver:
     return LensEquationSolver(_lens_model())
 
@@ -120,8 +120,9 @@ class Sersic:
     @property
     def kwargs(self) -> dict[str, float]:
         e1, e2 = param_util.phi_q2_ellipticity(self.phi, self.q)
-        return dict(R_sersic=self.r_eff, n_sersic=self.n, e1=e1, e2=e2,
-                    center_x=self.center[0], center_y=self.center[1])  # fmt: skip
+        return dict(
+            R_sersic=self.r_eff, n_sersic=self.n, e1=e1, e2=e2, center_x=self.center[0], center_y=self.center[1]
+        )
 
     def surface_brightness(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return _light_model("SERSIC_ELLIPSE").surface_brightness(x, y, [dict(amp=1.0, **self.kwargs)])
@@ -141,13 +142,18 @@ class Knots:
 
     @property
     def extent(self) -> float:
-        return max((math.hypot(cx - self.center[0], cy - self.center[1]) + 5 * s
-                    for (cx, cy), s in zip(self.centers, self.sigmas)), default=0.0)  # fmt: skip
+        return max(
+            (
+                math.hypot(cx - self.center[0], cy - self.center[1]) + 5 * s
+                for (cx, cy), s in zip(self.centers, self.sigmas, strict=False)
+            ),
+            default=0.0,
+        )
 
     def surface_brightness(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         gauss = _light_model("GAUSSIAN")  # lenstronomy's GAUSSIAN amp is the total flux
         sb = np.zeros(np.shape(x))
-        for (cx, cy), sigma, fraction in zip(self.centers, self.sigmas, self.fractions):
+        for (cx, cy), sigma, fraction in zip(self.centers, self.sigmas, self.fractions, strict=False):
             sb += gauss.surface_brightness(x, y, [dict(amp=fraction, sigma=sigma, center_x=cx, center_y=cy)])
         return sb
 
@@ -247,8 +253,10 @@ def _disc_polar(x: np.ndarray, y: np.ndarray, center: tuple[float, float], phi: 
 def _disc_to_sky(major, minor, center: tuple[float, float], phi: float, q: float):
     """The inverse of ``_disc_polar``'s projection: disc-frame (major, deprojected minor) -> sky x, y."""
     minor = minor * q
-    return (center[0] + math.cos(phi) * major - math.sin(phi) * minor,
-            center[1] + math.sin(phi) * major + math.cos(phi) * minor)  # fmt: skip
+    return (
+        center[0] + math.cos(phi) * major - math.sin(phi) * minor,
+        center[1] + math.sin(phi) * major + math.cos(phi) * minor,
+    )
 
 
 Shape = Sersic | Knots | ClumpySource | SpiralArms | Ring
@@ -346,11 +354,24 @@ def draw_scene(rng: np.random.Generator, is_lens: bool, config: SimulateConfig) 
     # The catalogue's mag_lens is the whole central galaxy's, a ring included.
     mag_lens = -2.5 * math.log10(sum(10 ** (-0.4 * p.mag_vis) for p in parts if p.group == "lens"))
     return Scene(
-        kind=kind, z_lens=z_lens, z_source=z_source, theta_e=theta_e, sigma_v=sigma_v,
-        star_mass=10**log_mstar, halo_mass=10**log_mhalo, mag_lens=mag_lens, lens_vis_minus_h=lens_color,
-        kwargs_lens=kwargs_lens, parts=tuple(parts), source=source, source_id=source_id, mag_source=mag_source,
-        source_vis_minus_h=source_color, companion_radii=tuple(companion_radii), psf_fwhm=psf_fwhm,
-    )  # fmt: skip
+        kind=kind,
+        z_lens=z_lens,
+        z_source=z_source,
+        theta_e=theta_e,
+        sigma_v=sigma_v,
+        star_mass=10**log_mstar,
+        halo_mass=10**log_mhalo,
+        mag_lens=mag_lens,
+        lens_vis_minus_h=lens_color,
+        kwargs_lens=kwargs_lens,
+        parts=tuple(parts),
+        source=source,
+        source_id=source_id,
+        mag_source=mag_source,
+        source_vis_minus_h=source_color,
+        companion_radii=tuple(companion_radii),
+        psf_fwhm=psf_fwhm,
+    )
 
 
 def _galaxy_parts(rng, kind, r_eff, q, phi, center, mag, color) -> Iterator[LightPart]:
@@ -365,8 +386,13 @@ def _galaxy_parts(rng, kind, r_eff, q, phi, center, mag, color) -> Iterator[Ligh
         knot_fraction = rng.uniform(0.05, 0.12)
         disc = Sersic(rng.uniform(0.4, 1.2), 1.0, rng.uniform(0.45, 1.0), rng.uniform(0.0, math.pi), center)
         bulge = Sersic(rng.uniform(0.1, 0.3), rng.uniform(2.0, 4.0), rng.uniform(0.7, 1.0), disc.phi, center)
-        arms = SpiralArms(disc, int(rng.choice([2, 2, 3])), math.radians(rng.uniform(15.0, 35.0)),
-                          rng.uniform(0.0, 2 * math.pi), rng.uniform(1.0, 3.0))  # fmt: skip
+        arms = SpiralArms(
+            disc,
+            int(rng.choice([2, 2, 3])),
+            math.radians(rng.uniform(15.0, 35.0)),
+            rng.uniform(0.0, 2 * math.pi),
+            rng.uniform(1.0, 3.0),
+        )
         n_knots = int(rng.integers(4, 16))
         knot_x, knot_y = arms.crest(disc.r_eff * rng.uniform(0.6, 2.5, n_knots), rng.integers(0, arms.arms, n_knots))
         knots = _knots(rng, knot_x, knot_y, n_knots)
@@ -378,8 +404,15 @@ def _galaxy_parts(rng, kind, r_eff, q, phi, center, mag, color) -> Iterator[Ligh
     yield LightPart("lens", Sersic(r_eff, rng.uniform(2.5, 5.5), q, phi, center), mag, color, core=0.5)
     if kind == "ring":
         ring_q = float(np.clip(q + rng.normal(0, 0.1), 0.5, 1.0))
-        ring = Ring(center, rng.uniform(0.6, 2.0), rng.uniform(0.04, 0.12), ring_q, phi,
-                    float(rng.choice([0.0, 1.0, 3.0])), rng.uniform(0.0, 2 * math.pi))  # fmt: skip
+        ring = Ring(
+            center,
+            rng.uniform(0.6, 2.0),
+            rng.uniform(0.04, 0.12),
+            ring_q,
+            phi,
+            float(rng.choice([0.0, 1.0, 3.0])),
+            rng.uniform(0.0, 2 * math.pi),
+        )
         ring_mag, ring_color = mag + rng.uniform(0.3, 2.0), rng.normal(0.6, 0.3)
         yield LightPart("lens", ring, ring_mag, ring_color)
         if rng.random() < 0.5:  # collisional rings are clumpy
@@ -391,7 +424,7 @@ def _galaxy_parts(rng, kind, r_eff, q, phi, center, mag, color) -> Iterator[Ligh
 
 def _knots(rng, x: np.ndarray, y: np.ndarray, n: int) -> Knots:
     fractions = tuple(rng.dirichlet(np.ones(n)))
-    return Knots(tuple(zip(x.tolist(), y.tolist())), tuple(rng.uniform(0.03, 0.07, n)), fractions)
+    return Knots(tuple(zip(x.tolist(), y.tolist(), strict=False)), tuple(rng.uniform(0.03, 0.07, n)), fractions)
 
 
 def _companion(rng, mag_lens, lens_color, lens_center) -> tuple[LightPart, float]:
@@ -423,8 +456,11 @@ def _draw_source(rng, theta_e, lens_center, mag_source) -> ClumpySource:
     n_knots = int(rng.integers(1, 5))
     offsets = rng.normal(0.0, 1.2 * r_eff, size=(n_knots, 2))
     fractions = rng.dirichlet(np.ones(n_knots)) * rng.uniform(0.2, 0.5)
-    knots = Knots(tuple((center[0] + dx, center[1] + dy) for dx, dy in offsets.tolist()),
-                  tuple(rng.uniform(0.02, 0.06, n_knots)), tuple(fractions))  # fmt: skip
+    knots = Knots(
+        tuple((center[0] + dx, center[1] + dy) for dx, dy in offsets.tolist()),
+        tuple(rng.uniform(0.02, 0.06, n_knots)),
+        tuple(fractions),
+    )
     return ClumpySource(body, knots)
 
 
@@ -442,8 +478,8 @@ def _window(center: tuple[float, float], radius: float | None) -> tuple[slice, s
     half = (CANVAS_SIZE - 1) / 2
 
     def span(c: float) -> slice:
-        lo = max(0, int(math.floor((c - radius) / CANVAS_PIXEL + half)))
-        hi = min(CANVAS_SIZE, int(math.ceil((c + radius) / CANVAS_PIXEL + half)) + 1)
+        lo = max(0, math.floor((c - radius) / CANVAS_PIXEL + half))
+        hi = min(CANVAS_SIZE, math.ceil((c + radius) / CANVAS_PIXEL + half) + 1)
         return slice(lo, max(lo, hi))
 
     return span(center[1]), span(center[0])
@@ -506,7 +542,7 @@ def render_scene(scene: Scene) -> RenderedScene:
             unlensed = _render(shape.surface_brightness, _window(shape.center, shape.extent), _bright(1e-3))
             lens_model, kwargs_lens = _lens_model(), list(scene.kwargs_lens)
 
-            def lensed_sb(x, y, shape=shape):
+            def lensed_sb(x, y, shape=shape, lens_model=lens_model, kwargs_lens=kwargs_lens):
                 return shape.surface_brightness(*lens_model.ray_shooting(x, y, kwargs_lens))
 
             lensed = _render(lensed_sb, _WHOLE_CANVAS, _bright(1e-3))
@@ -624,8 +660,20 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "mag_lens": "VIS AB magnitude of the lens galaxy (not a magnification)",
     "n_sources": "number of lensed sources (0: not a lens)",
 }
-INT_COLUMNS = frozenset({"ID", "source_ID", "n_crit", "n_pix_source", "n_pix_lens", "n_source_im",
-                         "n_gal_3", "n_gal_5", "n_gal_10", "n_sources"})  # fmt: skip
+INT_COLUMNS = frozenset(
+    {
+        "ID",
+        "source_ID",
+        "n_crit",
+        "n_pix_source",
+        "n_pix_lens",
+        "n_source_im",
+        "n_gal_3",
+        "n_gal_5",
+        "n_gal_10",
+        "n_sources",
+    }
+)
 
 
 def measure(
@@ -638,25 +686,50 @@ def measure(
     lens_pixels = lens_map > vis.noise_cps
     x_crit, y_crit, n_crit, crit_area = _critical_curves(scene)
     row: dict[str, float] = dict(
-        ID=int(object_id), x_crit=x_crit, y_crit=y_crit, source_ID=0, z_source=0.0, z_lens=scene.z_lens,
-        mag_source=0.0, ein_area=math.pi * scene.theta_e**2, n_crit=n_crit, r_source=0.0, crit_area=crit_area,
-        n_pix_source=0, source_flux=0.0, n_pix_lens=int(lens_pixels.sum()), lens_flux=float(lens_map.sum() * flux),
-        n_source_im=0, mag_eff=0.0, sb_contrast=0.0, color_diff=0.0,
-        n_gal_3=sum(r < 3.0 for r in scene.companion_radii), n_gal_5=sum(r < 5.0 for r in scene.companion_radii),
-        n_gal_10=sum(r < 10.0 for r in scene.companion_radii), halo_mass=scene.halo_mass,
-        star_mass=scene.star_mass, mag_lens=scene.mag_lens, n_sources=0,
-    )  # fmt: skip
+        ID=int(object_id),
+        x_crit=x_crit,
+        y_crit=y_crit,
+        source_ID=0,
+        z_source=0.0,
+        z_lens=scene.z_lens,
+        mag_source=0.0,
+        ein_area=math.pi * scene.theta_e**2,
+        n_crit=n_crit,
+        r_source=0.0,
+        crit_area=crit_area,
+        n_pix_source=0,
+        source_flux=0.0,
+        n_pix_lens=int(lens_pixels.sum()),
+        lens_flux=float(lens_map.sum() * flux),
+        n_source_im=0,
+        mag_eff=0.0,
+        sb_contrast=0.0,
+        color_diff=0.0,
+        n_gal_3=sum(r < 3.0 for r in scene.companion_radii),
+        n_gal_5=sum(r < 5.0 for r in scene.companion_radii),
+        n_gal_10=sum(r < 10.0 for r in scene.companion_radii),
+        halo_mass=scene.halo_mass,
+        star_mass=scene.star_mass,
+        mag_lens=scene.mag_lens,
+        n_sources=0,
+    )
     if scene.source is None:
         return row
     source_pixels = source_map > vis.noise_cps
     n_pix_source = int(source_pixels.sum())
     row.update(
-        source_ID=scene.source_id, z_source=scene.z_source, mag_source=scene.mag_source,
-        r_source=scene.source.body.r_eff, n_pix_source=n_pix_source, source_flux=float(source_map.sum() * flux),
-        n_source_im=_visible_images(scene, source_pixels), mag_eff=rendered.magnification,
+        source_ID=scene.source_id,
+        z_source=scene.z_source,
+        mag_source=scene.mag_source,
+        r_source=scene.source.body.r_eff,
+        n_pix_source=n_pix_source,
+        source_flux=float(source_map.sum() * flux),
+        n_source_im=_visible_images(scene, source_pixels),
+        mag_eff=rendered.magnification,
         sb_contrast=float(source_map[source_pixels].sum() / lens_map[source_pixels].sum()) if n_pix_source else 0.0,
-        color_diff=scene.lens_vis_minus_h - scene.source_vis_minus_h, n_sources=1,
-    )  # fmt: skip
+        color_diff=scene.lens_vis_minus_h - scene.source_vis_minus_h,
+        n_sources=1,
+    )
     return row
 
 
@@ -696,8 +769,8 @@ def _visible_images(scene: Scene, source_pixels: np.ndarray) -> int:
     )
     size = source_pixels.shape[0]
     count = 0
-    for x, y in zip(np.atleast_1d(x_img), np.atleast_1d(y_img)):
-        col, row = (int(round(v)) for v in _vis_pixel(float(x), float(y)))
+    for x, y in zip(np.atleast_1d(x_img), np.atleast_1d(y_img), strict=False):
+        col, row = (round(v) for v in _vis_pixel(float(x), float(y)))
         count += bool(0 <= row < size and 0 <= col < size and source_pixels[row, col])
     return count
 
@@ -772,12 +845,15 @@ def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, con
     scene = draw_scene(scene_rng, is_lens, config)
     nir_sizes = draw_nir_sizes(quirk_rng, config)
     rendered = render_scene(scene)
-    band_rngs = dict(zip(BAND_NAMES, noise_rng.spawn(len(BAND_NAMES))))  # an off-size band leaves the others alone
+    band_rngs = dict(
+        zip(BAND_NAMES, noise_rng.spawn(len(BAND_NAMES)), strict=False)
+    )  # an off-size band leaves the others alone
     images, vis_groups = observe(scene, rendered, band_rngs, nir_sizes)
     row = measure(object_id, scene, rendered, vis_groups)
     nan_pixels = inject_nan_pixels(images, quirk_rng, config)
-    return SimulatedObject(int(object_id), bool(is_lens), scene.kind, images, row,
-                           ImageQuirks(nir_sizes, nan_pixels), scene.psf_fwhm)  # fmt: skip
+    return SimulatedObject(
+        int(object_id), bool(is_lens), scene.kind, images, row, ImageQuirks(nir_sizes, nan_pixels), scene.psf_fwhm
+    )
 
 
 def fits_bytes(obj: SimulatedObject, band: str, seed: int) -> bytes:
@@ -819,13 +895,15 @@ class ObjectPlan:
 def plan_dataset(config: SimulateConfig) -> list[ObjectPlan]:
     """Which IDs are lenses (exactly round(n * lens_fraction), shuffled) and which rows lose images or repeat."""
     rng = np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(0,)))
-    n_lenses = int(round(config.n * config.lens_fraction))
+    n_lenses = round(config.n * config.lens_fraction)
     is_lens = np.zeros(config.n, bool)
     is_lens[rng.permutation(config.n)[:n_lenses]] = True
     missing = rng.random(config.n) < config.missing_image_rate
     duplicated = rng.random(config.n) < config.duplicate_id_rate
-    return [ObjectPlan(config.first_id + k, bool(is_lens[k]), bool(missing[k]), bool(duplicated[k]))
-            for k in range(config.n)]  # fmt: skip
+    return [
+        ObjectPlan(config.first_id + k, bool(is_lens[k]), bool(missing[k]), bool(duplicated[k]))
+        for k in range(config.n)
+    ]
 
 
 @dataclass(frozen=True)
@@ -873,13 +951,15 @@ class SimulationSummary:
             shown = ", ".join(str(v) for v in values[:10])
             return f"{len(values)}" + (f" ({shown}{', ...' if len(values) > 10 else ''})" if values else "")
 
-        return "\n".join([
-            f"simulated {self.n_objects} objects ({self.n_lenses} lenses) -> {self.out}",
-            f"  catalogue: {self.catalog_url} ({self.n_rows} rows)",
-            f"  quirks: NaN pixels {ids(self.nan_pixel_ids)}; off-size NIR {ids(self.offsize_nir_ids)}; "
-            f"rows without images {ids(self.missing_image_ids)}; duplicate ID rows {ids(self.duplicate_ids)}",
-            f"  {self.wall_s:.1f} s on {self.workers} worker(s): {self.objects_per_s:.1f} objects/s",
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"simulated {self.n_objects} objects ({self.n_lenses} lenses) -> {self.out}",
+                f"  catalogue: {self.catalog_url} ({self.n_rows} rows)",
+                f"  quirks: NaN pixels {ids(self.nan_pixel_ids)}; off-size NIR {ids(self.offsize_nir_ids)}; "
+                f"rows without images {ids(self.missing_image_ids)}; duplicate ID rows {ids(self.duplicate_ids)}",
+                f"  {self.wall_s:.1f} s on {self.workers} worker(s): {self.objects_per_s:.1f} objects/s",
+            ]
+        )
 
 
 PROGRESS_MIN_OBJECTS = 500  # below this a progress bar is noise
@@ -915,14 +995,18 @@ def simulate_dataset(config: SimulateConfig) -> SimulationSummary:
     catalog_url = storage.join(config.out, CATALOG_NAME)
     storage.write_bytes(catalog_url, catalog_text(rows, config).encode())
     return SimulationSummary(
-        out=config.out, catalog_url=catalog_url, n_objects=len(results),
-        n_lenses=sum(r.plan.is_lens for r in results), n_rows=len(rows),
+        out=config.out,
+        catalog_url=catalog_url,
+        n_objects=len(results),
+        n_lenses=sum(r.plan.is_lens for r in results),
+        n_rows=len(rows),
         nan_pixel_ids=tuple(r.plan.object_id for r in results if r.quirks.nan_pixels),
         offsize_nir_ids=tuple(r.plan.object_id for r in results if r.quirks.nir_sizes),
         missing_image_ids=tuple(r.plan.object_id for r in results if r.plan.missing_images),
         duplicate_ids=tuple(r.plan.object_id for r in results if r.plan.duplicated),
-        wall_s=time.perf_counter() - start, workers=workers,
-    )  # fmt: skip
+        wall_s=time.perf_counter() - start,
+        workers=workers,
+    )
 
 
 def catalog_text(rows: Sequence[dict[str, float]], config: SimulateConfig) -> str:

@@ -26,18 +26,50 @@ CATALOG_NAME = "image_catalog2.0train.csv"
 
 # The 26 named columns after the unnamed row index (27 columns in all), in file order.
 COLUMNS: tuple[str, ...] = (
-    "ID", "x_crit", "y_crit", "source_ID", "z_source", "z_lens", "mag_source", "ein_area", "n_crit",
-    "r_source", "crit_area", "n_pix_source", "source_flux", "n_pix_lens", "lens_flux", "n_source_im",
-    "mag_eff", "sb_contrast", "color_diff", "n_gal_3", "n_gal_5", "n_gal_10", "halo_mass", "star_mass",
-    "mag_lens", "n_sources",
-)  # fmt: skip
+    "ID",
+    "x_crit",
+    "y_crit",
+    "source_ID",
+    "z_source",
+    "z_lens",
+    "mag_source",
+    "ein_area",
+    "n_crit",
+    "r_source",
+    "crit_area",
+    "n_pix_source",
+    "source_flux",
+    "n_pix_lens",
+    "lens_flux",
+    "n_source_im",
+    "mag_eff",
+    "sb_contrast",
+    "color_diff",
+    "n_gal_3",
+    "n_gal_5",
+    "n_gal_10",
+    "halo_mass",
+    "star_mass",
+    "mag_lens",
+    "n_sources",
+)
 
 # Identifiers and counts are integers (ID int64); everything else is float64.
 INT_COLUMNS: frozenset[str] = frozenset(
-    {"ID", "source_ID", "n_crit", "n_pix_source", "n_pix_lens", "n_source_im", "n_gal_3", "n_gal_5", "n_gal_10", "n_sources"}
+    {
+        "ID",
+        "source_ID",
+        "n_crit",
+        "n_pix_source",
+        "n_pix_lens",
+        "n_source_im",
+        "n_gal_3",
+        "n_gal_5",
+        "n_gal_10",
+        "n_sources",
+    }
 )
 LABEL_RULES: tuple[str, ...] = get_args(LabelRule)
-
 
 
 class DroppedDuplicate(NamedTuple):
@@ -125,9 +157,7 @@ def _convert_column(name: str, values: list[str], row_lines: list[int], url: str
             ) from None
         if name in INT_COLUMNS:
             if not np.isfinite(number) or number != int(number):
-                raise CatalogError(
-                    f"catalogue {url}, line {row_lines[k]}, column {name}: {text!r} is not an integer"
-                )
+                raise CatalogError(f"catalogue {url}, line {row_lines[k]}, column {name}: {text!r} is not an integer")
             number = int(number)
         out[k] = number
     return out
@@ -175,18 +205,22 @@ def _drop_duplicates(catalog: Catalog) -> Catalog:
     if not repeated.any():
         return catalog
     first_line: dict[int, int] = {}
-    for object_id, line in zip(ids[~repeated], catalog.lines[~repeated]):
+    for object_id, line in zip(ids[~repeated], catalog.lines[~repeated], strict=False):
         first_line[int(object_id)] = int(line)
     dropped = tuple(
         DroppedDuplicate(int(object_id), int(line), first_line[int(object_id)])
-        for object_id, line in zip(ids[repeated], catalog.lines[repeated])
+        for object_id, line in zip(ids[repeated], catalog.lines[repeated], strict=False)
     )
     distinct = sorted({d.object_id for d in dropped})
     shown = ", ".join(f"{d.object_id} (line {d.line}, kept line {d.kept_line})" for d in dropped[:10])
     log.warning(
         "catalogue %s: %d duplicate row(s) of %d ID(s) dropped, first occurrence kept: %s%s",
-        catalog.url, len(dropped), len(distinct), shown, " ..." if len(dropped) > 10 else "",
-    )  # fmt: skip
+        catalog.url,
+        len(dropped),
+        len(distinct),
+        shown,
+        " ..." if len(dropped) > 10 else "",
+    )
     return Catalog(
         url=catalog.url,
         table=catalog.table[~repeated].reset_index(drop=True),
@@ -232,18 +266,14 @@ def apply_label_rule(catalog: Catalog, rule: LabelRule) -> LabelledIDs:
         reasons[undecided & np.isnan(mag_eff)] = "official: n_sources > 0 and mag_eff is NaN"
         reasons[undecided & ~np.isnan(mag_eff)] = "official: n_sources > 0 and 1.2 <= mag_eff <= 2"
     elif rule == "challenge":
-        lens = (
-            (table["n_source_im"].to_numpy() > 0)
-            & (mag_eff > 1.6)
-            & (table["n_pix_source"].to_numpy() > 20)
-        )
+        lens = (table["n_source_im"].to_numpy() > 0) & (mag_eff > 1.6) & (table["n_pix_source"].to_numpy() > 20)
         keep = np.ones(len(ids), dtype=bool)
     else:
         raise ValueError(f"unknown label rule {rule!r}; choose one of {', '.join(LABEL_RULES)}")
 
     order = np.argsort(ids[keep], kind="stable")
     excluded = tuple(
-        Exclusion(int(object_id), str(reason)) for object_id, reason in zip(ids[~keep], reasons[~keep])
+        Exclusion(int(object_id), str(reason)) for object_id, reason in zip(ids[~keep], reasons[~keep], strict=False)
     )
     return LabelledIDs(
         rule=rule,

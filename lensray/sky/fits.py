@@ -20,8 +20,8 @@ import numpy as np
 from astropy.io import fits
 
 from lensray import storage
-from lensray.sky.bands import band_relpath
 from lensray.errors import LensrayError
+from lensray.sky.bands import band_relpath
 
 NanPolicy = Literal["zero", "reject"]
 RejectReason = Literal["missing", "corrupt", "empty", "all_nan", "nan", "shape"]

@@ -23,5 +23,3 @@ def d4_transform(x: ArrayOrTensor, k: int) -> ArrayOrTensor:
         return torch.rot90(y, k % 4, dims=(-2, -1))
     y = np.flip(x, axis=-1) if k >= 4 else x
     return np.rot90(y, k % 4, axes=(-2, -1))
-
-

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from lensray.config import TrainConfig
+from lensray.errors import FeedError
 from lensray.ingest.store import LensStore, SplitName
 from lensray.sky.symmetry import d4_transform
-from lensray.errors import FeedError
 
 Augment = Literal["none", "flips", "d4"]
 
@@ -38,7 +38,6 @@ _SAMPLING_STREAM, _AUGMENT_STREAM, _SUBSET_STREAM = 0, 1, 2
 # feed="auto": the node's workers together may use this fraction of the memory available.
 DEFAULT_RAM_FRACTION = 0.5
 _READ_AHEAD = 4  # stream mode: batch reads in flight while the model works
-
 
 
 def _rng(seed: int, epoch: int, rank: int, stream: int) -> np.random.Generator:
@@ -145,8 +144,9 @@ class BalancedBatchSampler(_RankSampler):
     (classes mixed). Deterministic per (seed, epoch, rank); ranks draw from disjoint shares.
     """
 
-    def __init__(self, labels: np.ndarray, batch_size: int, steps: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, labels: np.ndarray, batch_size: int, steps: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         super().__init__(labels, batch_size, steps, seed, rank, world_size)
         if batch_size < 2:
             raise FeedError(f"a balanced batch needs at least 2 samples, got batch_size={batch_size}")
@@ -165,10 +165,12 @@ class BalancedBatchSampler(_RankSampler):
         half = self.batch_size // 2
         for step in range(self.steps):
             n_lenses = half + (self.batch_size % 2) * (step % 2)
-            batch = np.concatenate([
-                self.lenses[rng.integers(0, len(self.lenses), n_lenses)],
-                self.non_lenses[rng.integers(0, len(self.non_lenses), self.batch_size - n_lenses)],
-            ])  # fmt: skip
+            batch = np.concatenate(
+                [
+                    self.lenses[rng.integers(0, len(self.lenses), n_lenses)],
+                    self.non_lenses[rng.integers(0, len(self.non_lenses), self.batch_size - n_lenses)],
+                ]
+            )
             yield rng.permutation(batch)
 
 
@@ -179,8 +181,9 @@ class ShuffledBatchSampler(_RankSampler):
     keeps its share of the rows across epochs (it may hold them in RAM).
     """
 
-    def __init__(self, labels: np.ndarray, batch_size: int, steps: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self, labels: np.ndarray, batch_size: int, steps: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         super().__init__(labels, batch_size, steps, seed, rank, world_size)
         if len(self.share) < batch_size:
             raise FeedError(
@@ -205,8 +208,9 @@ def default_steps(n: int, global_batch_size: int, world_size: int) -> int:
     return max(1, smallest_share // (global_batch_size // world_size))
 
 
-def make_sampler(labels: np.ndarray, batch_size: int, steps: int, train: TrainConfig, rank: int = 0,
-                 world_size: int = 1) -> BalancedBatchSampler | ShuffledBatchSampler:  # fmt: skip
+def make_sampler(
+    labels: np.ndarray, batch_size: int, steps: int, train: TrainConfig, rank: int = 0, world_size: int = 1
+) -> BalancedBatchSampler | ShuffledBatchSampler:
     sampler = BalancedBatchSampler if train.balanced else ShuffledBatchSampler
     return sampler(labels, batch_size, steps, train.seed, rank, world_size)
 
@@ -242,17 +246,24 @@ def available_memory() -> int:
             pass
         if not available:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # fmt: skip
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < 2**60:
             available = min(available, max(0, limit - usage))
     return available
 
 
-def choose_feed(mode: str, share_bytes: int, *, local_world_size: int = 1,
-                ram_fraction: float = DEFAULT_RAM_FRACTION, available: int | None = None) -> str:  # fmt: skip
+def choose_feed(
+    mode: str,
+    share_bytes: int,
+    *,
+    local_world_size: int = 1,
+    ram_fraction: float = DEFAULT_RAM_FRACTION,
+    available: int | None = None,
+) -> str:
     """``"ram"`` or ``"stream"`` for ``train.feed``: auto picks RAM when the shares of the
     ``local_world_size`` workers on this node fit in ``ram_fraction`` of the available memory.
     """
@@ -404,8 +415,9 @@ def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
             f"the split has {len(lenses)} and {len(non_lenses)} (lower train.val_subset or unset it)"
         )
     rng = _rng(seed, 0, 0, _SUBSET_STREAM)
-    chosen = np.concatenate([rng.choice(lenses, want_lenses, replace=False),
-                             rng.choice(non_lenses, size - want_lenses, replace=False)])  # fmt: skip
+    chosen = np.concatenate(
+        [rng.choice(lenses, want_lenses, replace=False), rng.choice(non_lenses, size - want_lenses, replace=False)]
+    )
     return np.sort(chosen)
 
 
@@ -468,7 +480,9 @@ class EvalFeed:
         return math.ceil(len(self.rows) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        local_batches = (np.arange(first, min(first + self.batch_size, len(self.rows)))
-                         for first in range(0, len(self.rows), self.batch_size))  # fmt: skip
+        local_batches = (
+            np.arange(first, min(first + self.batch_size, len(self.rows)))
+            for first in range(0, len(self.rows), self.batch_size)
+        )
         for local, images in _take_all(self.images, local_batches):
             yield images.float(), torch.from_numpy(self.labels[local].astype(np.float32))

@@ -24,8 +24,8 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lensray.config import OptimConfig
-from lensray.models.inference import Batch, autocast, unwrap, _model_device
 from lensray.errors import SanityCheckError
+from lensray.models.inference import Batch, _model_device, autocast, unwrap
 
 _LN2 = math.log(2.0)  # the loss of a network that has learnt nothing on balanced classes
 
@@ -179,8 +179,14 @@ class EarlyStopping:
         return self.patience is not None and self.bad_epochs >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"patience": self.patience, "mode": self.mode, "min_delta": self.min_delta,
-                "best": self.best, "bad_epochs": self.bad_epochs, "improved": self.improved}
+        return {
+            "patience": self.patience,
+            "mode": self.mode,
+            "min_delta": self.min_delta,
+            "best": self.best,
+            "bad_epochs": self.bad_epochs,
+            "improved": self.improved,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.patience = state["patience"]
@@ -192,7 +198,6 @@ class EarlyStopping:
 
 
 # --- overfit sanity check ----------------------------------------------------------------------
-
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ SANITY_MAX_LOSS = 0.2
 
 def _fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     count = max(1, math.ceil(x.shape[0] / batch_size))
-    return list(zip(torch.tensor_split(x, count), torch.tensor_split(y, count)))
+    return list(zip(torch.tensor_split(x, count), torch.tensor_split(y, count), strict=False))
 
 
 def sanity_check(
@@ -249,8 +254,9 @@ def sanity_check(
     x = torch.as_tensor(images).float().to(device)
     y = torch.as_tensor(labels).float().to(device)
     if x.ndim != 4 or y.shape != (x.shape[0],):
-        raise ValueError(f"sanity check needs (N, C, H, W) images and (N,) labels, got {tuple(x.shape)} "
-                         f"and {tuple(y.shape)}")
+        raise ValueError(
+            f"sanity check needs (N, C, H, W) images and (N,) labels, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     if steps < 1 or batch_size < 2:
         raise ValueError(f"sanity check needs steps >= 1 and batch_size >= 2, got {steps} and {batch_size}")
     n_pos = int(y.sum().item())
@@ -281,8 +287,7 @@ def sanity_check(
     finally:
         model.load_state_dict(saved_weights)
         model.train(was_training)
-    result = SanityResult(losses=losses, start=losses[0], end=end, limit=max_loss,
-                          seconds=time.perf_counter() - start)
+    result = SanityResult(losses=losses, start=losses[0], end=end, limit=max_loss, seconds=time.perf_counter() - start)
     if not result.passed:
         tail = float(np.mean(losses[-5:]))
         raise SanityCheckError(
@@ -306,8 +311,10 @@ def capture_rng() -> dict[str, Any]:
     numpy_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {**numpy_state, "state": {"key": numpy_state["state"]["key"].tolist(),
-                                           "pos": numpy_state["state"]["pos"]}},
+        "numpy": {
+            **numpy_state,
+            "state": {"key": numpy_state["state"]["key"].tolist(), "pos": numpy_state["state"]["pos"]},
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -318,8 +325,10 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = dict(state["numpy"])
-    numpy_state["state"] = {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
-                            "pos": numpy_state["state"]["pos"]}
+    numpy_state["state"] = {
+        "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+        "pos": numpy_state["state"]["pos"],
+    }
     np.random.set_state(numpy_state)
     python_state = state["python"]
     random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
@@ -380,12 +389,16 @@ class LoopState:
         scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         """Load the snapshot into freshly built objects (of the same config) and the RNG streams."""
-        for name, target, saved in (("scheduler", scheduler, self.scheduler),
-                                    ("early_stopping", early_stopping, self.early_stopping)):
+        for name, target, saved in (
+            ("scheduler", scheduler, self.scheduler),
+            ("early_stopping", early_stopping, self.early_stopping),
+        ):
             if (target is None) != (saved is None):
                 have = "was" if saved is not None else "was not"
-                raise ValueError(f"cannot restore: the checkpoint's {name} {have} saved, "
-                                 f"but one {'was not' if target is None else 'was'} given")
+                raise ValueError(
+                    f"cannot restore: the checkpoint's {name} {have} saved, "
+                    f"but one {'was not' if target is None else 'was'} given"
+                )
         unwrap(model).load_state_dict(self.model)
         optimizer.load_state_dict(self.optimizer)
         if scheduler is not None:
@@ -397,9 +410,16 @@ class LoopState:
         restore_rng(self.rng)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "model": self.model, "optimizer": self.optimizer,
-                "scheduler": self.scheduler, "early_stopping": self.early_stopping,
-                "scaler": self.scaler, "history": self.history, "rng": self.rng}
+        return {
+            "epoch": self.epoch,
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "early_stopping": self.early_stopping,
+            "scaler": self.scaler,
+            "history": self.history,
+            "rng": self.rng,
+        }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> LoopState:

@@ -13,6 +13,7 @@ restart workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -26,6 +27,22 @@ import torch
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
+from lensray.errors import CheckpointError, TrainError
+from lensray.evaluate.metrics import summarise
+from lensray.ingest.store import LensStore
+from lensray.models import build_model
+from lensray.models.inference import unwrap, validate
+from lensray.runs import (
+    CONFIG_FILE,
+    EPOCH_FILE,
+    HISTORY_FILE,
+    MODEL_INPUT_FILE,
+    PREDICTIONS_FILE,
+    STATE_FILE,
+    BestCheckpoint,
+    best_checkpoint,
+)
+from lensray.runtime import ensure_ray
 from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
 from lensray.train.loop import (
     EarlyStopping,
@@ -37,17 +54,8 @@ from lensray.train.loop import (
     sanity_check,
     train_one_epoch,
 )
-from lensray.evaluate.metrics import summarise
-from lensray.models import build_model
-from lensray.models.inference import unwrap, validate
-from lensray.runtime import ensure_ray
-from lensray.ingest.store import LensStore
-from lensray.errors import CheckpointError, TrainError
-from lensray.runs import CONFIG_FILE, EPOCH_FILE, HISTORY_FILE, MODEL_INPUT_FILE, PREDICTIONS_FILE, STATE_FILE, BestCheckpoint, best_checkpoint
 
 EVAL_BATCH = 128
-
-
 
 
 @dataclass
@@ -61,14 +69,18 @@ class TrainOutcome:
     def __str__(self) -> str:
         lines = [f"run: {self.run_url}  ({self.wall_s:.0f} s)"]
         if self.history:
-            lines.append(f"  {'epoch':>5s} {'loss':>7s} {'val_loss':>8s} {'val_acc':>7s} {'val_auc':>7s} {'tpr0':>5s} {'tpr10':>5s} {'lr':>8s} {'img/s':>7s}")
+            lines.append(
+                f"  {'epoch':>5s} {'loss':>7s} {'val_loss':>8s} {'val_acc':>7s} {'val_auc':>7s} {'tpr0':>5s} {'tpr10':>5s} {'lr':>8s} {'img/s':>7s}"
+            )
             for row in self.history[-8:]:
                 lines.append(
                     f"  {row['epoch']:5d} {row['train_loss']:7.4f} {row['val_loss']:8.4f} {row['val_acc']:7.3f} "
                     f"{row['val_auc']:7.3f} {row['val_tpr0']:5.2f} {row['val_tpr10']:5.2f} {row['lr']:8.1e} {row['samples_per_s']:7.0f}"
                 )
         if self.best_checkpoint:
-            lines.append(f"  best: epoch {self.best_metrics.get('epoch')} val_auc {self.best_metrics.get('val_auc', float('nan')):.3f} -> {self.best_checkpoint}")
+            lines.append(
+                f"  best: epoch {self.best_metrics.get('epoch')} val_auc {self.best_metrics.get('val_auc', float('nan')):.3f} -> {self.best_checkpoint}"
+            )
         return "\n".join(lines)
 
 
@@ -90,12 +102,16 @@ def run_sanity_check(config: LensrayConfig, device: torch.device | str = "cpu") 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model, channels, size).to(device)
     images, labels = sanity_set(store, config.train.sanity_samples, config.train.seed)
-    return sanity_check(model, images, labels, lambda m: make_optimizer(m, config.optim), config.train.sanity_steps, device=device)
+    return sanity_check(
+        model, images, labels, lambda m: make_optimizer(m, config.optim), config.train.sanity_steps, device=device
+    )
 
 
 def describe_sanity(result: SanityResult) -> str:
-    return (f"sanity check passed: on {len(result.losses)} steps over a fixed set, training loss {result.start:.3f} -> "
-            f"eval-mode loss {result.end:.3f} (< {result.limit:.2f} needed) in {result.seconds:.1f} s")
+    return (
+        f"sanity check passed: on {len(result.losses)} steps over a fixed set, training loss {result.start:.3f} -> "
+        f"eval-mode loss {result.end:.3f} (< {result.limit:.2f} needed) in {result.seconds:.1f} s"
+    )
 
 
 def _store_url(config: LensrayConfig) -> str:
@@ -126,8 +142,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if config.train.sanity and checkpoint is None:
         images, labels = sanity_set(store, config.train.sanity_samples, config.train.seed)
-        result = sanity_check(model, images, labels, lambda m: make_optimizer(m, config.optim),
-                              config.train.sanity_steps, device=device)  # fmt: skip
+        result = sanity_check(
+            model, images, labels, lambda m: make_optimizer(m, config.optim), config.train.sanity_steps, device=device
+        )
         if rank == 0:
             print(describe_sanity(result))
 
@@ -136,11 +153,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, config.optim)
     stopper = EarlyStopping(config.train.early_stopping_patience, mode="max")
     amp_dtype, scaler = amp_settings(config.train.amp, device)
-    feed = WorkerFeed(store, config.train, rank=rank, world_size=world_size, local_world_size=local_world_size,
-                      pin_memory=device.type == "cuda")  # fmt: skip
-    val_feed = EvalFeed(store, split="val", subset=config.train.val_subset, seed=config.train.seed, rank=rank,
-                        world_size=world_size, batch_size=EVAL_BATCH, feed=config.train.feed,
-                        local_world_size=local_world_size)  # fmt: skip
+    feed = WorkerFeed(
+        store,
+        config.train,
+        rank=rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        pin_memory=device.type == "cuda",
+    )
+    val_feed = EvalFeed(
+        store,
+        split="val",
+        subset=config.train.val_subset,
+        seed=config.train.seed,
+        rank=rank,
+        world_size=world_size,
+        batch_size=EVAL_BATCH,
+        feed=config.train.feed,
+        local_world_size=local_world_size,
+    )
 
     start_epoch, history = 0, []
     if checkpoint is not None:
@@ -159,9 +190,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         labels, scores = validate(unwrap(model), val_feed, device=device, amp_dtype=amp_dtype)
         # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
         gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, {"ids": val_feed.ids, "labels": labels, "scores": scores,
-                                          "loss": stats["loss"], "samples": stats["samples"],
-                                          "seconds": stats["seconds"], "checksum": _weights_checksum(model)})  # fmt: skip
+        dist.all_gather_object(
+            gathered,
+            {
+                "ids": val_feed.ids,
+                "labels": labels,
+                "scores": scores,
+                "loss": stats["loss"],
+                "samples": stats["samples"],
+                "seconds": stats["seconds"],
+                "checksum": _weights_checksum(model),
+            },
+        )
         all_ids = np.concatenate([g["ids"] for g in gathered])
         all_labels = np.concatenate([g["labels"] for g in gathered])
         all_scores = np.concatenate([g["scores"] for g in gathered])
@@ -173,8 +213,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "train_loss": float(np.average([g["loss"] for g in gathered], weights=[g["samples"] for g in gathered])),
             "val_loss": _bce(all_labels, all_scores),
-            "val_acc": metrics["acc"], "val_auc": metrics["auc"],
-            "val_tpr0": metrics["tpr0"], "val_tpr10": metrics["tpr10"], "val_n": int(metrics["n"]),
+            "val_acc": metrics["acc"],
+            "val_auc": metrics["auc"],
+            "val_tpr0": metrics["tpr0"],
+            "val_tpr10": metrics["tpr10"],
+            "val_n": int(metrics["n"]),
             "lr": optimizer.param_groups[0]["lr"],
             "train_samples": int(sum(g["samples"] for g in gathered)),  # images seen this epoch, all ranks
             "samples_per_s": sum(g["samples"] for g in gathered) / max(max(g["seconds"] for g in gathered), 1e-9),
@@ -182,23 +225,40 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "world_size": world_size,
             "replica_spread": float(max(checksums) - min(checksums)),  # 0 when DDP keeps replicas identical
             "resumed_from": start_epoch,  # > 0: this epoch ran after a restart from that epoch's checkpoint
-        }  # fmt: skip
+        }
         history.append(record)
         checkpoint_out = None
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
-                state = LoopState.capture(epoch=epoch + 1, model=model, optimizer=optimizer, scheduler=scheduler,
-                                          early_stopping=stopper, scaler=scaler, history=history)  # fmt: skip
+                state = LoopState.capture(
+                    epoch=epoch + 1,
+                    model=model,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    early_stopping=stopper,
+                    scaler=scaler,
+                    history=history,
+                )
                 state.save(Path(folder) / STATE_FILE)
                 (Path(folder) / EPOCH_FILE).write_text(json.dumps({"epoch": epoch + 1}))
                 (Path(folder) / CONFIG_FILE).write_text(dump_config(config))
                 np.savez(Path(folder) / PREDICTIONS_FILE, ids=all_ids, labels=all_labels, scores=all_scores)
-                (Path(folder) / MODEL_INPUT_FILE).write_text(json.dumps(
-                    {"channels": channels, "size": size, "bands": store.meta.get("bands"), "store": store.url,
-                     "transform": store.meta.get("transform")}))  # fmt: skip
+                (Path(folder) / MODEL_INPUT_FILE).write_text(
+                    json.dumps(
+                        {
+                            "channels": channels,
+                            "size": size,
+                            "bands": store.meta.get("bands"),
+                            "store": store.url,
+                            "transform": store.meta.get("transform"),
+                        }
+                    )
+                )
                 checkpoint_out = ray.train.Checkpoint.from_directory(folder)
                 tensorboard.log(record)
-                storage.write_bytes(storage.join(loop_config["run_url"], HISTORY_FILE), json.dumps(history, indent=1).encode())
+                storage.write_bytes(
+                    storage.join(loop_config["run_url"], HISTORY_FILE), json.dumps(history, indent=1).encode()
+                )
             ray.train.report(record, checkpoint=checkpoint_out)
         if stop:
             if rank == 0:
@@ -215,7 +275,9 @@ def _bce(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def _weights_checksum(model: torch.nn.Module) -> float:
     with torch.no_grad():
-        return float(sum(p.double().sum().item() + p.double().square().sum().item() for p in unwrap(model).parameters()))
+        return float(
+            sum(p.double().sum().item() + p.double().square().sum().item() for p in unwrap(model).parameters())
+        )
 
 
 class _TensorBoard:
@@ -256,15 +318,17 @@ def build_trainer(config: LensrayConfig, name: str, run_callbacks: list[Any] | N
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run_url": storage.join(root, name)},
-        scaling_config=ScalingConfig(num_workers=config.resources.num_workers, use_gpu=config.resources.use_gpu,
-                                     resources_per_worker=resources),  # fmt: skip
+        scaling_config=ScalingConfig(
+            num_workers=config.resources.num_workers, use_gpu=config.resources.use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if config.resources.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=storage.strip_scheme(root),
             storage_filesystem=filesystem,
-            checkpoint_config=CheckpointConfig(num_to_keep=config.train.num_to_keep,
-                                               checkpoint_score_attribute="val_auc", checkpoint_score_order="max"),  # fmt: skip
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.num_to_keep, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             callbacks=run_callbacks,
         ),
@@ -319,18 +383,19 @@ def _run_exists(run_url: str) -> bool:
 def run_outcome(run_url: str, wall_s: float) -> TrainOutcome:
     """The history and best checkpoint of a finished run, read back from its folder."""
     history: list[dict[str, Any]] = []
-    try:
+    with contextlib.suppress(FileNotFoundError):
         history = json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
-    except FileNotFoundError:
-        pass
     try:
         best: BestCheckpoint | None = best_checkpoint(run_url)
     except CheckpointError:
         best = None  # e.g. val_auc NaN at every epoch: the outcome says so by having no best checkpoint
-    return TrainOutcome(run_url=run_url, best_checkpoint=best.url if best else None,
-                        best_metrics=best.metrics if best else {}, history=history, wall_s=wall_s)  # fmt: skip
+    return TrainOutcome(
+        run_url=run_url,
+        best_checkpoint=best.url if best else None,
+        best_metrics=best.metrics if best else {},
+        history=history,
+        wall_s=wall_s,
+    )
 
 
 # --- the best checkpoint of a run (no cluster needed) -------------------------------------------
-
-

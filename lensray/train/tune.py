@@ -54,9 +54,9 @@ from lensray.config import (
     dump_config,
     read_yaml,
 )
-from lensray.runtime import ensure_ray
 from lensray.errors import SearchError
 from lensray.runs import ASHA_STOPS_FILE, METRICS, TRIAL_RUN, ExperimentSummary, read_asha_stops, summarise_experiment
+from lensray.runtime import ensure_ray
 
 TUNE_CONFIG_FILE = "tune_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
@@ -67,7 +67,6 @@ DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 # decide how many trials run at once), and where a trial writes is decided by the search.
 FIXED_SECTIONS = ("simulate", "preprocess", "search", "resources")
 FIXED_KEYS = ("data.images", "data.catalog", "data.labels", "data.bands", "data.nan", "train.out", "train.name")
-
 
 
 # --- the search space ---------------------------------------------------------------------------
@@ -147,16 +146,22 @@ def _check_key(key: str, where: str) -> None:
         fields = node.model_fields
         if part not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"{where}: space.{key}: {'.'.join(parts[: depth + 1])} is not a config key (known here: {known})")
+            raise ConfigError(
+                f"{where}: space.{key}: {'.'.join(parts[: depth + 1])} is not a config key (known here: {known})"
+            )
         annotation = fields[part].annotation
         if depth < len(parts) - 1:
             if not (isinstance(annotation, type) and issubclass(annotation, Section)):
                 raise ConfigError(f"{where}: space.{key}: {'.'.join(parts[: depth + 1])} is a value, not a section")
             node = annotation
     if parts[0] in FIXED_SECTIONS or key in FIXED_KEYS or any(key.startswith(k + ".") for k in FIXED_KEYS):
-        why = ("the search decides where trials write" if key.startswith("train.") else
-               "resources are fixed per search" if key.startswith("resources") else
-               "a trial trains on the preprocessed data.store (search over data.store to compare stores)")  # fmt: skip
+        why = (
+            "the search decides where trials write"
+            if key.startswith("train.")
+            else "resources are fixed per search"
+            if key.startswith("resources")
+            else "a trial trains on the preprocessed data.store (search over data.store to compare stores)"
+        )
         raise ConfigError(f"{where}: space.{key}: cannot be searched: {why}")
 
 
@@ -224,12 +229,14 @@ class TuneSpec:
         """YAML that ``load_tune_config`` reads back into an equal spec (the run inline, no base)."""
         run = self.run.model_dump(mode="json")
         search = run.pop("search")
-        return yaml.safe_dump({"run": run, "space": {k: d.as_yaml() for k, d in self.space.items()}, "search": search},
-                              sort_keys=False)  # fmt: skip
+        return yaml.safe_dump(
+            {"run": run, "space": {k: d.as_yaml() for k, d in self.space.items()}, "search": search}, sort_keys=False
+        )
 
 
-def tune_spec_from_dict(tree: dict[str, Any], source: str, base_dir: Path | None = None,
-                        overrides: list[str] | None = None) -> TuneSpec:  # fmt: skip
+def tune_spec_from_dict(
+    tree: dict[str, Any], source: str, base_dir: Path | None = None, overrides: list[str] | None = None
+) -> TuneSpec:
     """Validate a tune file's mapping (``base`` paths are relative to ``base_dir``)."""
     unknown = sorted(set(tree) - set(TOP_LEVEL_KEYS))
     if unknown:
@@ -249,12 +256,16 @@ def tune_spec_from_dict(tree: dict[str, Any], source: str, base_dir: Path | None
         run_tree = apply_overrides(run_tree, overrides)
     run = config_from_dict(run_tree, source)
     if run.search.metric not in METRICS:
-        raise ConfigError(f"{source}: search.metric {run.search.metric!r} is not reported by training (one of {', '.join(METRICS)})")
-    run = run.model_copy(update={
-        "data": run.data.model_copy(update={"store": _absolute_local(run.data.store)}),
-        "search": run.search.model_copy(update={"storage": _absolute_local(run.search.storage)}),
-        "train": run.train.model_copy(update={"out": _absolute_local(run.train.out)}),
-    })  # fmt: skip
+        raise ConfigError(
+            f"{source}: search.metric {run.search.metric!r} is not reported by training (one of {', '.join(METRICS)})"
+        )
+    run = run.model_copy(
+        update={
+            "data": run.data.model_copy(update={"store": _absolute_local(run.data.store)}),
+            "search": run.search.model_copy(update={"storage": _absolute_local(run.search.storage)}),
+            "train": run.train.model_copy(update={"out": _absolute_local(run.train.out)}),
+        }
+    )
 
     space_tree = tree.get("space")
     if not isinstance(space_tree, dict) or not space_tree:
@@ -270,7 +281,9 @@ def tune_spec_from_dict(tree: dict[str, Any], source: str, base_dir: Path | None
                 config_from_dict(base_tree, source)
             except ConfigError as exc:
                 reason = str(exc).splitlines()[-1].strip()
-                raise ConfigError(f"{source}: space.{key}: a sample of {value!r} gives an invalid run config: {reason}") from None
+                raise ConfigError(
+                    f"{source}: space.{key}: a sample of {value!r} gives an invalid run config: {reason}"
+                ) from None
         space[str(key)] = dimension
     return TuneSpec(source=source, run=run, space=space)
 
@@ -330,19 +343,21 @@ class RecordingASHA(AsyncHyperBandScheduler):
 def check_models(spec: TuneSpec, store: Any) -> None:
     """Build the network for every reachable value of every searched key on the store's image size,
     so a pool too wide or a net too deep for the images fails now, naming the key, not in trial 17."""
-    from lensray.models import build_model
+    from lensray.models import build_model, tunable_prefixes
 
     channels, size = store.sample_shape[0], store.sample_shape[1]
     for dimension in spec.space.values():
-        network = dimension.key.split(".")[1] if dimension.key.startswith(("model.lastro.", "model.resnet.")) else None
+        network = next((name for prefix, name in tunable_prefixes().items() if dimension.key.startswith(prefix)), None)
         for value in dimension.reachable_values():
             # A key of one network's section is checked on that network, whatever the base config builds.
             config = spec.trial_config({dimension.key: value, **({"model.name": network} if network else {})})
             try:
                 build_model(config.model, channels, size)
             except ValueError as exc:
-                raise SearchError(f"{spec.source}: space.{dimension.key}={value!r} on {channels}x{size}x{size} "
-                                  f"images of {store.url}: {exc}") from None  # fmt: skip
+                raise SearchError(
+                    f"{spec.source}: space.{dimension.key}={value!r} on {channels}x{size}x{size} "
+                    f"images of {store.url}: {exc}"
+                ) from None
 
 
 def _concurrency(spec: TuneSpec) -> int:
@@ -355,9 +370,11 @@ def _concurrency(spec: TuneSpec) -> int:
     if spec.run.resources.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0) // spec.run.resources.num_workers))
     if fits < 1:
-        raise SearchError(f"one trial needs {per_trial_cpu:g} CPUs"
-                          + (f" and {spec.run.resources.num_workers} GPUs" if spec.run.resources.use_gpu else "")
-                          + f"; the cluster has {resources}")  # fmt: skip
+        raise SearchError(
+            f"one trial needs {per_trial_cpu:g} CPUs"
+            + (f" and {spec.run.resources.num_workers} GPUs" if spec.run.resources.use_gpu else "")
+            + f"; the cluster has {resources}"
+        )
     return min(fits, spec.search.max_concurrent_trials or fits)
 
 
@@ -373,8 +390,14 @@ def _progress_reporter(spec: TuneSpec) -> Any:
 
     columns = {"epoch": "epoch", **{m: m for m in ("val_auc", "val_acc", "val_loss", "train_loss")}}
     columns.setdefault(spec.search.metric, spec.search.metric)
-    return CLIReporter(metric_columns=columns, parameter_columns=list(spec.space), metric=spec.search.metric,
-                       mode=spec.search.mode, sort_by_metric=True, max_report_frequency=15)  # fmt: skip
+    return CLIReporter(
+        metric_columns=columns,
+        parameter_columns=list(spec.space),
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        sort_by_metric=True,
+        max_report_frequency=15,
+    )
 
 
 def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | None = None) -> SearchOutcome:
@@ -389,8 +412,13 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
     if spec.search.name is None:
         if resume:
             raise SearchError("--resume needs the search's name (search.name / --name)")
-        spec = TuneSpec(spec.source, spec.run.model_copy(update={"search": spec.search.model_copy(
-            update={"name": f"search-{time.strftime('%Y%m%d-%H%M%S')}"})}), spec.space)  # fmt: skip
+        spec = TuneSpec(
+            spec.source,
+            spec.run.model_copy(
+                update={"search": spec.search.model_copy(update={"name": f"search-{time.strftime('%Y%m%d-%H%M%S')}"})}
+            ),
+            spec.space,
+        )
     experiment = spec.experiment_url()
     storage_path, filesystem = _storage_args(experiment)
     fs_path = storage.strip_scheme(experiment)
@@ -401,11 +429,15 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
         if not exists:
             raise SearchError(f"nothing to resume at {experiment}")
         # The trials were sampled from the saved spec: resume with it, whatever the file says now.
-        spec = tune_spec_from_dict(yaml.safe_load(storage.read_bytes(storage.join(experiment, TUNE_CONFIG_FILE))),
-                                   storage.join(experiment, TUNE_CONFIG_FILE))  # fmt: skip
+        spec = tune_spec_from_dict(
+            yaml.safe_load(storage.read_bytes(storage.join(experiment, TUNE_CONFIG_FILE))),
+            storage.join(experiment, TUNE_CONFIG_FILE),
+        )
     if spec.run.data.store is None:
         raise SearchError("data.store is required: the URL of a store written by `lensray preprocess` (--store)")
-    check_models(spec, LensStore.open(spec.run.data.store))  # fail fast: a wrong URL, an unfinished store, a net too deep
+    check_models(
+        spec, LensStore.open(spec.run.data.store)
+    )  # fail fast: a wrong URL, an unfinished store, a net too deep
     ensure_ray()
     # The legacy reporter is the one that takes metric columns (the new one shows the first four keys).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -419,23 +451,35 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
     else:
         storage.write_bytes(storage.join(experiment, TUNE_CONFIG_FILE), spec.dump().encode())
         scheduler = RecordingASHA(
-            stops_url=storage.join(experiment, ASHA_STOPS_FILE), time_attr="epoch", metric=spec.search.metric,
-            mode=spec.search.mode, max_t=spec.max_epochs, grace_period=min(spec.search.grace_period, spec.max_epochs),
+            stops_url=storage.join(experiment, ASHA_STOPS_FILE),
+            time_attr="epoch",
+            metric=spec.search.metric,
+            mode=spec.search.mode,
+            max_t=spec.max_epochs,
+            grace_period=min(spec.search.grace_period, spec.max_epochs),
             reduction_factor=spec.search.reduction_factor,
             # A trial at its last epoch ends by itself: stopping it there would kill its Train controller
             # before it frees its placement group.
             stop_last_trials=False,
-        )  # fmt: skip
+        )
         tuner = Tuner(
             trainable,
             param_space=spec.param_space(),
             # The variant generator takes the concurrency cap itself (TuneConfig's is ignored with it).
-            tune_config=TuneConfig(num_samples=spec.search.num_samples, scheduler=scheduler,
-                                   search_alg=BasicVariantGenerator(random_state=spec.search.seed,
-                                                                    max_concurrent=_concurrency(spec)),
-                                   trial_dirname_creator=trial_folder_name),  # fmt: skip
-            run_config=RunConfig(name=spec.search.name, storage_path=storage_path, storage_filesystem=filesystem,
-                                 progress_reporter=_progress_reporter(spec), verbose=1, callbacks=callbacks),  # fmt: skip
+            tune_config=TuneConfig(
+                num_samples=spec.search.num_samples,
+                scheduler=scheduler,
+                search_alg=BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=_concurrency(spec)),
+                trial_dirname_creator=trial_folder_name,
+            ),
+            run_config=RunConfig(
+                name=spec.search.name,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
+                progress_reporter=_progress_reporter(spec),
+                verbose=1,
+                callbacks=callbacks,
+            ),
         )
     tuner.fit()
     wall_s = time.perf_counter() - started
@@ -447,15 +491,26 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
         storage.write_bytes(storage.join(experiment, BEST_CONFIG_FILE), dump_config(best_config).encode())
     elif not summary.unfinished:
         errors = summary.table["error"].dropna() if len(summary.table) else pd.Series(dtype=object)
-        raise SearchError(f"no trial of {experiment} reported {spec.search.metric}"
-                          + (f"; first error:\n{errors.iloc[0]}" if len(errors) else ""))  # fmt: skip
-    return SearchOutcome(experiment_url=experiment, wall_s=wall_s, summary=summary, best_config=best_config,
-                         resumed=resume)  # fmt: skip
+        raise SearchError(
+            f"no trial of {experiment} reported {spec.search.metric}"
+            + (f"; first error:\n{errors.iloc[0]}" if len(errors) else "")
+        )
+    return SearchOutcome(
+        experiment_url=experiment, wall_s=wall_s, summary=summary, best_config=best_config, resumed=resume
+    )
 
 
-def run_search(config_path: str | Path, *, storage: str | None = None, store: str | None = None,
-               num_samples: int | None = None, name: str | None = None, resume: bool = False,
-               overrides: list[str] | None = None, callbacks: list[Any] | None = None) -> SearchOutcome:  # fmt: skip
+def run_search(
+    config_path: str | Path,
+    *,
+    storage: str | None = None,
+    store: str | None = None,
+    num_samples: int | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    callbacks: list[Any] | None = None,
+) -> SearchOutcome:
     """Load a tune file, apply the common overrides, and run (or resume) the search."""
     flags = {"search.storage": storage, "data.store": store, "search.num_samples": num_samples, "search.name": name}
     settings = [*(overrides or []), *(f"{key}={value}" for key, value in flags.items() if value is not None)]
@@ -492,19 +547,32 @@ class SearchOutcome:
     def __str__(self) -> str:
         summary, metric = self.summary, self.summary.metric
         errors = int(summary.table["error"].notna().sum()) if self.trials else 0
-        lines = [f"search {self.experiment_url}: {self.trials} trials in {self.wall_s:.0f} s"
-                 f"{' (resumed)' if self.resumed else ''}; {self.stopped_early} stopped early by ASHA, {errors} failed"]  # fmt: skip
+        lines = [
+            f"search {self.experiment_url}: {self.trials} trials in {self.wall_s:.0f} s"
+            f"{' (resumed)' if self.resumed else ''}; {self.stopped_early} stopped early by ASHA, {errors} failed"
+        ]
         overheads = self.start_overheads_s
         if overheads:
-            lines.append(f"  per-trial start overhead (trial start -> first epoch begins): median {statistics.median(overheads):.1f} s, "
-                         f"range {min(overheads):.1f}-{max(overheads):.1f} s")  # fmt: skip
+            lines.append(
+                f"  per-trial start overhead (trial start -> first epoch begins): median {statistics.median(overheads):.1f} s, "
+                f"range {min(overheads):.1f}-{max(overheads):.1f} s"
+            )
         if summary.unfinished:
             lines.append(f"  interrupted: {summary.unfinished} trials unfinished; continue with --resume")
         if self.trials:
-            columns = ["trial_id", "status", *[c for c in summary.table.columns if "." in c], "epochs", f"best_{metric}",
-                       "best_epoch", "stopped_by_asha"]  # fmt: skip
+            columns = [
+                "trial_id",
+                "status",
+                *[c for c in summary.table.columns if "." in c],
+                "epochs",
+                f"best_{metric}",
+                "best_epoch",
+                "stopped_by_asha",
+            ]
             lines.append("  " + summary.table[columns].to_string(index=False).replace("\n", "\n  "))
         if summary.best is not None:
-            lines.append(f"  best: trial {summary.best['trial_id']} {metric} {summary.best['value']:.4f} at epoch "
-                         f"{summary.best['best_epoch']} -> {storage.join(self.experiment_url, BEST_CONFIG_FILE)}")  # fmt: skip
+            lines.append(
+                f"  best: trial {summary.best['trial_id']} {metric} {summary.best['value']:.4f} at epoch "
+                f"{summary.best['best_epoch']} -> {storage.join(self.experiment_url, BEST_CONFIG_FILE)}"
+            )
         return "\n".join(lines)
