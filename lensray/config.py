@@ -101,7 +101,7 @@ class LastroConfig(Section):
     first_kernel: int = Field(5, ge=1)  # first conv of each pair
     kernel: int = Field(3, ge=1)  # second conv of each pair
     pool: int = Field(3, ge=1)  # max-pool width (and stride)
-    # In conv blocks. Off by default: conv dropout stops the net from fitting (DESIGN.md "Science").
+    # In conv blocks. Off by default: conv dropout stops the net from fitting (README "Training": the sanity check).
     dropout_kind: Literal["spatial", "standard", "none"] = "none"
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
     dense: tuple[int, ...] = (128,)  # hidden dense widths before the 1-logit output
