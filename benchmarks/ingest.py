@@ -188,7 +188,7 @@ def main() -> None:
         raw = tmp_path / "raw"
         t0 = time.perf_counter()
         simulate_config = SimulateConfig(out=str(raw), n=args.n, seed=1, missing_image_rate=0.0, duplicate_id_rate=0.0)
-        from lensray.simulate.simulator import simulate_dataset
+        from lensray.simulate.writer import simulate_dataset
 
         simulate_dataset(simulate_config)
         print(f"simulated {args.n} IDs in {time.perf_counter() - t0:.0f} s; {raw_bytes(raw) / 1e6:.1f} MB of FITS")

@@ -18,7 +18,7 @@ import time
 import ray
 
 from lensray.config import SimulateConfig
-from lensray.simulate.simulator import simulate_dataset
+from lensray.simulate.writer import simulate_dataset
 
 
 def rate(out: str, n: int, workers: int, seed: int) -> float:

@@ -76,7 +76,7 @@ SIMULATE_FLAGS = (
 
 
 def cmd_simulate(config: LensrayConfig) -> int:
-    from lensray.simulate.simulator import simulate_dataset
+    from lensray.simulate.writer import simulate_dataset
 
     if config.simulate.out is None:
         raise ConfigError("simulate.out is required (--out URL)")

@@ -17,7 +17,7 @@ from lensray.ingest.ingest import ingest
 from lensray.ingest.preprocess import preprocess_cutout
 from lensray.ingest.store import LensStore
 from lensray.runs import load_best
-from lensray.simulate.simulator import simulate_dataset
+from lensray.simulate.writer import simulate_dataset
 from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
 from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.sky.fits import read_cutouts

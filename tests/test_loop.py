@@ -99,7 +99,7 @@ def test_train_one_epoch_refuses_empty_feeds_and_divergence() -> None:
 def simulated_cutouts() -> tuple[np.ndarray, np.ndarray]:
     """64 cutouts from the real simulator (32 lenses), preprocessed as the demo does: 4 x 50 x 50."""
     from lensray.ingest.preprocess import preprocess_batch
-    from lensray.simulate.simulator import object_rng, simulate_object
+    from lensray.simulate.writer import object_rng, simulate_object
 
     config = SimulateConfig(nan_pixel_rate=0, offsize_nir_rate=0)
     labels = np.arange(64) % 2

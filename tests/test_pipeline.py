@@ -13,7 +13,7 @@ from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.ingest.ingest import IngestError, assign_splits, ingest
 from lensray.ingest.preprocess import preprocess_cutout
 from lensray.ingest.store import SPLITS, LensStore, StoreMismatchError
-from lensray.simulate.simulator import simulate_dataset
+from lensray.simulate.writer import simulate_dataset
 from lensray.sky.bands import band_relpath
 from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog
 from lensray.sky.fits import read_cutout

@@ -24,7 +24,7 @@ from lensray.evaluate.evaluate import evaluate_run
 from lensray.evaluate.score import score_catalog
 from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
-from lensray.simulate.simulator import simulate_dataset
+from lensray.simulate.writer import simulate_dataset
 from lensray.sky.catalog import CATALOG_NAME
 from lensray.train.trainer import train
 

@@ -21,7 +21,7 @@ from lensray.evaluate.score import ScoreError, read_ids, score_catalog
 from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
 from lensray.runs import model_input
-from lensray.simulate.simulator import simulate_dataset
+from lensray.simulate.writer import simulate_dataset
 from lensray.sky.bands import band_relpath
 from lensray.sky.catalog import CATALOG_NAME
 from lensray.train.trainer import MODEL_INPUT_FILE, train

@@ -14,14 +14,9 @@ from astropy.io import fits
 
 from lensray import storage
 from lensray.config import SimulateConfig
-from lensray.simulate.simulator import (
-    FIELD_DESCRIPTIONS,
-    FLUX_MAGZP,
-    band_observation,
-    object_rng,
-    simulate_dataset,
-    simulate_object,
-)
+from lensray.simulate.instrument import FLUX_MAGZP, band_observation
+from lensray.simulate.measure import FIELD_DESCRIPTIONS
+from lensray.simulate.writer import object_rng, simulate_dataset, simulate_object
 from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
 from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 
