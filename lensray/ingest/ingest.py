@@ -9,6 +9,7 @@ memory does not grow with the number of images.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterator
@@ -17,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from lensray import storage
+from lensray import runtime, storage
 from lensray.config import DataConfig, PreprocessConfig
 from lensray.errors import IngestError
 from lensray.ingest.preprocess import describe, output_shape, preprocess_batch
 from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
 from lensray.runtime import ensure_ray
-from lensray.sky.catalog import apply_label_rule, read_catalog
+from lensray.sky.catalog import Catalog, LabelledIDs, apply_label_rule, read_catalog
 from lensray.sky.fits import read_cutouts
 
 
@@ -102,60 +103,38 @@ def _process_shard(
 
 
 def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = True) -> IngestSummary:
-    """Run the whole ingest (resumable) and return its summary. Raises IngestError in strict mode."""
+    """Run the whole ingest (resumable) and return its summary. Raises IngestError in strict mode.
+
+    ``progress``: draw a bar counting objects (on a terminal, and not under ``lensray -q``).
+    """
     if data.images is None or data.catalog is None or preprocess.out is None:
         raise IngestError("data.images, data.catalog and preprocess.out are all required")
     started = time.perf_counter()
     storage.check_reachable(data.images)
     storage.check_reachable(data.catalog)
     storage.check_reachable(preprocess.out, must_exist=False)
-
-    catalog = read_catalog(data.catalog)
-    labelled = apply_label_rule(catalog, data.labels)
-    ids, labels = labelled.ids, labelled.labels
-    if preprocess.limit is not None:
-        ids, labels = ids[: preprocess.limit], labels[: preprocess.limit]
-    if len(ids) == 0:
-        raise IngestError(f"no IDs to ingest from {data.catalog} under label rule {data.labels!r}")
-    split = assign_splits(ids, preprocess.val_fraction, preprocess.test_fraction, preprocess.split_seed)
-    size = output_shape(preprocess)[0]
-    meta = {
-        "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
-        "transform": describe(preprocess),
-        "label_rule": data.labels,
-        "bands": list(data.bands),
-        "nan_policy": data.nan,
-        "source": {"images": data.images, "catalog": data.catalog},
-        "excluded_by_label_rule": len(labelled.excluded),
-        "duplicate_catalog_rows": len(catalog.duplicates),
-    }
+    catalog, labelled, ids, labels = _ids_to_ingest(data, preprocess)
     create_store(
         preprocess.out,
         ids=ids,
         labels=labels,
-        split=split,
+        split=assign_splits(ids, preprocess.val_fraction, preprocess.test_fraction, preprocess.split_seed),
         channels=len(data.bands),
-        size=size,
+        size=output_shape(preprocess)[0],
         dtype=preprocess.dtype,
         shard_size=preprocess.shard_size,
-        meta=meta,
+        meta=_store_meta(data, preprocess, catalog, labelled),
     )
-    ranges = shard_ranges(len(ids), preprocess.shard_size)
-    done = completed_shards(preprocess.out)
-    todo = [
-        {"shard": index, "ids": [int(i) for i in ids[start:stop]]}
-        for index, (start, stop) in enumerate(ranges)
-        if index not in done
-    ]
+    todo, n_shards = _pending_shards(preprocess.out, ids, preprocess.shard_size)
     results = list(_run_shards(todo, data, preprocess, progress)) if todo else []
     summary_meta = finalize_store(preprocess.out, {"ingest_wall_s": round(time.perf_counter() - started, 3)})
     rejects = summary_meta["rejects"]
     summary = IngestSummary(
         store_url=preprocess.out,
         n_ids=len(ids),
-        n_shards=len(ranges),
+        n_shards=n_shards,
         shards_written=len(results),
-        shards_skipped=len(ranges) - len(todo),
+        shards_skipped=n_shards - len(todo),
         n_written=int(summary_meta["counts"]["valid"]),
         rejects=rejects,
         excluded_by_label_rule=len(labelled.excluded),
@@ -169,15 +148,58 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
     return summary
 
 
+def _ids_to_ingest(
+    data: DataConfig, preprocess: PreprocessConfig
+) -> tuple[Catalog, LabelledIDs, np.ndarray, np.ndarray]:
+    """The catalogue, its labelling, and the sorted IDs and labels to ingest (the first ``limit``)."""
+    assert data.catalog is not None
+    catalog = read_catalog(data.catalog)
+    labelled = apply_label_rule(catalog, data.labels)
+    ids, labels = labelled.ids, labelled.labels
+    if preprocess.limit is not None:
+        ids, labels = ids[: preprocess.limit], labels[: preprocess.limit]
+    if len(ids) == 0:
+        raise IngestError(f"no IDs to ingest from {data.catalog} under label rule {data.labels!r}")
+    return catalog, labelled, ids, labels
+
+
+def _store_meta(
+    data: DataConfig, preprocess: PreprocessConfig, catalog: Catalog, labelled: LabelledIDs
+) -> dict[str, Any]:
+    """The store's provenance: all of it is part of the resume fingerprint."""
+    return {
+        "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
+        "transform": describe(preprocess),
+        "label_rule": data.labels,
+        "bands": list(data.bands),
+        "nan_policy": data.nan,
+        "source": {"images": data.images, "catalog": data.catalog},
+        "excluded_by_label_rule": len(labelled.excluded),
+        "duplicate_catalog_rows": len(catalog.duplicates),
+    }
+
+
+def _pending_shards(store_url: str, ids: np.ndarray, shard_size: int) -> tuple[list[dict[str, Any]], int]:
+    """The shards not yet complete in the store (one Ray Data row each: index and IDs), and the shard count."""
+    ranges = shard_ranges(len(ids), shard_size)
+    done = completed_shards(store_url)
+    todo = [
+        {"shard": index, "ids": [int(i) for i in ids[start:stop]]}
+        for index, (start, stop) in enumerate(ranges)
+        if index not in done
+    ]
+    return todo, len(ranges)
+
+
 def _run_shards(
-    todo: list[dict[str, Any]], data: DataConfig, preprocess: PreprocessConfig, progress: bool
+    todo: list[dict[str, Any]], data: DataConfig, preprocess: PreprocessConfig, show_progress: bool
 ) -> Iterator[dict[str, Any]]:
+    """Process the shards in Ray Data tasks (at most ``preprocess.workers`` at once); yields each one's counts."""
     import ray
-    from tqdm import tqdm
 
     ensure_ray()
     context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver's own bar counts shards
+    context.enable_progress_bars = False  # the driver's own bar counts objects
     workers = preprocess.workers or max(1, int(ray.available_resources().get("CPU", 1)))
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _process_shard,
@@ -185,7 +207,9 @@ def _run_shards(
         compute=ray.data.TaskPoolStrategy(size=min(workers, len(todo))),
         num_cpus=1,  # Ray Data retries a task whose worker died; a retried task rewrites its whole shard
     )
-    with tqdm(total=len(todo), unit="shard", desc="ingest", disable=not progress) as bar:
+    n_objects = sum(len(item["ids"]) for item in todo)
+    with runtime.progress(n_objects, "ingest", "obj") if show_progress else contextlib.nullcontext() as bar:
         for row in dataset.iter_rows():
-            bar.update(1)
+            if bar is not None:
+                bar.update(row["written"] + row["rejected"])
             yield row

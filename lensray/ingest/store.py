@@ -261,23 +261,7 @@ def create_store(
     ``finalize_store`` runs again.
     """
     ids, labels, split = _check_columns(ids, labels, split)
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    image_dtype = np.dtype(dtype)
-    if image_dtype not in (np.float16, np.float32):
-        raise StoreError(f"images dtype must be float16 or float32, got {image_dtype}")
-    if min(channels, height, width, shard_size) < 1:
-        raise StoreError(f"channels, size and shard_size must be >= 1, got {channels}, {(height, width)}, {shard_size}")
-    n_shards = len(shard_ranges(len(ids), shard_size))
-    layout = {
-        "format": FORMAT_VERSION,
-        "n": len(ids),
-        "channels": int(channels),
-        "height": int(height),
-        "width": int(width),
-        "dtype": image_dtype.name,
-        "shard_size": int(shard_size),
-        "n_shards": n_shards,
-    }
+    layout = _layout(len(ids), channels, size, dtype, shard_size)
     base_meta = _check_meta(meta)
     fingerprint = {
         "layout": layout,
@@ -287,53 +271,87 @@ def create_store(
         "labels": _digest(labels, "i1"),
         "split": _digest(split, "i1"),
     }
-
     storage.check_reachable(url, must_exist=False)
     zstore = _zarr_store(url, read_only=False)
+    existing = _existing_attrs(url, zstore)
+    if existing is not None and existing.get("state") != "creating":
+        _reopen(url, zstore, existing, fingerprint)
+    else:
+        _create_arrays(zstore, fingerprint, {"ids": ids, "labels": labels, "split": split})
+
+
+def _layout(n: int, channels: int, size: int | tuple[int, int], dtype: str | npt.DTypeLike, shard_size: int) -> dict:
+    """The store's ``layout`` attribute, after checking the image shape and dtype."""
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    image_dtype = np.dtype(dtype)
+    if image_dtype not in (np.float16, np.float32):
+        raise StoreError(f"images dtype must be float16 or float32, got {image_dtype}")
+    if min(channels, height, width, shard_size) < 1:
+        raise StoreError(f"channels, size and shard_size must be >= 1, got {channels}, {(height, width)}, {shard_size}")
+    return {
+        "format": FORMAT_VERSION,
+        "n": n,
+        "channels": int(channels),
+        "height": int(height),
+        "width": int(width),
+        "dtype": image_dtype.name,
+        "shard_size": int(shard_size),
+        "n_shards": len(shard_ranges(n, shard_size)),
+    }
+
+
+def _existing_attrs(url: str, zstore: Store) -> dict[str, Any] | None:
+    """The root attributes of the Zarr group at ``url``; None where there is nothing at all."""
     try:
-        existing = zarr.open_group(zstore, mode="r", zarr_format=3).attrs.asdict()
+        return zarr.open_group(zstore, mode="r", zarr_format=3).attrs.asdict()
     except (zarr.errors.NodeNotFoundError, FileNotFoundError):
         if _has_objects(url):
             raise StoreError(f"{url} already holds data that is not a Zarr store; choose another URL") from None
-        existing = None
-    if existing is not None and existing.get("state") != "creating":
-        if "fingerprint" not in existing:
-            raise StoreError(f"{url} is a Zarr group but not a lensray store; choose another URL")
-        differences = _differences(existing["fingerprint"], fingerprint)
-        if differences:
-            raise StoreMismatchError(
-                f"store {url} was created with different parameters: {'; '.join(differences)}. "
-                "Resuming would mix two configurations: write to a new URL or delete the store."
-            )
-        created = existing.get("meta", {}).get("created", _now())
-        group = zarr.open_group(zstore, mode="r+", zarr_format=3)
-        group.attrs.put({**existing, "state": "ready", "meta": _base_meta(base_meta, created)})
-        return
+        return None
 
+
+def _reopen(url: str, zstore: Store, existing: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Resume a store created with the same fingerprint: keep its shards and creation time, mark it ready."""
+    if "fingerprint" not in existing:
+        raise StoreError(f"{url} is a Zarr group but not a lensray store; choose another URL")
+    differences = _differences(existing["fingerprint"], fingerprint)
+    if differences:
+        raise StoreMismatchError(
+            f"store {url} was created with different parameters: {'; '.join(differences)}. "
+            "Resuming would mix two configurations: write to a new URL or delete the store."
+        )
+    created = existing.get("meta", {}).get("created", _now())
+    group = zarr.open_group(zstore, mode="r+", zarr_format=3)
+    group.attrs.put({**existing, "state": "ready", "meta": _base_meta(fingerprint["meta"], created)})
+
+
+def _create_arrays(zstore: Store, fingerprint: dict[str, Any], columns: dict[str, np.ndarray]) -> None:
+    """A new (or overwritten) store: the empty images, the columns written whole, no shard done."""
+    layout = fingerprint["layout"]
+    n, shard_size, n_shards = layout["n"], layout["shard_size"], layout["n_shards"]
+    sample = (layout["channels"], layout["height"], layout["width"])
     # Marked "creating" first: a store interrupted here holds no shards and is safely recreated.
     group = zarr.open_group(zstore, mode="w", zarr_format=3, attributes={"state": "creating", "layout": layout})
-    n = len(ids)
-    column_chunks = {"chunks": (shard_size,), "shards": (n_shards * shard_size,)}
     group.create_array(
         "images",
-        shape=(n, channels, height, width),
-        dtype=image_dtype,
+        shape=(n, *sample),
+        dtype=np.dtype(layout["dtype"]),
         fill_value=np.nan,
-        chunks=(1, channels, height, width),
-        shards=(shard_size, channels, height, width),
+        chunks=(1, *sample),
+        shards=(shard_size, *sample),
         compressors=[_IMAGE_COMPRESSOR],
         dimension_names=("sample", "channel", "y", "x"),
     )
-    group.create_array("ids", data=ids, **column_chunks, dimension_names=("sample",))
-    group.create_array("labels", data=labels, **column_chunks, dimension_names=("sample",))
-    group.create_array("split", data=split, **column_chunks, dimension_names=("sample",))
+    column_chunks = {"chunks": (shard_size,), "shards": (n_shards * shard_size,)}
+    for name, values in columns.items():
+        group.create_array(name, data=values, **column_chunks, dimension_names=("sample",))
     group.create_array(
         "valid", shape=(n,), dtype=bool, fill_value=False, chunks=(shard_size,), dimension_names=("sample",)
     )
     group.create_array(
         "shard_done", shape=(n_shards,), dtype=np.int8, fill_value=0, chunks=(1,), dimension_names=("shard",)
     )
-    meta_now = _base_meta(base_meta, _now())
+    meta_now = _base_meta(fingerprint["meta"], _now())
     group.attrs.put({"state": "ready", "layout": layout, "fingerprint": fingerprint, "meta": meta_now})
 
 
