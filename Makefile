@@ -41,7 +41,7 @@ clean:
 # the same three rules, on one simulated challenge-like set, then the comparison table (REPRO/compare/compare.md,
 # .html, .json). Every run gets the same training budget: EPOCHS epochs of STUDY_STEPS x 10 images (the study's
 # epoch: 600 steps of batches of 10); the platform's batches of 32 take STUDY_STEPS x 10 / 32 steps per epoch.
-# Full size by default (a GPU job: add TRAIN_ARGS=--gpu); a CPU-sized run, e.g.:
+# Full size by default (a GPU job: add TRAIN_ARGS="--device cuda"); a CPU-sized run, e.g.:
 #   make reproduce N=3000 CROP=100 BINNING=2 EPOCHS=12 STUDY_STEPS=150 PLATFORM_NETS=lastro
 # (BINNING, not BIN: BIN is the venv's bin folder). Rerunning continues: finished steps are skipped.
 N             ?= 20000

@@ -2,18 +2,28 @@
 
 Every flag is a shorthand for a config key, so ``--n 500`` and ``--set simulate.n=500`` are the same
 thing and a YAML file (``--config``) can hold any of them. The same commands run locally and under
-``ray job submit``.
+``ray job submit``. Errors are handled once, in ``main``: a lensray error or a missing file is one line
+on stderr naming the object (exit 1), a config or usage error exit 2, Ctrl-C exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lensray._version import __version__
 from lensray.config import LensrayConfig, load_config
 from lensray.errors import ConfigError, LensrayError
+
+DEVICES = ("auto", "cpu", "cuda")
+# Missing or misplaced files and folders: reported like a lensray error, as one line naming the path.
+FILE_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 @dataclass(frozen=True)
@@ -26,6 +36,8 @@ class Flag:
     type: Callable[[str], object] = str
     is_list: bool = False  # comma-separated on the command line, a YAML list in the config
     is_switch: bool = False
+    choices: tuple[str, ...] | None = None
+    to_value: Callable[[str], object] | None = None  # the config value for the flag's value
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
@@ -42,7 +54,9 @@ def _add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
         if flag.is_switch:
             parser.add_argument(flag.flag, action="store_true", default=None, help=f"{flag.help} [{flag.key}]")
         else:
-            parser.add_argument(flag.flag, type=flag.type, default=None, help=f"{flag.help} [{flag.key}]")
+            parser.add_argument(
+                flag.flag, type=flag.type, default=None, choices=flag.choices, help=f"{flag.help} [{flag.key}]"
+            )
 
 
 def _flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> list[str]:
@@ -51,6 +65,8 @@ def _flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> list[str
         value = getattr(args, flag.flag.lstrip("-").replace("-", "_"))
         if value is None:
             continue
+        if flag.to_value is not None:
+            value = flag.to_value(value)
         if flag.is_list:
             items = [item.strip() for item in str(value).split(",") if item.strip()]
             overrides.append(f"{flag.key}=[{', '.join(items)}]")
@@ -64,6 +80,36 @@ def _flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> list[str
 def _resolve(args: argparse.Namespace, flags: Sequence[Flag]) -> LensrayConfig:
     # Flags after --set: an explicit flag on the command line is the most specific request.
     return load_config(args.config, [*args.overrides, *_flag_overrides(args, flags)])
+
+
+def torch_device(choice: str) -> str:
+    """``--device`` for a network run on the driver: auto is CUDA when this machine has a GPU."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def use_gpu(choice: str) -> str:
+    """``--device`` as ``resources.use_gpu`` for Ray workers: auto is true when this machine or the
+    cluster it is connected to (RAY_ADDRESS, e.g. under ``ray job submit``) has GPUs."""
+    if choice != "auto":
+        return "true" if choice == "cuda" else "false"
+    if torch_device("auto") == "cuda":
+        return "true"
+    if not os.environ.get("RAY_ADDRESS"):
+        return "false"  # a local cluster has this machine's GPUs: none
+    import ray
+
+    from lensray.runtime import ensure_ray
+
+    ensure_ray()
+    return "true" if ray.cluster_resources().get("GPU", 0) > 0 else "false"
+
+
+def _device_flag(help_text: str) -> Flag:
+    return Flag("--device", "resources.use_gpu", help_text, choices=DEVICES, to_value=use_gpu)
 
 
 SIMULATE_FLAGS = (
@@ -80,8 +126,7 @@ def cmd_simulate(config: LensrayConfig) -> int:
 
     if config.simulate.out is None:
         raise ConfigError("simulate.out is required (--out URL)")
-    summary = simulate_dataset(config.simulate)
-    print(summary)
+    print(simulate_dataset(config.simulate))
     return 0
 
 
@@ -104,13 +149,9 @@ PREPROCESS_FLAGS = (
 
 
 def cmd_preprocess(config: LensrayConfig) -> int:
-    from lensray.ingest.ingest import IngestError, ingest
+    from lensray.ingest.ingest import ingest
 
-    try:
-        print(ingest(config.data, config.preprocess))
-    except IngestError as exc:
-        print(f"lensray preprocess: {exc}", file=sys.stderr)
-        return 1
+    print(ingest(config.data, config.preprocess))
     return 0
 
 
@@ -131,23 +172,18 @@ TRAIN_FLAGS = (
     Flag("--out", "train.out", "storage path for runs (local path or s3://)"),
     Flag("--name", "train.name", "run name under --out (needed for --resume)"),
     Flag("--workers", "resources.num_workers", "data-parallel workers", int),
-    Flag("--gpu", "resources.use_gpu", "one GPU per worker (NCCL); default CPU/gloo", is_switch=True),
+    _device_flag("cuda: one GPU per worker (NCCL); cpu: gloo; auto: cuda when GPUs are there (default: the config)"),
     Flag("--max-failures", "train.max_failures", "worker restarts Ray may make", int),
 )
 
 
 def cmd_train(config: LensrayConfig, *, resume: bool, sanity_only: bool) -> int:
-    from lensray.train.loop import SanityCheckError
-    from lensray.train.trainer import TrainError, describe_sanity, run_sanity_check, train
+    from lensray.train.trainer import describe_sanity, run_sanity_check, train
 
-    try:
-        if sanity_only:
-            print(describe_sanity(run_sanity_check(config)))
-            return 0
+    if sanity_only:
+        print(describe_sanity(run_sanity_check(config)))
+    else:
         print(train(config, resume=resume))
-    except (TrainError, SanityCheckError) as exc:
-        print(f"lensray train: {exc}", file=sys.stderr)
-        return 1
     return 0
 
 
@@ -160,21 +196,18 @@ TUNE_FLAGS = (
         "--max-concurrent", "search.max_concurrent_trials", "trials at once (default: as many as the cluster fits)", int
     ),
     Flag("--epochs", "train.epochs", "epochs per trial (ASHA's max_t)", int),
+    _device_flag("cuda: GPUs for every trial's workers; cpu; auto: cuda when GPUs are there (default: the config)"),
 )
 
 
 def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> int:
     from lensray import storage
     from lensray.config import dump_config
-    from lensray.train.tune import BEST_CONFIG_FILE, SearchError, load_tune_config, run_tune
+    from lensray.train.tune import BEST_CONFIG_FILE, load_tune_config, run_tune
 
     if config_path is None:
         raise ConfigError("--config is required: a tune file such as tune_configs/lastro_kernels_pools.yaml")
-    try:
-        outcome = run_tune(load_tune_config(config_path, overrides), resume=resume)
-    except SearchError as exc:
-        print(f"lensray tune: {exc}", file=sys.stderr)
-        return 1
+    outcome = run_tune(load_tune_config(config_path, overrides), resume=resume)
     print(outcome)
     print(f"TensorBoard of every trial: tensorboard --logdir {outcome.experiment_url}")
     if outcome.best_config is not None:
@@ -187,7 +220,7 @@ def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> 
             f"lensray tune: interrupted; continue with: lensray tune --config {config_path} --name {name} --resume",
             file=sys.stderr,
         )
-        return 130
+        return EXIT_INTERRUPTED
     return 0
 
 
@@ -195,50 +228,38 @@ EVALUATE_FLAGS = (Flag("--store", "data.store", "URL of the preprocessed store t
 
 
 def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
-    from lensray.evaluate.evaluate import EvaluateError, evaluate_run
-    from lensray.evaluate.score import ScoreError
+    from lensray.evaluate.evaluate import evaluate_run
 
     if config.data.store is None:
         raise ConfigError("data.store is required (--store URL)")
-    try:
-        print(
-            evaluate_run(
-                args.run,
-                config.data.store,
-                args.out,
-                args.split,
-                args.tta,
-                device="cuda" if args.gpu else "cpu",
-                prevalence=args.prevalence,
-                gallery=args.gallery,
-            )
-        )
-    except (EvaluateError, ScoreError) as exc:
-        print(f"lensray evaluate: {exc}", file=sys.stderr)
-        return 1
+    report = evaluate_run(
+        args.run,
+        config.data.store,
+        args.out,
+        args.split,
+        args.tta,
+        device=torch_device(args.device),
+        prevalence=args.prevalence,
+        gallery=args.gallery,
+    )
+    print(report)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lensray.evaluate.compare import compare_runs
-    from lensray.evaluate.evaluate import EvaluateError
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    try:
-        print(
-            compare_runs(
-                args.runs,
-                args.out,
-                split=args.split,
-                tta=args.tta,
-                names=names,
-                store=args.store,
-                device="cuda" if args.gpu else "cpu",
-            )
-        )
-    except EvaluateError as exc:
-        print(f"lensray compare: {exc}", file=sys.stderr)
-        return 1
+    table = compare_runs(
+        args.runs,
+        args.out,
+        split=args.split,
+        tta=args.tta,
+        names=names,
+        store=args.store,
+        device=torch_device(args.device),
+    )
+    print(table)
     return 0
 
 
@@ -249,28 +270,22 @@ SCORE_FLAGS = (
 
 
 def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
-    from lensray.evaluate.evaluate import EvaluateError
-    from lensray.evaluate.score import ScoreError, score_catalog
+    from lensray.evaluate.score import score_catalog
 
     if config.data.images is None or config.data.catalog is None:
         raise ConfigError("data.images and data.catalog are required (--images URL --catalog URL)")
-    try:
-        print(
-            score_catalog(
-                args.run,
-                config.data.images,
-                config.data.catalog,
-                args.out,
-                tta=args.tta,
-                device=args.device,
-                actors=args.actors,
-                batch_size=args.batch_size,
-                gallery=args.gallery,
-            )
-        )
-    except (ScoreError, EvaluateError) as exc:  # EvaluateError: --run is neither a checkpoint nor a run folder
-        print(f"lensray score: {exc}", file=sys.stderr)
-        return 1
+    candidates = score_catalog(
+        args.run,
+        config.data.images,
+        config.data.catalog,
+        args.out,
+        tta=args.tta,
+        device=args.device,
+        actors=args.actors,
+        batch_size=args.batch_size,
+        gallery=args.gallery,
+    )
+    print(candidates)
     return 0
 
 
@@ -287,86 +302,6 @@ def cmd_demo(config: LensrayConfig, out: str) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lensray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    simulate = sub.add_parser("simulate", help="make a challenge-format data set (lenstronomy)")
-    _add_flags(simulate, SIMULATE_FLAGS)
-    simulate.set_defaults(handler=lambda args: cmd_simulate(_resolve(args, SIMULATE_FLAGS)))
-
-    preprocess = sub.add_parser("preprocess", help="ingest raw FITS into a preprocessed Zarr store (Ray Data)")
-    _add_flags(preprocess, PREPROCESS_FLAGS)
-    preprocess.set_defaults(handler=lambda args: cmd_preprocess(_resolve(args, PREPROCESS_FLAGS)))
-
-    store = sub.add_parser("store", help="inspect a preprocessed store")
-    store_sub = store.add_subparsers(dest="store_command", required=True)
-    info = store_sub.add_parser("info", help="counts per split and class, config, rejects")
-    info.add_argument("url", help="store URL")
-    info.set_defaults(handler=lambda args: cmd_store_info(args.url))
-
-    train = sub.add_parser("train", help="data-parallel training on Ray Train (DDP; GPU or CPU/gloo)")
-    _add_flags(train, TRAIN_FLAGS)
-    train.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
-    train.add_argument("--sanity", action="store_true", help="only overfit a small fixed batch and report")
-    train.set_defaults(
-        handler=lambda args: cmd_train(_resolve(args, TRAIN_FLAGS), resume=args.resume, sanity_only=args.sanity)
-    )
-
-    tune = sub.add_parser("tune", help="Ray Tune search with ASHA early stopping over a YAML search space")
-    _add_flags(tune, TUNE_FLAGS)
-    tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
-    tune.set_defaults(
-        handler=lambda args: cmd_tune(
-            args.config, [*args.overrides, *_flag_overrides(args, TUNE_FLAGS)], resume=args.resume
-        )
-    )
-
-    evaluate = sub.add_parser("evaluate", help="metrics, curves, galleries and an HTML report for a split")
-    _add_flags(evaluate, EVALUATE_FLAGS)
-    evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
-    evaluate.add_argument(
-        "--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs"
-    )
-    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    evaluate.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
-    evaluate.add_argument("--gpu", action="store_true", help="run the network on the GPU (default: CPU)")
-    evaluate.add_argument("--prevalence", type=float, default=1e-4, help="lens fraction in a survey (default 1e-4)")
-    evaluate.add_argument("--gallery", type=int, default=8, help="objects per gallery (default 8)")
-    evaluate.set_defaults(handler=lambda args: cmd_evaluate(_resolve(args, EVALUATE_FLAGS), args))
-
-    compare = sub.add_parser("compare", help="a Table-I-style comparison of runs with overlaid ROC curves")
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
-    compare.add_argument(
-        "--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json"
-    )
-    compare.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
-    compare.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
-    compare.add_argument("--names", help="comma-separated row names (default: the run folders' names)")
-    compare.add_argument("--store", help="evaluate every run on this store (default: each run's training store)")
-    compare.add_argument("--gpu", action="store_true", help="run the networks on the GPU (default: CPU)")
-    compare.set_defaults(handler=cmd_compare)
-
-    score = sub.add_parser("score", help="score a catalogue of raw cutouts -> ranked candidates (Ray Data)")
-    _add_flags(score, SCORE_FLAGS)
-    score.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
-    score.add_argument(
-        "--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ..."
-    )
-    score.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips (kept per view)")
-    score.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: GPUs when Ray has them")
-    score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else half the CPUs)")
-    score.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default 64)")
-    score.add_argument("--gallery", type=int, default=24, help="top candidates in the HTML gallery (default 24)")
-    score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
-
-    demo = sub.add_parser("demo", help="run the whole chain on a small simulated set, locally")
-    _add_flags(demo, DEMO_FLAGS)
-    demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    demo.set_defaults(handler=lambda args: cmd_demo(_demo_config(args), args.out))
-    return parser
-
-
 def _demo_config(args: argparse.Namespace) -> LensrayConfig:
     from lensray.demo import DEMO_CONFIG
 
@@ -375,17 +310,283 @@ def _demo_config(args: argparse.Namespace) -> LensrayConfig:
     return _resolve(args, DEMO_FLAGS)
 
 
+# -- the parser ------------------------------------------------------------------------------------------
+
+HELP = {  # subcommand: (one-line help, description, examples)
+    "simulate": (
+        "make a challenge-format data set (lenstronomy)",
+        "Simulate a Bologna-challenge-format data set: one FITS file per object and band (VIS, Y, J, H) and the "
+        "catalogue CSV, with the real data's quirks. Written locally or to s3://.",
+        "lensray simulate --out data/ --n 1200 --seed 7\nlensray simulate --out s3://bucket/sim --n 20000 --workers 8",
+    ),
+    "preprocess": (
+        "ingest raw FITS into a preprocessed Zarr store (Ray Data)",
+        "Read the catalogue and the FITS cutouts, preprocess them once (crop, bin, stretch) and write one Zarr store "
+        "with train/val/test splits. Resumable: the same command skips finished shards.",
+        "lensray preprocess --images data/ --catalog data/image_catalog2.0train.csv --out store.zarr\n"
+        "lensray preprocess --config configs/lastro.yaml --labels challenge --crop 100 --bin 2 "
+        "--images s3://b/raw --catalog s3://b/raw/image_catalog2.0train.csv --out s3://b/store.zarr",
+    ),
+    "store": ("inspect a preprocessed store", "Inspect a preprocessed Zarr store.", "lensray store info store.zarr"),
+    "train": (
+        "data-parallel training on Ray Train (DDP; GPU or CPU/gloo)",
+        "Train a CNN with Ray Train (DDP over --workers workers). A checkpoint every epoch under --out/--name; "
+        "history.json and TensorBoard logs beside them.",
+        "lensray train --config configs/lastro.yaml --store store.zarr --name lastro-1\n"
+        "lensray train --config configs/resnet.yaml --store s3://b/store.zarr --out s3://b/runs --workers 4 "
+        "--device cuda\nlensray train --config configs/lastro.yaml --store store.zarr --name lastro-1 --resume",
+    ),
+    "tune": (
+        "Ray Tune search with ASHA early stopping over a YAML search space",
+        "Search a space of run configs with Ray Tune, stopping trailing trials early with ASHA. Prints the best "
+        "trial's run config as YAML for `lensray train --config`.",
+        "lensray tune --config tune_configs/lastro_kernels_pools.yaml --store store.zarr --storage s3://b/experiments\n"
+        "lensray tune --config tune_configs/lastro_kernels_pools.yaml --name lastro-kernels --resume",
+    ),
+    "evaluate": (
+        "metrics, curves, galleries and an HTML report for a split",
+        "Score one run on a split of a store and write report.html, metrics.json, predictions.csv and the plots.",
+        "lensray evaluate --run runs/lastro-1 --store store.zarr --out eval/\n"
+        "lensray evaluate --run s3://b/runs/lastro-1 --store s3://b/store.zarr --tta d4 --out s3://b/eval",
+    ),
+    "compare": (
+        "a Table-I-style comparison of runs with overlaid ROC curves",
+        "Score several runs on the test split of their stores: ACC, AUC, TPR0, TPR10, epochs, images seen, "
+        "training time, paired AUC differences and overlaid ROC curves.",
+        "lensray compare runs/study_* runs/platform_lastro_* --out compare/",
+    ),
+    "score": (
+        "score a catalogue of raw cutouts -> ranked candidates (Ray Data)",
+        "Score every cutout of a catalogue with a trained run and write the ranked candidates (Parquet) with an "
+        "HTML gallery of the top ones.",
+        "lensray score --run runs/lastro-1 --images s3://b/raw --catalog s3://b/raw/ids.csv "
+        "--out s3://b/candidates.parquet",
+    ),
+    "demo": (
+        "run the whole chain on a small simulated set, locally",
+        "Simulate, ingest, train, search, compare and evaluate on a small simulated set on a local Ray instance "
+        "(about 2 minutes on 2 CPU cores). Everything lands in --out.",
+        "lensray demo\nlensray demo --out /tmp/demo --n 400 --set train.epochs=3",
+    ),
+}
+
+
+def _common() -> argparse.ArgumentParser:
+    """-v/-q, accepted before and after the subcommand (SUPPRESS: a subcommand does not reset the top level)."""
+    common = argparse.ArgumentParser(add_help=False)
+    loudness = common.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug logs, Ray's own output, tracebacks",
+    )
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only, no progress bars"
+    )
+    return common
+
+
+def _subparser(sub: argparse._SubParsersAction, name: str, common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    summary, description, examples = HELP[name]
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples.splitlines())
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+        epilog=epilog,
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="lensray",
+        description="Strong-lens finding in Euclid-like cutouts with CNNs on Ray: simulate -> preprocess -> train "
+        "| tune -> evaluate | compare | score.",
+        epilog="`lensray COMMAND -h` explains each command. Exit status: 0 ok, 1 a lensray error or missing file, "
+        "2 usage or config error, 130 interrupted.",
+        parents=[_common()],  # its own -v/-q actions: set_defaults below must not reach the subcommands' ones
+    )
+    parser.add_argument("--version", action="version", version=f"lensray {__version__}")
+    parser.set_defaults(verbose=False, quiet=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    simulate = _subparser(sub, "simulate", common)
+    _add_flags(simulate, SIMULATE_FLAGS)
+    simulate.set_defaults(handler=lambda args: cmd_simulate(_resolve(args, SIMULATE_FLAGS)))
+
+    preprocess = _subparser(sub, "preprocess", common)
+    _add_flags(preprocess, PREPROCESS_FLAGS)
+    preprocess.set_defaults(handler=lambda args: cmd_preprocess(_resolve(args, PREPROCESS_FLAGS)))
+
+    store = _subparser(sub, "store", common)
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="SUBCOMMAND")
+    info = store_sub.add_parser("info", help="counts per split and class, config, rejects", parents=[common])
+    info.add_argument("url", help="store URL")
+    info.set_defaults(handler=lambda args: cmd_store_info(args.url))
+
+    train = _subparser(sub, "train", common)
+    _add_flags(train, TRAIN_FLAGS)
+    train.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
+    train.add_argument("--sanity", action="store_true", help="only overfit a small fixed batch and report")
+    train.set_defaults(
+        handler=lambda args: cmd_train(_resolve(args, TRAIN_FLAGS), resume=args.resume, sanity_only=args.sanity)
+    )
+
+    tune = _subparser(sub, "tune", common)
+    _add_flags(tune, TUNE_FLAGS)
+    tune.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    tune.set_defaults(
+        handler=lambda args: cmd_tune(
+            args.config, [*args.overrides, *_flag_overrides(args, TUNE_FLAGS)], resume=args.resume
+        )
+    )
+
+    _add_evaluate(_subparser(sub, "evaluate", common))
+    _add_compare(_subparser(sub, "compare", common))
+    _add_score(_subparser(sub, "score", common))
+
+    demo = _subparser(sub, "demo", common)
+    _add_flags(demo, DEMO_FLAGS)
+    demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
+    demo.set_defaults(handler=lambda args: cmd_demo(_demo_config(args), args.out))
+    return parser
+
+
+def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", default="auto", choices=DEVICES, help=f"where {what} (auto: CUDA when available)")
+
+
+def _add_evaluate(evaluate: argparse.ArgumentParser) -> None:
+    _add_flags(evaluate, EVALUATE_FLAGS)
+    evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    evaluate.add_argument(
+        "--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs"
+    )
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    evaluate.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
+    _add_device(evaluate, "the network runs")
+    evaluate.add_argument("--prevalence", type=float, default=1e-4, help="lens fraction in a survey (default 1e-4)")
+    evaluate.add_argument("--gallery", type=int, default=8, help="objects per gallery (default 8)")
+    evaluate.set_defaults(handler=lambda args: cmd_evaluate(_resolve(args, EVALUATE_FLAGS), args))
+
+
+def _add_compare(compare: argparse.ArgumentParser) -> None:
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
+    compare.add_argument(
+        "--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json"
+    )
+    compare.add_argument("--split", default="test", choices=("train", "val", "test"), help="default: test")
+    compare.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips")
+    compare.add_argument("--names", help="comma-separated row names (default: the run folders' names)")
+    compare.add_argument("--store", help="evaluate every run on this store (default: each run's training store)")
+    _add_device(compare, "the networks run")
+    compare.set_defaults(handler=cmd_compare)
+
+
+def _add_score(score: argparse.ArgumentParser) -> None:
+    _add_flags(score, SCORE_FLAGS)
+    score.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    score.add_argument(
+        "--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ..."
+    )
+    score.add_argument("--tta", choices=("d4",), help="average the scores over the 8 rotations/flips (kept per view)")
+    score.add_argument(
+        "--device", default="auto", choices=DEVICES, help="where the model replicas run (auto: GPUs when Ray has them)"
+    )
+    score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else half the CPUs)")
+    score.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default 64)")
+    score.add_argument("--gallery", type=int, default=24, help="top candidates in the HTML gallery (default 24)")
+    score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
+
+
+# -- logging and the one error path ----------------------------------------------------------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (tests and notebooks replace it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+
+def configure_logging(verbose: bool, quiet: bool) -> None:
+    """The ``lensray`` logger: INFO by default, DEBUG under -v, WARNING under -q, one line per record on stderr."""
+    logger = logging.getLogger("lensray")
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+
+
+def _is_ray_wrapper(exc: BaseException) -> bool:
+    if "ray" not in sys.modules:  # nothing came from Ray if Ray was never imported
+        return False
+    import ray.exceptions
+
+    # RayTaskError instances are also of the cause's class: the wrapper, never the error to report.
+    return isinstance(exc, ray.exceptions.RayError)
+
+
+def _inner(exc: BaseException) -> BaseException | None:
+    """What a Ray wrapper carries: a failed worker's error (Train), the controller's, a task's or actor's cause."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return failures[min(failures)]
+    for attribute in ("controller_failure", "cause"):
+        inner = getattr(exc, attribute, None)
+        if isinstance(inner, BaseException):
+            return inner
+    return exc.__cause__
+
+
+def reportable(exc: BaseException) -> BaseException | None:
+    """The lensray error or missing-file error behind ``exc`` (through Ray's wrappers), or None for a bug."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (LensrayError, *FILE_ERRORS)) and not _is_ray_wrapper(current):
+            return current
+        current = _inner(current)
+    return None
+
+
+def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, LensrayError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.quiet)
+    command = f"{args.command} {args.store_command}" if args.command == "store" else args.command
     try:
         return args.handler(args)
-    except ConfigError as exc:
-        print(f"lensray {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except LensrayError as exc:
-        print(f"lensray {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print(f"lensray {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        cause = reportable(exc)
+        if cause is None:
+            raise  # a bug: the traceback is what helps
+        if args.verbose:
+            traceback.print_exception(exc)
+        print(f"lensray {command}: {one_line(cause)}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(cause, ConfigError) else EXIT_ERROR
 
 
 if __name__ == "__main__":
