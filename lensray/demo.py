@@ -1,124 +1,207 @@
-"""``lensray demo``: the whole chain on a small simulated set, locally, sized for 2 CPU cores."""
+"""``lensray demo``: the whole chain on a small simulated set, locally, sized for 2 CPU cores.
+
+The console tells the story in numbered steps, one line per result where it can (about two screens);
+every number is also in the files, whose paths close the output.
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from lensray import storage
 from lensray.config import LensrayConfig, save_config
-from lensray.evaluate.compare import compare_runs
+from lensray.evaluate.compare import ComparisonTable, compare_runs, markdown_table
 from lensray.evaluate.evaluate import evaluate_run
 from lensray.evaluate.report import preview_grid
-from lensray.ingest.ingest import ingest
+from lensray.ingest.ingest import IngestSummary, ingest
 from lensray.ingest.preprocess import preprocess_cutout
-from lensray.ingest.store import LensStore
-from lensray.runs import load_best
-from lensray.simulate.writer import simulate_dataset
+from lensray.ingest.store import SPLITS, LensStore
+from lensray.runs import Run, load_best
+from lensray.simulate.writer import SimulationSummary, simulate_dataset
 from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
 from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.sky.fits import read_cutouts
-from lensray.train.trainer import train
-from lensray.train.tune import run_search
+from lensray.train.trainer import TrainOutcome, train
+from lensray.train.tune import SearchOutcome, run_search
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-DEMO_SEARCH = Path(__file__).resolve().parents[1] / "tune_configs" / "demo.yaml"
+
+def resource(name: str) -> Path:
+    """A file shipped in lensray/resources (package data: there after any install, editable or not)."""
+    return Path(str(resources.files("lensray") / "resources" / name))
+
+
+DEMO_CONFIG = resource("demo.yaml")  # the run config behind `lensray demo`
+DEMO_SEARCH = resource("demo_search.yaml")  # its tiny Tune search (base: demo.yaml beside it)
 PREVIEW_PER_CLASS = 4
+INDENT = "   "
 
 
-def _step(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+def _step(number: int, title: str) -> None:
+    print(f"\n{number}. {title}", flush=True)
 
 
-def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
-    """Run every stage; returns the paths of what it wrote."""
+def _say(line: str) -> None:
+    print(f"{INDENT}{line}", flush=True)
 
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data_root = str(out / "data")
-    store_url = str(out / "store.zarr")
-    runs = out / "runs"
-    experiments = out / "tune"  # notebooks/load_best.ipynb reads demo_output/tune/demo-search by default
-    for folder in (runs, experiments, out / "compare", out / "evaluation"):
-        if folder.exists():  # the demo owns its folder: each run trains and searches afresh
-            shutil.rmtree(folder)
-    config = config.model_copy(
+
+def _demo_paths(config: LensrayConfig, out: Path) -> LensrayConfig:
+    """The config with every input and output inside ``out``."""
+    data_root, store_url = str(out / "data"), str(out / "store.zarr")
+    return config.model_copy(
         update={
             "simulate": config.simulate.model_copy(update={"out": data_root}),
             "data": config.data.model_copy(
                 update={"images": data_root, "catalog": storage.join(data_root, CATALOG_NAME), "store": store_url}
             ),
             "preprocess": config.preprocess.model_copy(update={"out": store_url}),
-            "train": config.train.model_copy(update={"out": str(runs), "name": "demo-lastro"}),
+            "train": config.train.model_copy(update={"out": str(out / "runs"), "name": "demo-lastro"}),
         }
     )
+
+
+def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
+    """Run every stage; returns the paths of what it wrote."""
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    experiments = out / "tune"  # notebooks/load_best.ipynb reads demo_output/tune/demo-search by default
+    for folder in (out / "runs", experiments, out / "compare", out / "evaluation"):
+        if folder.exists():  # the demo owns its folder: each run trains and searches afresh
+            shutil.rmtree(folder)
+    config = _demo_paths(config, out)
     save_config(config, out / "config.yaml")
     started = time.perf_counter()
+    print(f"lensray demo -> {out} (settings: {out / 'config.yaml'})")
 
-    _step(f"1. simulate {config.simulate.n} challenge-format objects -> {data_root}")
-    print(simulate_dataset(config.simulate))
-
-    _step("2. catalogue and label rules")
+    _step(1, f"Simulate {config.simulate.n} challenge-format objects (lenstronomy, Ray tasks)")
+    _report_simulation(simulate_dataset(config.simulate))
+    _step(2, "Read the catalogue and apply the three label rules")
     catalog = read_catalog(config.data.catalog)
     for rule in ("paper", "official", "challenge"):
-        print(f"  {rule:9s} {label_counts(apply_label_rule(catalog, rule))}")
-
-    _step("3. preview of each preprocessing mode")
+        counts = label_counts(apply_label_rule(catalog, rule))
+        _say(
+            f"{rule:9s} {counts['lens']:5d} lenses {counts['non_lens']:5d} non-lenses {counts['excluded']:4d} excluded"
+        )
+    _step(3, "Preview every band in each preprocessing mode (raw, asinh, log, clip)")
     preview = write_preview(config, catalog, out / "preview.png")
-    print(f"  preview grid: {preview}")
+    _say(f"preview grid: {preview}")
+    _step(4, "Ingest into a Zarr store with Ray Data")
+    _report_ingest(ingest(config.data, config.preprocess), config.data.store)
 
-    _step(f"4. ingest into a Zarr store with Ray Data -> {store_url}")
-    print(ingest(config.data, config.preprocess))
-    print(LensStore.open(store_url).info())
-
-    _step(
-        f"5. train {config.model.name.upper()} with Ray Train ({config.resources.num_workers} CPU worker(s), DDP/gloo)"
-    )
+    workers = config.resources.num_workers
+    _step(5, f"Train {config.model.name.upper()} with Ray Train ({workers} CPU worker(s), DDP/gloo)")
     outcome = train(config)
-    print(outcome)
-
-    _step(f"6. Ray Tune search with ASHA early stopping ({DEMO_SEARCH.relative_to(DEMO_SEARCH.parents[1])})")
-    search = run_search(DEMO_SEARCH, storage=str(experiments), store=store_url)
-    print(search)
+    _report_training(outcome)
+    _step(6, f"Search with Ray Tune and ASHA early stopping ({DEMO_SEARCH.name})")
+    search = run_search(DEMO_SEARCH, storage=str(experiments), store=config.data.store)
     best = load_best(search.experiment_url)
-    print(
-        f"  load_best: trial {best.info['trial_id']} {best.info['params']} val_auc {best.info['value']:.3f}"
-        f" -> {best.checkpoint_url}"
+    _report_search(search, best)
+    _step(7, "Compare every demo run on the test split (the study's Table I, for these runs)")
+    table = _compare(outcome, search, best, out / "compare")
+    _step(8, "Evaluate the best trial on the test split")
+    report = evaluate_run(
+        best.checkpoint_url, config.data.store, out / "evaluation", split="test", appendix=table.html_blocks
     )
+    for line in str(report).splitlines():
+        _say(line.strip())
 
-    _step("7. compare every demo run on the test split (the study's Table I, for these runs)")
-    runs_compared, names = [outcome.run_url], [f"{outcome.run_url.rsplit('/', 1)[-1]} (step 5)"]
-    for _, trial in search.summary.table.iterrows():
-        if isinstance(trial.get("run_url"), str):  # a trial that reported no epoch has nothing to compare
-            knobs = ", ".join(
-                f"{key.rsplit('.', 1)[-1]}={trial[key]:g}"
-                if isinstance(trial[key], float)
-                else f"{key.rsplit('.', 1)[-1]}={trial[key]}"
-                for key in best.info["params"]
-            )
-            names.append(f"trial {trial['trial_id']} ({knobs})")
-            runs_compared.append(trial["run_url"])
-    table = compare_runs(runs_compared, out / "compare", names=names)
-    print(table)
-
-    _step("8. evaluate the best trial on the test split")
-    report = evaluate_run(best.checkpoint_url, store_url, out / "evaluation", split="test", appendix=table.html_blocks)
-    print(report)
-
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
-    print(f"HTML report: {report.html_path}")
-    return {
+    paths = {
+        "data": Path(config.data.images),
         "preview": preview,
-        "store": Path(store_url),
+        "store": Path(config.data.store),
         "config": out / "config.yaml",
         "run": Path(outcome.run_url),
         "experiment": Path(search.experiment_url),
         "comparison": Path(table.html_path),
         "report": Path(report.html_path),
     }
+    print(f"\nOutputs (in {out}):")
+    for name, path in paths.items():
+        _say(f"{name:11s} {path}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    print(f"HTML report: {report.html_path}")
+    return paths
+
+
+def _report_simulation(summary: SimulationSummary) -> None:
+    _say(
+        f"{summary.n_objects} objects ({summary.n_lenses} lenses), {summary.n_rows} catalogue rows, "
+        f"in {summary.wall_s:.0f} s on {summary.workers} worker(s) -> {summary.out}"
+    )
+    _say(
+        f"quirks kept on purpose: {len(summary.nan_pixel_ids)} with NaN pixels, {len(summary.offsize_nir_ids)} "
+        f"off-size NIR stamps, {len(summary.missing_image_ids)} rows without images, "
+        f"{len(summary.duplicate_ids)} duplicate ID rows"
+    )
+
+
+def _report_ingest(summary: IngestSummary, store_url: str) -> None:
+    store = LensStore.open(store_url)
+    c, h, w = store.sample_shape
+    _say(
+        f"{summary.n_written} cutouts written ({c} x {h} x {w} {store.dtype}) in {summary.n_shards} shards "
+        f"in {summary.wall_s:.0f} s; {summary.excluded_by_label_rule} excluded by the label rule, "
+        f"{summary.duplicate_ids} duplicate rows dropped"
+    )
+    by_reason: dict[str, int] = {}
+    for reject in summary.rejects:
+        by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(by_reason.items()))
+    _say(f"{len(summary.rejects)} rejected, each with its reason" + (f" ({reasons})" if reasons else ""))
+    counts = store.meta["counts"]
+    _say("split: " + "; ".join(f"{s} {counts[s]['lens']} lenses, {counts[s]['non-lens']} non-lenses" for s in SPLITS))
+    _say(f"every count and reject: lensray store info {store_url}")
+
+
+def _report_training(outcome: TrainOutcome) -> None:
+    best = outcome.best_metrics
+    _say(
+        f"{len(outcome.history)} epochs in {outcome.wall_s:.0f} s; best: epoch {best.get('epoch')} "
+        f"val_auc {best.get('val_auc', float('nan')):.3f}"
+    )
+
+
+def _knobs(values: dict, keys: list[str]) -> str:
+    return ", ".join(
+        f"{key.rsplit('.', 1)[-1]}={values[key]:g}"
+        if isinstance(values[key], float)
+        else f"{key.rsplit('.', 1)[-1]}={values[key]}"
+        for key in keys
+    )
+
+
+def _count(value: object) -> str:
+    return str(int(value)) if isinstance(value, (int, float, np.integer, np.floating)) and np.isfinite(value) else "-"
+
+
+def _report_search(search: SearchOutcome, best: Run) -> None:
+    summary, metric = search.summary, search.summary.metric
+    _say(f"{search.trials} trials in {search.wall_s:.0f} s, {search.stopped_early} stopped early by ASHA")
+    for _, trial in summary.table.iterrows():
+        stopped = ", stopped by ASHA" if trial["stopped_by_asha"] else ""
+        _say(
+            f"trial {trial['trial_id']} ({_knobs(trial, list(best.info['params']))}): {_count(trial['epochs'])} "
+            f"epochs, best {metric} {trial[f'best_{metric}']:.3f} at epoch {_count(trial['best_epoch'])}{stopped}"
+        )
+    _say(f"load_best: trial {best.info['trial_id']} {metric} {best.info['value']:.3f} -> {best.checkpoint_url}")
+
+
+def _compare(outcome: TrainOutcome, search: SearchOutcome, best: Run, out: Path) -> ComparisonTable:
+    runs, names = [outcome.run_url], [f"{outcome.run_url.rsplit('/', 1)[-1]} (step 5)"]
+    for _, trial in search.summary.table.iterrows():
+        if isinstance(trial.get("run_url"), str):  # a trial that reported no epoch has nothing to compare
+            names.append(f"trial {trial['trial_id']} ({_knobs(trial, list(best.info['params']))})")
+            runs.append(trial["run_url"])
+    table = compare_runs(runs, out, names=names)
+    for line in markdown_table(table.rows).splitlines():
+        _say(line)
+    if table.paired:
+        _say(f"paired AUC differences with bootstrap intervals for {len(table.paired)} pairs: {table.markdown_path}")
+    return table
 
 
 def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:

@@ -202,7 +202,7 @@ def test_demo_tune_search_via_ray_job_submit(ray_head: RayHead, tiny_store: str,
         "lensray",
         "tune",
         "--config",
-        "tune_configs/demo.yaml",
+        "lensray/resources/demo_search.yaml",
         "--store",
         tiny_store,
         "--storage",
@@ -226,7 +226,7 @@ def test_demo_tune_search_via_ray_job_submit(ray_head: RayHead, tiny_store: str,
     assert len(best_files) == 1, f"expected one search with a best config under {experiments}"
     best_yaml = best_files[0].read_text()
     best = yaml.safe_load(best_yaml)
-    search = yaml.safe_load((REPO / "tune_configs" / "demo.yaml").read_text())
+    search = yaml.safe_load((REPO / "lensray" / "resources" / "demo_search.yaml").read_text())
     grid = search["space"]["optim.lr"]["grid"]
     assert best["data"]["store"] == tiny_store
     assert best["optim"]["lr"] in grid

@@ -129,7 +129,8 @@ def test_dockerfile_copies_existing_files_the_build_context_keeps() -> None:
             copied.append(source.rstrip("/"))
         if destination.rstrip("/") in kv.IMAGE_CONFIG_DIRS:
             assert sources == [destination], f"COPY {arg}: config folders keep their names in the image"
-    assert set(kv.IMAGE_CONFIG_DIRS) <= set(copied), "the image must ship the config folders RayJobs name"
+    shipped = [d for d in kv.IMAGE_CONFIG_DIRS if any(d == c or d.startswith(f"{c}/") for c in copied)]
+    assert shipped == list(kv.IMAGE_CONFIG_DIRS), "the image must ship the config folders RayJobs name"
     assert {"lensray", "pyproject.toml", "constraints.txt"} <= set(copied)
     assert not _dockerignore_allows(".venv") and not _dockerignore_allows("demo_output")
 
@@ -251,7 +252,7 @@ def test_rayjobs_delete_their_clusters_and_train_on_every_gpu_they_get(
             assert spec["submissionMode"] == "K8sJobMode"
         train = _find(rendered[name], "RayJob", "lensray-train")
         argv, group = _argv(train), _groups(train["spec"]["rayClusterSpec"])["gpu"]
-        assert "--gpu" in argv
+        assert _flag(argv, "--device") == "cuda"
         assert int(_flag(argv, "--workers")) == group["replicas"] * _gpus(group) == group["minReplicas"] * _gpus(group)
         tune = _find(rendered[name], "RayJob", "lensray-tune")
         assert "resources.use_gpu=true" in _argv(tune) and tune["spec"]["rayClusterSpec"]["enableInTreeAutoscaling"]
@@ -266,8 +267,8 @@ def test_cpu_demo_overlay_has_no_gpus_and_runs_the_demo_configs(rendered: dict[s
     assert _find(objects, "ConfigMap", STORAGE_CONFIGMAP)["data"]["AWS_REGION"] == "us-east-1"  # merged, not replaced
     for rayjob in (o for o in objects if o["kind"] == "RayJob"):
         config = _flag(_argv(rayjob), "--config")
-        assert config.endswith(("/configs/demo.yaml", "/tune_configs/demo.yaml")), config
-        assert "--gpu" not in _argv(rayjob) and "s3://lensray-demo/" in rayjob["spec"]["entrypoint"]
+        assert config.endswith(("/lensray/resources/demo.yaml", "/lensray/resources/demo_search.yaml")), config
+        assert "--device" not in _argv(rayjob) and "s3://lensray-demo/" in rayjob["spec"]["entrypoint"]
     # The chain's data flows: simulate writes what preprocess reads, preprocess what train and tune read.
     argv = {o["metadata"]["name"]: _argv(o) for o in objects if o["kind"] == "RayJob"}
     assert _flag(argv["lensray-preprocess"], "--images") == _flag(argv["lensray-simulate"], "--out")
@@ -429,7 +430,7 @@ TRAIN, CLUSTER, CONFIGMAP = "RayJob/lensray-train", "RayCluster/lensray", f"Conf
 HEAD = "/spec/headGroupSpec/template/spec"
 JOB_HEAD = "/spec/rayClusterSpec/headGroupSpec/template/spec"
 JOB_WORKER = "/spec/rayClusterSpec/workerGroupSpecs/0"
-ENTRY = "lensray train --config /home/ray/lensray/configs/lastro.yaml --store s3://b/s.zarr --gpu --workers 2"
+ENTRY = "lensray train --config /home/ray/lensray/configs/lastro.yaml --store s3://b/s.zarr --device cuda --workers 2"
 
 BROKEN: list[tuple[str, str, list[dict[str, Any]], str]] = [
     # schema and API server

@@ -30,7 +30,8 @@ from lensray.train.tune import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TUNE_CONFIGS = sorted((REPO / "tune_configs").glob("*.yaml"))
+# The shipped searches, and the demo's, which ships inside the package (lensray/resources).
+TUNE_CONFIGS = [*sorted((REPO / "tune_configs").glob("*.yaml")), REPO / "lensray" / "resources" / "demo_search.yaml"]
 
 
 # --- the YAML ------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def test_every_tune_config_loads_validates_and_round_trips(path: Path) -> None:
 
 def test_the_required_tune_configs_exist() -> None:
     names = {p.name for p in TUNE_CONFIGS}
-    assert {"lastro_kernels_pools.yaml", "resnet_depth.yaml", "model_choice.yaml", "demo.yaml"} <= names
+    assert {"lastro_kernels_pools.yaml", "resnet_depth.yaml", "model_choice.yaml", "demo_search.yaml"} <= names
     assert load_tune_config(REPO / "tune_configs" / "model_choice.yaml").space["model.name"].values == (
         "lastro",
         "resnet",

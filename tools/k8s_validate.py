@@ -47,9 +47,10 @@ CRD_DIR = K8S_DIR / "crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 RAY_API_VERSION = "ray.io/v1"  # v1alpha1 is deprecated
 
-# Where docker/Dockerfile puts the repository's config folders inside the image.
+# Where docker/Dockerfile puts the repository's config folders inside the image (the demo's configs
+# ship in the package, lensray/resources/, which the image copies too).
 IMAGE_APP_DIR = "/home/ray/lensray"
-IMAGE_CONFIG_DIRS = ("configs", "tune_configs")
+IMAGE_CONFIG_DIRS = ("configs", "tune_configs", "lensray/resources")
 
 # KubeRay limits (utils/constant.go): the operator appends 6 characters to a RayJob's name.
 MAX_NAME_LENGTH = {"RayCluster": 53, "RayJob": 47}
@@ -714,7 +715,7 @@ def entrypoint_problems(entrypoint: Any, repo: Path = REPO) -> list[str]:
         return []
     prefix = f"{IMAGE_APP_DIR}/"
     relative = config[len(prefix) :] if config.startswith(prefix) else None
-    if relative is None or relative.split("/")[0] not in IMAGE_CONFIG_DIRS:
+    if relative is None or not any(relative.startswith(f"{folder}/") for folder in IMAGE_CONFIG_DIRS):
         dirs = ", ".join(f"{prefix}{d}/" for d in IMAGE_CONFIG_DIRS)
         return [f"spec.entrypoint: --config {config} is not in the image (use {dirs})"]
     local = repo / relative
