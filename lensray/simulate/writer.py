@@ -61,9 +61,8 @@ def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, con
     scene = draw_scene(scene_rng, is_lens, config)
     nir_sizes = draw_nir_sizes(quirk_rng, config)
     rendered = render_scene(scene)
-    band_rngs = dict(
-        zip(BAND_NAMES, noise_rng.spawn(len(BAND_NAMES)), strict=False)
-    )  # an off-size band leaves the others alone
+    # One noise stream per band: an off-size band leaves the others' noise alone.
+    band_rngs = dict(zip(BAND_NAMES, noise_rng.spawn(len(BAND_NAMES)), strict=False))
     images, vis_groups = observe(scene, rendered, band_rngs, nir_sizes)
     row = measure(object_id, scene, rendered, vis_groups)
     nan_pixels = inject_nan_pixels(images, quirk_rng, config)
@@ -73,6 +72,7 @@ def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, con
 
 
 def fits_bytes(obj: SimulatedObject, band: str, seed: int) -> bytes:
+    """One band's FITS file: the image as the primary HDU, units and observing facts in the header."""
     obs = band_observation(band)
     header = fits.Header()
     header["BAND"] = (band, "Euclid-like band")
@@ -92,6 +92,7 @@ def fits_bytes(obj: SimulatedObject, band: str, seed: int) -> bytes:
 
 
 def write_object(obj: SimulatedObject, out: str, seed: int) -> None:
+    """Write the object's four FITS files under the data set root ``out``."""
     for band in BAND_NAMES:
         storage.write_bytes(storage.join(out, band_relpath(band, obj.object_id)), fits_bytes(obj, band, seed))
 

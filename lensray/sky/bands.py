@@ -1,7 +1,7 @@
 """The challenge 2.0 band layout: names, pixel grids and where each band's FITS file lives.
 
-A leaf (no I/O): the simulator writes this layout, ``fits_io`` reads it, ``transforms`` resamples
-between its grids.
+A leaf (no I/O): ``lensray.simulate`` writes this layout, ``sky.fits`` reads it, ``ingest.preprocess``
+resamples between its grids.
 """
 
 from __future__ import annotations

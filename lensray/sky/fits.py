@@ -125,7 +125,7 @@ def read_band(root_url: str, object_id: int, band: str, nan_policy: NanPolicy) -
 
 
 def read_cutout(root_url: str, object_id: int, bands: Sequence[str], nan_policy: NanPolicy = "zero") -> Cutout:
-    """All requested bands of one object, native shapes kept (resampling is the transforms' job)."""
+    """All requested bands of one object, native shapes kept (resampling is ``ingest.preprocess``'s job)."""
     if not bands:
         raise ValueError("at least one band is required")
     images: dict[str, np.ndarray] = {}
