@@ -39,33 +39,33 @@ SCORES = np.array([0.9, 0.8, 0.7, 0.7, 0.6, 0.3, 0.2, 0.1])
 
 
 def test_confusion_by_hand() -> None:
-    assert confusion(LABELS, SCORES, 0.5) == {"tp": 3, "fp": 2, "tn": 2, "fn": 1}
-    assert confusion(LABELS, SCORES, 0.7) == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}  # >= counts the tie
+    assert confusion(LABELS, SCORES, 0.5).as_dict() == {"tp": 3, "fp": 2, "tn": 2, "fn": 1}
+    assert confusion(LABELS, SCORES, 0.7).as_dict() == {"tp": 3, "fp": 1, "tn": 3, "fn": 1}  # >= counts the tie
 
 
 def test_survey_row_by_hand() -> None:
     # At 0.65: TPR = 3/4, FPR = 1/4 (the 0.7 non-lens).
     row = survey_row(LABELS, SCORES, 0.65, prevalence=0.01, per=10_000)
-    assert (row["tpr"], row["fpr"]) == (0.75, 0.25)
-    assert row["expected_true"] == pytest.approx(0.01 * 0.75 * 10_000)  # 75
-    assert row["expected_false"] == pytest.approx(0.99 * 0.25 * 10_000)  # 2475
-    assert row["precision"] == pytest.approx(75 / (75 + 2475))
-    assert not row["fpr_is_upper_bound"] and row["precision_bound"] == row["precision"]
+    assert (row.tpr, row.fpr) == (0.75, 0.25)
+    assert row.expected_true == pytest.approx(0.01 * 0.75 * 10_000)  # 75
+    assert row.expected_false == pytest.approx(0.99 * 0.25 * 10_000)  # 2475
+    assert row.precision == pytest.approx(75 / (75 + 2475))
+    assert not row.fpr_is_upper_bound and row.precision_bound == row.precision
 
 
 def test_survey_row_with_no_false_positive_gives_the_rule_of_three_bound() -> None:
     # At 0.75 only the 0.9 and 0.8 lenses pass: TPR 1/2, no FP among 4 non-lenses -> FPR < 3/4.
     row = survey_row(LABELS, SCORES, 0.75, prevalence=1e-4)
-    assert row["fp"] == 0 and row["fpr"] == 0.0 and row["fpr_is_upper_bound"]
-    assert row["fpr_bound"] == pytest.approx(3 / 4)
-    assert row["expected_true"] == pytest.approx(1e-4 * 0.5 * 1e4)  # 0.5 lenses per 10^4
-    assert row["expected_false"] == 0.0
-    assert row["expected_false_bound"] == pytest.approx((1 - 1e-4) * 0.75 * 1e4)
-    assert row["precision"] == 1.0
-    assert row["precision_bound"] == pytest.approx(0.5 / (0.5 + (1 - 1e-4) * 0.75 * 1e4))
+    assert row.counts.fp == 0 and row.fpr == 0.0 and row.fpr_is_upper_bound
+    assert row.fpr_bound == pytest.approx(3 / 4)
+    assert row.expected_true == pytest.approx(1e-4 * 0.5 * 1e4)  # 0.5 lenses per 10^4
+    assert row.expected_false == 0.0
+    assert row.expected_false_bound == pytest.approx((1 - 1e-4) * 0.75 * 1e4)
+    assert row.precision == 1.0
+    assert row.precision_bound == pytest.approx(0.5 / (0.5 + (1 - 1e-4) * 0.75 * 1e4))
     # Nothing selected: precision undefined, not 0 or 1.
     empty = survey_row(LABELS, SCORES, 0.95)
-    assert empty["tp"] == 0 and empty["precision"] is None
+    assert empty.counts.tp == 0 and empty.precision is None
     with pytest.raises(EvaluateError, match="prevalence"):
         survey_row(LABELS, SCORES, 0.5, prevalence=0.0)
 
@@ -74,12 +74,12 @@ def test_calibration_by_hand() -> None:
     labels = np.array([0, 0, 1, 1, 1, 0])
     scores = np.array([0.05, 0.15, 0.15, 0.85, 0.95, 0.95])
     result = calibration(labels, scores, n_bins=2)  # bins [0, 0.5) and [0.5, 1]
-    assert result["counts"].tolist() == [3, 3]
-    np.testing.assert_allclose(result["mean_predicted"], [(0.05 + 0.15 + 0.15) / 3, (0.85 + 0.95 + 0.95) / 3])
-    np.testing.assert_allclose(result["fraction_positive"], [1 / 3, 2 / 3])
+    assert result.counts.tolist() == [3, 3]
+    np.testing.assert_allclose(result.mean_predicted, [(0.05 + 0.15 + 0.15) / 3, (0.85 + 0.95 + 0.95) / 3])
+    np.testing.assert_allclose(result.fraction_positive, [1 / 3, 2 / 3])
     ece = 0.5 * abs(1 / 3 - 0.35 / 3) + 0.5 * abs(2 / 3 - 2.75 / 3)
-    assert result["ece"] == pytest.approx(ece)
-    assert result["brier"] == pytest.approx(np.mean((scores - labels) ** 2))
+    assert result.ece == pytest.approx(ece)
+    assert result.brier == pytest.approx(np.mean((scores - labels) ** 2))
 
 
 # --- a trained run --------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def _d4_views(images: np.ndarray) -> list[np.ndarray]:
 
 
 def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: str) -> None:
-    from lensray.evaluate.score import predict_tta
+    from lensray.evaluate.inference import predict_tta
     from lensray.runs import load_run
 
     run = load_run(trained.best_checkpoint)
@@ -275,7 +275,8 @@ def test_d4_averaging_equals_the_mean_over_the_eight_views(trained, store_url: s
 
 def test_evaluate_with_tta_writes_every_view(trained, store_url: str, tmp_path: Path) -> None:
     result = evaluate_run(trained.run_url, store_url, tmp_path, tta="d4", gallery=2)
-    assert result.numbers["tta"] == "d4" and "re-scored" in result.numbers["thresholds"]["validation_source"]
+    assert result.evaluation.tta == "d4" and "re-scored" in result.evaluation.thresholds.validation_source
+    assert result.numbers == json.loads(Path(result.json_path).read_text())  # the typed result is what was written
     with Path(result.predictions_path).open() as handle:
         rows = list(csv.DictReader(handle))
     for row in rows[:5]:

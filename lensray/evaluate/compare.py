@@ -3,7 +3,9 @@ epochs, training time) and their ROC curves overlaid, as Markdown, HTML and JSON
 
 Each run is scored on the test split of the store it was trained on (recorded in its checkpoint), so
 runs trained under different label rules -- one store per rule -- are each judged by their own labels.
-A run folder stands for its best checkpoint (highest ``val_auc``).
+A run folder stands for its best checkpoint (highest ``val_auc``). ``compute_comparison`` returns a
+``Comparison`` (rows, paired differences, ROC curves); ``write_comparison`` writes compare.md/.html/.json
+and the ROC plot; ``compare_runs`` does both.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from lensray import storage
 from lensray.config import LensrayConfig
 from lensray.errors import EvaluateError
 from lensray.evaluate import metrics
-from lensray.evaluate.evaluate import jsonable
-from lensray.evaluate.inference import predict_split
+from lensray.evaluate.evaluate import jsonable, plain_fields
+from lensray.evaluate.inference import SplitPredictions, predict_split
 from lensray.models import describe_model, model_recipe
 from lensray.runs import HISTORY_FILE, MODEL_INPUT_FILE, resolve_checkpoint
+from lensray.runtime import progress
 
 PAIRED_COLUMNS = ("better", "worse", "delta_auc", "low", "high", "p_not_better", "n")
 PAIRED_HEADERS = ("run A", "run B", "AUC(A) - AUC(B)", "95% low", "95% high", "P(A <= B)", "test objects")
@@ -81,16 +84,88 @@ def _images_seen(history: list[dict[str, Any]]) -> int | None:
     return int(sum(row["train_samples"] for row in history))
 
 
-@dataclass
+@dataclass(frozen=True)
+class RunRow:
+    """One run of the comparison: its recipe, its numbers on the split and its training budget."""
+
+    name: str
+    network: str
+    options: str
+    label_rule: str | None
+    acc: float
+    auc: float
+    tpr0: float
+    tpr10: float
+    n: int
+    n_pos: int
+    best_epoch: int
+    epochs: int
+    train_images: int | None
+    train_s: float
+    checkpoint: str
+    store: str
+    split: str
+    tta: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return plain_fields(self)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """AUC(better) - AUC(worse) on the same objects, with its paired-bootstrap interval."""
+
+    better: str
+    worse: str
+    delta_auc: float
+    low: float
+    high: float
+    p_not_better: float
+    n: int
+    resamples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return plain_fields(self)
+
+
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """The runs' rows, their paired AUC differences and ROC curves (runs with both classes only)."""
+
+    split: str
+    tta: str | None
+    rows: tuple[RunRow, ...]
+    paired: tuple[PairedDifference, ...]
+    rocs: tuple[tuple[str, metrics.RocCurve], ...]  # (legend label, curve)
+
+    def as_dict(self) -> dict[str, Any]:
+        """compare.json's content (before ``jsonable``)."""
+        return {
+            "split": self.split,
+            "tta": self.tta,
+            "rows": [row.as_dict() for row in self.rows],
+            "paired": [pair.as_dict() for pair in self.paired],
+        }
+
+
+@dataclass(frozen=True)
 class ComparisonTable:
-    rows: list[dict[str, Any]]
     # URLs (local paths or s3://), as strings: the comparison may live in object storage.
     markdown_path: str
     html_path: str
     json_path: str
     roc_path: str
     html_blocks: list[str | tuple[str, bytes]]  # compare.html's content, to embed in another report
-    paired: list[dict[str, Any]]  # see paired_differences
+    comparison: Comparison
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [row.as_dict() for row in self.comparison.rows]
+
+    @property
+    def paired(self) -> list[dict[str, Any]]:
+        """See ``paired_differences``."""
+        return [pair.as_dict() for pair in self.comparison.paired]
 
     def __str__(self) -> str:
         text = markdown_table(self.rows)
@@ -116,7 +191,7 @@ def markdown_table(
     return "\n".join(lines)
 
 
-def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list[dict[str, Any]]:
+def paired_differences(names: Sequence[str], predictions: Sequence[SplitPredictions]) -> tuple[PairedDifference, ...]:
     """For every two runs scored on the same objects with the same labels (the same store split, or
     stores of one catalogue under one label rule): AUC difference with a paired-bootstrap 95 % interval,
     the better run first. Runs on different objects are not paired: their AUCs are not comparable so."""
@@ -133,21 +208,86 @@ def paired_differences(names: Sequence[str], predictions: Sequence[Any]) -> list
             if metrics.auc(y_a, s_a) < metrics.auc(y_a, s_b):  # orient: the better run first
                 better, worse = worse, better
             d = metrics.paired_auc_difference(y_a, better[1], worse[1])
-            if math.isnan(d.difference):
-                continue
-            pairs.append(
-                {
-                    "better": better[0],
-                    "worse": worse[0],
-                    "delta_auc": d.difference,
-                    "low": d.low,
-                    "high": d.high,
-                    "p_not_better": d.p_not_better,
-                    "n": len(y_a),
-                    "resamples": d.resamples,
-                }
-            )
-    return pairs
+            if not math.isnan(d.difference):
+                pairs.append(
+                    PairedDifference(
+                        better[0], worse[0], d.difference, d.low, d.high, d.p_not_better, len(y_a), d.resamples
+                    )
+                )
+    return tuple(pairs)
+
+
+# --- computing ------------------------------------------------------------------------------------
+
+
+def _score_run(
+    url: str, name: str | None, split: str, tta: str | None, store: str | None, device: str
+) -> tuple[RunRow, SplitPredictions]:
+    """One run scored on ``split`` of its own training store (or ``store``), and its table row."""
+    from lensray.ingest.store import LensStore
+    from lensray.runs import load_run
+
+    checkpoint = resolve_checkpoint(url)
+    run = load_run(checkpoint, device=device)
+    record = json.loads(storage.read_bytes(storage.join(checkpoint, MODEL_INPUT_FILE)))
+    store_url = store or record.get("store")
+    if not store_url:
+        raise EvaluateError(f"{checkpoint}: no training store recorded; pass a store to evaluate on")
+    lens_store = LensStore.open(store_url)
+    predictions = predict_split(run, lens_store, split, tta)
+    y, s = predictions.labels, predictions.scores
+    history = _run_history(checkpoint, run.history)
+    row = RunRow(
+        name=checkpoint.rstrip("/").rsplit("/", 2)[-2] if name is None else name,
+        network=describe_model(run.config.model),
+        options=describe_options(run.config, (lens_store.meta.get("transform") or {}).get("mode")),
+        label_rule=lens_store.meta.get("label_rule", run.config.data.labels),
+        acc=metrics.acc(y, s),
+        auc=metrics.auc(y, s),
+        tpr0=metrics.tpr0(y, s),
+        tpr10=metrics.tpr10(y, s),
+        n=int(y.size),
+        n_pos=int(np.count_nonzero(y)),
+        best_epoch=run.epoch,
+        epochs=len(history),
+        train_images=_images_seen(history),
+        train_s=float(sum(epoch.get("epoch_s", 0.0) for epoch in history)),
+        checkpoint=checkpoint,
+        store=store_url,
+        split=split,
+        tta=tta,
+    )
+    return row, predictions
+
+
+def compute_comparison(
+    runs: Sequence[str],
+    *,
+    split: str = "test",
+    tta: str | None = None,
+    names: Sequence[str] | None = None,
+    store: str | None = None,
+    device: str = "cpu",
+) -> Comparison:
+    """Score every run on ``split`` of its own training store (or ``store``): rows, pairs, ROC curves."""
+    if not runs:
+        raise EvaluateError("compare needs at least one run")
+    if names is not None and len(names) != len(runs):
+        raise EvaluateError(f"{len(names)} names for {len(runs)} runs")
+    rows, rocs, scored = [], [], []
+    with progress(len(runs), "compare", "run") as bar:
+        for k, url in enumerate(runs):
+            row, predictions = _score_run(url, names[k] if names else None, split, tta, store, device)
+            rows.append(row)
+            scored.append(predictions)
+            if 0 < row.n_pos < row.n:
+                rocs.append((f"{row.name} (AUC {row.auc:.3f})", metrics.roc(predictions.labels, predictions.scores)))
+            bar.update()
+    paired = paired_differences([row.name for row in rows], scored)
+    return Comparison(split=split, tta=tta, rows=tuple(rows), paired=paired, rocs=tuple(rocs))
+
+
+# --- writing --------------------------------------------------------------------------------------
 
 
 def compare_runs(
@@ -162,103 +302,71 @@ def compare_runs(
 ) -> ComparisonTable:
     """Score every run on ``split`` of its own training store (or ``store``) and write the comparison
     into ``out_dir``: a local folder or an s3:// prefix (files rendered in memory, written through ``storage``)."""
-    from lensray.evaluate import report
-    from lensray.ingest.store import LensStore
-    from lensray.runs import load_run
+    comparison = compute_comparison(runs, split=split, tta=tta, names=names, store=store, device=device)
+    return write_comparison(comparison, out_dir)
 
-    if not runs:
-        raise EvaluateError("compare needs at least one run")
-    if names is not None and len(names) != len(runs):
-        raise EvaluateError(f"{len(names)} names for {len(runs)} runs")
-    rows, curves, split_predictions = [], [], []
-    for k, url in enumerate(runs):
-        checkpoint = resolve_checkpoint(url)
-        run = load_run(checkpoint, device=device)
-        record = json.loads(storage.read_bytes(storage.join(checkpoint, MODEL_INPUT_FILE)))
-        store_url = store or record.get("store")
-        if not store_url:
-            raise EvaluateError(f"{checkpoint}: no training store recorded; pass a store to evaluate on")
-        lens_store = LensStore.open(store_url)
-        predictions = predict_split(run, lens_store, split, tta)
-        split_predictions.append(predictions)
-        y, s = predictions.labels, predictions.scores
-        history = _run_history(checkpoint, run.history)
-        name = names[k] if names else checkpoint.rstrip("/").rsplit("/", 2)[-2]
-        summary = metrics.summarise(y, s)
-        rows.append(
-            {
-                "name": name,
-                "network": describe_model(run.config.model),
-                "options": describe_options(run.config, (lens_store.meta.get("transform") or {}).get("mode")),
-                "label_rule": lens_store.meta.get("label_rule", run.config.data.labels),
-                "acc": summary["acc"],
-                "auc": summary["auc"],
-                "tpr0": summary["tpr0"],
-                "tpr10": summary["tpr10"],
-                "n": summary["n"],
-                "n_pos": summary["n_pos"],
-                "best_epoch": run.epoch,
-                "epochs": len(history),
-                "train_images": _images_seen(history),
-                "train_s": float(sum(row.get("epoch_s", 0.0) for row in history)),
-                "checkpoint": checkpoint,
-                "store": store_url,
-                "split": split,
-                "tta": tta,
-            }
-        )
-        if 0 < summary["n_pos"] < summary["n"]:
-            roc = metrics.roc(y, s)
-            curves.append(report.Curve(f"{name} (AUC {summary['auc']:.3f})", roc.fpr, roc.tpr))
 
-    paired = paired_differences([row["name"] for row in rows], split_predictions)
-    out = str(out_dir).rstrip("/")
-    roc_png = report.roc_png(curves, title=f"ROC on each run's {split} split") if curves else b""
-    roc_path = storage.join(out, "compare_roc.png")
-    storage.write_bytes(roc_path, roc_png)
-    markdown_path = storage.join(out, "compare.md")
+def comparison_markdown(comparison: Comparison) -> str:
+    rows = [row.as_dict() for row in comparison.rows]
     markdown = markdown_table(rows) + "\n"
-    if paired:
+    if comparison.paired:
+        paired = [pair.as_dict() for pair in comparison.paired]
         markdown += "\nPaired AUC differences (same test objects, 2,000 bootstrap resamples):\n\n"
         markdown += markdown_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS) + "\n"
-    storage.write_bytes(markdown_path, markdown.encode())
-    json_path = storage.join(out, "compare.json")
-    storage.write_bytes(
-        json_path,
-        json.dumps(
-            jsonable({"split": split, "tta": tta, "rows": rows, "paired": paired}), indent=1, allow_nan=False
-        ).encode(),
-    )
-    html_path = storage.join(out, "compare.html")
+    return markdown
+
+
+def comparison_blocks(comparison: Comparison, roc_png: bytes) -> list[str | tuple[str, bytes]]:
+    """compare.html's content: the table, the runs' objects and stores, the paired differences, the ROC."""
+    from lensray.evaluate.report import html_table
+
+    rows = [row.as_dict() for row in comparison.rows]
     blocks: list[str | tuple[str, bytes]] = [
         "<h2>Runs compared (Table I of the study, for these runs)</h2>",
-        f"<p>Each run scored on the <b>{split}</b> split of its own training store (its label rule); "
+        f"<p>Each run scored on the <b>{comparison.split}</b> split of its own training store (its label rule); "
         f"ACC at threshold 0.5; TPR0 / TPR10: the highest TPR with 0 / fewer than 10 false positives; "
         f"images seen: training images drawn over all epochs (the run's budget); train time: the sum of the "
-        f"epochs' wall times; test-time averaging: {tta or 'none'}.</p>",
-        report.html_table(rows, COLUMNS, HEADERS),
-        report.html_table(
+        f"epochs' wall times; test-time averaging: {comparison.tta or 'none'}.</p>",
+        html_table(rows, COLUMNS, HEADERS),
+        html_table(
             rows,
             ("name", "n", "n_pos", "checkpoint", "store"),
             ("run", "test objects", "lenses", "checkpoint", "store"),
         ),
     ]
-    if paired:
+    if comparison.paired:
         blocks += [
             "<p>Paired AUC differences: runs scored on the same test objects with the same labels, "
             "objects resampled together (2,000 bootstrap draws); P(A &le; B) is the fraction of draws in "
             "which A does not beat B.</p>",
-            report.html_table(paired, PAIRED_COLUMNS, PAIRED_HEADERS),
+            html_table([pair.as_dict() for pair in comparison.paired], PAIRED_COLUMNS, PAIRED_HEADERS),
         ]
     if roc_png:
         blocks.append(("ROC curves overlaid", roc_png))
+    return blocks
+
+
+def write_comparison(comparison: Comparison, out_dir: str | Path) -> ComparisonTable:
+    """Write compare_roc.png, compare.md, compare.json and compare.html into ``out_dir``."""
+    from lensray.evaluate import report
+
+    out = str(out_dir).rstrip("/")
+    curves = [report.Curve(label, roc.fpr, roc.tpr) for label, roc in comparison.rocs]
+    roc_png = report.roc_png(curves, title=f"ROC on each run's {comparison.split} split") if curves else b""
+    roc_path = storage.join(out, "compare_roc.png")
+    storage.write_bytes(roc_path, roc_png)
+    markdown_path = storage.join(out, "compare.md")
+    storage.write_bytes(markdown_path, comparison_markdown(comparison).encode())
+    json_path = storage.join(out, "compare.json")
+    storage.write_bytes(json_path, json.dumps(jsonable(comparison.as_dict()), indent=1, allow_nan=False).encode())
+    html_path = storage.join(out, "compare.html")
+    blocks = comparison_blocks(comparison, roc_png)
     storage.write_bytes(html_path, report.html_page("lensray comparison", blocks).encode())
     return ComparisonTable(
-        rows=rows,
         markdown_path=markdown_path,
         html_path=html_path,
         json_path=json_path,
         roc_path=roc_path,
         html_blocks=blocks,
-        paired=paired,
+        comparison=comparison,
     )

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lensray.errors import EvaluateError, ScoreError
+from lensray.runtime import progress
 from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
 
 TTA = Literal["d4"]
@@ -31,8 +32,8 @@ def predict_tta(
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """``(scores (N,), per-transform scores (N, 8) or None)`` for (N, C, H, W) preprocessed images.
 
-    ``run`` is an ``api.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
-    score is the mean of the probabilities over the 8 elements of D4 (``data.d4_transform``): a sky
+    ``run`` is a ``runs.Run`` (anything with ``predict(images, batch_size)``). With ``tta="d4"`` the
+    score is the mean of the probabilities over the 8 elements of D4 (``sky.symmetry.d4_transform``): a sky
     cutout has no preferred orientation, so each is an equally valid view of the object. Probabilities
     are averaged, not logits, so the result is still the mean of what the network says per view.
     """
@@ -48,10 +49,7 @@ def predict_tta(
     return per_transform.mean(axis=1), per_transform
 
 
-PREDICT_BATCH = 128
-
-
-@dataclass
+@dataclass(frozen=True, eq=False)
 class SplitPredictions:
     ids: np.ndarray
     labels: np.ndarray
@@ -59,6 +57,24 @@ class SplitPredictions:
     per_transform: np.ndarray | None  # (N, 8) with D4 test-time averaging
     rows: np.ndarray  # store rows
     seconds: float
+
+
+def predict_rows(
+    run: Any, store: Any, rows: np.ndarray, tta: str | None, batch_size: int = PREDICT_BATCH, desc: str = "predict"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict_tta`` over the store's ``rows``, read ``batch_size`` at a time, with a progress bar."""
+    scores, per_transform = [], []
+    with progress(len(rows), desc, "img") as bar:
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first : first + batch_size]
+            mean, per = predict_tta(run, store.read(batch), tta, batch_size=batch_size)
+            scores.append(mean)
+            if per is not None:
+                per_transform.append(per)
+            bar.update(len(batch))
+    if not scores:
+        return np.empty(0), None
+    return np.concatenate(scores), np.concatenate(per_transform) if per_transform else None
 
 
 def predict_split(
@@ -69,17 +85,12 @@ def predict_split(
     if rows.size == 0:
         raise EvaluateError(f"{store.url}: the {split} split holds no labelled objects")
     started = time.perf_counter()
-    scores, per_transform = [], []
-    for first in range(0, rows.size, batch_size):
-        mean, per = predict_tta(run, store.read(rows[first : first + batch_size]), tta, batch_size=batch_size)
-        scores.append(mean)
-        if per is not None:
-            per_transform.append(per)
+    scores, per_transform = predict_rows(run, store, rows, tta, batch_size, f"predict {split}")
     return SplitPredictions(
         ids=store.ids[rows],
         labels=store.labels[rows].astype(np.int8),
-        scores=np.concatenate(scores),
-        per_transform=np.concatenate(per_transform) if per_transform else None,
+        scores=scores,
+        per_transform=per_transform,
         rows=rows,
         seconds=time.perf_counter() - started,
     )

@@ -1,11 +1,13 @@
-"""Scoring: lens probabilities with optional D4 test-time averaging, and whole catalogues of raw cutouts.
+"""Scoring whole catalogues of raw cutouts (``inference.predict_tta`` turns the images into scores).
 
-``predict_tta`` is the one place that turns images into scores (``evaluate`` and ``compare`` use it
-too). ``score_catalog`` scores every ID of a catalogue straight from the raw FITS cutouts with Ray
+``score_catalog`` scores every ID of a catalogue straight from the raw FITS cutouts with Ray
 Data: CPU tasks read and preprocess batches of cutouts (exactly the transform the network was trained
 on, as recorded in its checkpoint), an actor pool holding the network (one GPU each when the cluster
 has GPUs) predicts, and the driver ranks the scores. A cutout that cannot be read or preprocessed is
 listed with its reason in the rejects file, never scored (a zero image would get a real-looking score).
+
+``prepare_scoring`` checks the inputs, ``compute_scores`` returns a ``ScoreResult`` (ranked candidates,
+rejects, the gallery's images, timings) and ``write_scores`` writes the files; ``score_catalog`` does all three.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,18 +29,12 @@ from lensray.config import PreprocessConfig
 from lensray.errors import ScoreError
 from lensray.evaluate.inference import check_tta, predict_tta
 from lensray.runs import ModelInput, model_input
-from lensray.runtime import ensure_ray
+from lensray.runtime import ensure_ray, progress
 from lensray.sky.symmetry import D4_ELEMENTS
 
 DEFAULT_BATCH = 64
 DEFAULT_GALLERY = 24
 ID_COLUMN = "ID"
-
-
-# --- scores for images in memory ------------------------------------------------------------------
-
-
-# --- the transform a checkpoint's network was trained on ----------------------------------------
 
 
 # --- catalogue IDs --------------------------------------------------------------------------------
@@ -141,10 +138,183 @@ class CutoutScorer:
         return out
 
 
-# --- the whole catalogue --------------------------------------------------------------------------
+# --- the whole catalogue: computing ------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
+class ScoreInputs:
+    """A scoring job's checked inputs: the checkpoint, what its network takes, the catalogue's IDs."""
+
+    checkpoint_url: str
+    images_url: str
+    catalog_url: str
+    prepared: ModelInput
+    nan_policy: str
+    ids: np.ndarray  # unique, in catalogue order
+    repeated: tuple[int, ...]  # IDs listed more than once (scored once)
+    started: float  # perf_counter when the job began: wall times count from it
+
+
+@dataclass(frozen=True, eq=False)
+class ScoreResult:
+    """Ranked candidates, rejects and the top candidates' images: everything the output files hold."""
+
+    inputs: ScoreInputs
+    tta: str | None
+    candidates: pd.DataFrame  # rank, id, score (and score_d4_0..7 with tta), best first
+    rejects: pd.DataFrame  # id, reason, message, by id
+    top: pd.DataFrame  # the gallery's candidates (the first rows of ``candidates``)
+    gallery_images: np.ndarray | None  # ``top`` as the network saw them; None without a gallery
+    device: str
+    actors: int
+    score_s: float  # reading, preprocessing and predicting every cutout
+
+
+def prepare_scoring(
+    checkpoint_url: str,
+    images_url: str,
+    catalog_url: str,
+    out_url: str | None = None,
+    nan_policy: str | None = None,
+) -> ScoreInputs:
+    """Check everything that can fail before any Ray work: the checkpoint, the URLs, the catalogue."""
+    from lensray.runs import load_run, resolve_checkpoint
+
+    started = time.perf_counter()
+    checkpoint_url = resolve_checkpoint(checkpoint_url)
+    run = load_run(checkpoint_url)  # fail fast on a bad checkpoint
+    prepared = model_input(checkpoint_url, run.config)
+    storage.check_reachable(images_url)
+    if out_url is not None:
+        storage.check_reachable(out_url, must_exist=False)
+    ids, repeated = read_ids(catalog_url)
+    if ids.size == 0:
+        raise ScoreError(f"catalogue {catalog_url} lists no IDs")
+    return ScoreInputs(
+        checkpoint_url=checkpoint_url,
+        images_url=images_url,
+        catalog_url=catalog_url,
+        prepared=prepared,
+        nan_policy=nan_policy or run.config.data.nan,
+        ids=ids,
+        repeated=tuple(repeated),
+        started=started,
+    )
+
+
+def _scoring_dataset(inputs: ScoreInputs, tta: str | None, device: str, actors: int, gpus: float, batch_size: int):
+    """The Ray Data pipeline: IDs -> CPU tasks (read, preprocess) -> actor pool (predict)."""
+    import ray
+
+    blocks = max(1, min(len(inputs.ids) // batch_size + 1, 4 * int(ray.cluster_resources().get("CPU", 1))))
+    prepare_kwargs = {
+        "images_url": inputs.images_url,
+        "bands": inputs.prepared.bands,
+        "preprocess": inputs.prepared.preprocess,
+        "nan_policy": inputs.nan_policy,
+    }
+    scorer_kwargs = {
+        "checkpoint_url": inputs.checkpoint_url,
+        "tta": tta,
+        "device": device,
+        "threads": None if gpus else 1,
+    }
+    return (
+        ray.data.from_items([{"id": int(i)} for i in inputs.ids], override_num_blocks=blocks)
+        .map_batches(prepare_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1, fn_kwargs=prepare_kwargs)
+        .map_batches(
+            CutoutScorer,
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus,
+            num_cpus=0 if gpus else 1,
+            fn_constructor_kwargs=scorer_kwargs,
+        )
+    )
+
+
+def _collect(dataset: Any, total: int) -> pd.DataFrame:
+    """Every scored row, block by block as the pipeline finishes them (one progress step per block)."""
+    parts = []
+    with progress(total, "score", "cutout") as bar:
+        for block in dataset.iter_batches(batch_size=None, batch_format="pandas"):
+            parts.append(_plain_columns(block))
+            bar.update(len(block))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"id": np.empty(0, np.int64)})
+
+
+def _rank(table: pd.DataFrame, tta: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(candidates best first with their rank, rejects by ID)``."""
+    rejected = table["reason"] != ""
+    rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
+    score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
+    candidates = (
+        table.loc[~rejected, ["id", *score_columns]]
+        .sort_values(["score", "id"], ascending=[False, True])
+        .reset_index(drop=True)
+    )
+    candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
+    return candidates, rejects
+
+
+def compute_scores(
+    inputs: ScoreInputs,
+    *,
+    tta: str | None = None,
+    device: str = "auto",
+    actors: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    gallery: int = DEFAULT_GALLERY,
+) -> ScoreResult:
+    """Score every catalogue ID on the Ray cluster; rank; re-read the top ``gallery`` for the gallery."""
+    import ray
+
+    started = time.perf_counter()
+    tta = check_tta(tta)
+    ensure_ray()
+    device, n_actors, gpus = _device_and_actors(device, actors)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # lensray draws its own
+    dataset = _scoring_dataset(inputs, tta, device, n_actors, gpus, batch_size)
+    table = _collect(dataset, len(inputs.ids))
+    if len(table) != len(inputs.ids) or set(table["id"]) != set(inputs.ids.tolist()):
+        raise ScoreError(
+            f"scoring returned {len(table)} rows for {len(inputs.ids)} IDs; rerun (a worker may have died)"
+        )
+    candidates, rejects = _rank(table, tta)
+    top = candidates.head(gallery)
+    return ScoreResult(
+        inputs=inputs,
+        tta=tta,
+        candidates=candidates,
+        rejects=rejects,
+        top=top,
+        gallery_images=gallery_images(inputs, top) if gallery and len(top) else None,
+        device=device,
+        actors=n_actors,
+        score_s=time.perf_counter() - started,
+    )
+
+
+def gallery_images(inputs: ScoreInputs, top: pd.DataFrame) -> np.ndarray:
+    """The ``top`` candidates re-read and preprocessed, as the network saw them."""
+    from lensray.ingest.preprocess import preprocess_batch
+    from lensray.sky.fits import read_cutouts
+
+    prepared = inputs.prepared
+    cutouts, failed = read_cutouts(inputs.images_url, top["id"].tolist(), prepared.bands, inputs.nan_policy)
+    if failed:  # they were read a moment ago: the data changed under us
+        raise ScoreError(f"top candidates could not be re-read for the gallery: {[str(f) for f in failed]}")
+    images = preprocess_batch(
+        [c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts]
+    )
+    return np.asarray(images, np.float32)
+
+
+# --- the whole catalogue: writing ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class ScoreSummary:
     candidates_url: str
     rejects_url: str
@@ -159,6 +329,7 @@ class ScoreSummary:
     device: str = "cpu"
     actors: int = 1
     wall_s: float = 0.0
+    result: ScoreResult | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -243,152 +414,79 @@ def score_catalog(
     cutout that could not be scored), ``<stem>_summary.json`` and ``<stem>_gallery.html`` (the top
     ``gallery`` candidates, every band, the network's input stretch, ID and score under each).
     """
-    import ray
-
-    from lensray.runs import load_run, resolve_checkpoint
-
     tta = check_tta(tta)
-    started = time.perf_counter()
-    checkpoint_url = resolve_checkpoint(checkpoint_url)
-    run = load_run(checkpoint_url)  # fail fast on a bad checkpoint, before any Ray work
-    prepared = model_input(checkpoint_url, run.config)
-    nan_policy = nan_policy or run.config.data.nan
-    storage.check_reachable(images_url)
-    storage.check_reachable(out_url, must_exist=False)
-    ids, repeated = read_ids(catalog_url)
-    if ids.size == 0:
-        raise ScoreError(f"catalogue {catalog_url} lists no IDs")
-    ensure_ray()
-    device, n_actors, gpus = _device_and_actors(device, actors)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    blocks = max(1, min(len(ids) // batch_size + 1, 4 * int(ray.cluster_resources().get("CPU", 1))))
-    dataset = (
-        ray.data.from_items([{"id": int(i)} for i in ids], override_num_blocks=blocks)
-        .map_batches(
-            prepare_batch,
-            batch_size=batch_size,
-            batch_format="numpy",
-            num_cpus=1,
-            fn_kwargs={
-                "images_url": images_url,
-                "bands": prepared.bands,
-                "preprocess": prepared.preprocess,
-                "nan_policy": nan_policy,
-            },
-        )
-        .map_batches(
-            CutoutScorer,
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_actors),
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-            fn_constructor_kwargs={
-                "checkpoint_url": checkpoint_url,
-                "tta": tta,
-                "device": device,
-                "threads": None if gpus else 1,
-            },
-        )
-    )
-    table = dataset.to_pandas()
-    table = _plain_columns(table)
-    if len(table) != len(ids) or set(table["id"]) != set(ids.tolist()):
-        raise ScoreError(f"scoring returned {len(table)} rows for {len(ids)} IDs; rerun (a worker may have died)")
+    inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy)
+    result = compute_scores(inputs, tta=tta, device=device, actors=actors, batch_size=batch_size, gallery=gallery)
+    return write_scores(result, out_url)
 
-    rejected = table["reason"] != ""
-    rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
-    score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
-    candidates = (
-        table.loc[~rejected, ["id", *score_columns]]
-        .sort_values(["score", "id"], ascending=[False, True])
-        .reset_index(drop=True)
-    )
-    candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
+
+def write_scores(result: ScoreResult, out_url: str) -> ScoreSummary:
+    """Write the candidates (Parquet), ``<stem>_rejects.csv``, ``<stem>_gallery.html`` (when there are
+    gallery images) and, last, ``<stem>_summary.json``."""
     rejects_url = _sibling(out_url, "_rejects.csv")
-    storage.write_bytes(out_url, _parquet_bytes(candidates))
-    storage.write_bytes(rejects_url, rejects.to_csv(index=False).encode())
-
-    top = candidates.head(gallery)
+    storage.write_bytes(out_url, _parquet_bytes(result.candidates))
+    storage.write_bytes(rejects_url, result.rejects.to_csv(index=False).encode())
     gallery_url = None
-    if gallery and len(top):
+    if result.gallery_images is not None:
         gallery_url = _sibling(out_url, "_gallery.html")
-        html = candidate_gallery_html(top, images_url, prepared, nan_policy, rejects, checkpoint_url, catalog_url, tta)
-        storage.write_bytes(gallery_url, html.encode())
-    summary_url = _sibling(out_url, "_summary.json")
+        storage.write_bytes(gallery_url, candidate_gallery_html(result).encode())
     summary = ScoreSummary(
         candidates_url=out_url,
         rejects_url=rejects_url,
         gallery_path=gallery_url,
-        summary_url=summary_url,
-        n_ids=len(ids),
-        n_scored=len(candidates),
-        rejects=rejects,
-        top=top,
-        repeated_ids=repeated,
-        notes=list(prepared.notes),
-        device=device,
-        actors=n_actors,
-        wall_s=time.perf_counter() - started,
+        summary_url=_sibling(out_url, "_summary.json"),
+        n_ids=len(result.inputs.ids),
+        n_scored=len(result.candidates),
+        rejects=result.rejects,
+        top=result.top,
+        repeated_ids=list(result.inputs.repeated),
+        notes=list(result.inputs.prepared.notes),
+        device=result.device,
+        actors=result.actors,
+        wall_s=time.perf_counter() - result.inputs.started,
+        result=result,
     )
-    storage.write_bytes(
-        summary_url,
-        json.dumps(
-            {
-                "checkpoint": checkpoint_url,
-                "images": images_url,
-                "catalog": catalog_url,
-                "tta": tta,
-                "bands": list(prepared.bands),
-                "transform": prepared.preprocess.model_dump(mode="json", exclude={"out"}),
-                "nan_policy": nan_policy,
-                "n_ids": len(ids),
-                "n_scored": len(candidates),
-                "n_rejected": len(rejects),
-                "rejects": rejects.to_dict(orient="records"),
-                "repeated_ids": repeated,
-                "notes": list(prepared.notes),
-                "device": device,
-                "actors": n_actors,
-                "wall_s": round(summary.wall_s, 3),
-                "top": top[["rank", "id", "score"]].to_dict(orient="records"),
-            },
-            indent=1,
-        ).encode(),
-    )
+    storage.write_bytes(summary.summary_url, json.dumps(summary_json(result, summary.wall_s), indent=1).encode())
     return summary
 
 
-def candidate_gallery_html(
-    top: pd.DataFrame,
-    images_url: str,
-    prepared: ModelInput,
-    nan_policy: str,
-    rejects: pd.DataFrame,
-    checkpoint_url: str,
-    catalog_url: str,
-    tta: str | None,
-) -> str:
-    """A self-contained page: the top candidates (re-read and preprocessed as the network saw them)."""
-    from lensray.evaluate.report import gallery_png, html_page, html_table
-    from lensray.ingest.preprocess import preprocess_batch
-    from lensray.sky.fits import read_cutouts
+def summary_json(result: ScoreResult, wall_s: float) -> dict[str, Any]:
+    """``<stem>_summary.json``: the job's inputs, the counts, every reject and the top candidates."""
+    inputs = result.inputs
+    return {
+        "checkpoint": inputs.checkpoint_url,
+        "images": inputs.images_url,
+        "catalog": inputs.catalog_url,
+        "tta": result.tta,
+        "bands": list(inputs.prepared.bands),
+        "transform": inputs.prepared.preprocess.model_dump(mode="json", exclude={"out"}),
+        "nan_policy": inputs.nan_policy,
+        "n_ids": len(inputs.ids),
+        "n_scored": len(result.candidates),
+        "n_rejected": len(result.rejects),
+        "rejects": result.rejects.to_dict(orient="records"),
+        "repeated_ids": list(inputs.repeated),
+        "notes": list(inputs.prepared.notes),
+        "device": result.device,
+        "actors": result.actors,
+        "wall_s": round(wall_s, 3),
+        "top": result.top[["rank", "id", "score"]].to_dict(orient="records"),
+    }
 
-    cutouts, failed = read_cutouts(images_url, top["id"].tolist(), prepared.bands, nan_policy)
-    if failed:  # they were read a moment ago: the data changed under us
-        raise ScoreError(f"top candidates could not be re-read for the gallery: {[str(f) for f in failed]}")
-    images = preprocess_batch(
-        [c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts]
-    )
+
+def candidate_gallery_html(result: ScoreResult) -> str:
+    """A self-contained page: the top candidates as the network saw them, and the rejects."""
+    from lensray.evaluate.report import gallery_png, html_page, html_table
+
+    inputs, top, rejects = result.inputs, result.top, result.rejects
+    prepared, esc = inputs.prepared, html.escape
     captions = [f"#{r.rank} ID {r.id}\nscore {r.score:.4f}" for r in top.itertuples()]
-    picture = gallery_png(
-        np.asarray(images, np.float32), captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands))
-    )
+    picture = gallery_png(result.gallery_images, captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands)))
     blocks = [
-        f"<p>Checkpoint <code>{html.escape(checkpoint_url)}</code>; catalogue <code>{html.escape(catalog_url)}</code>; "
-        f"images <code>{html.escape(images_url)}</code>; test-time averaging: {tta or 'none'}. Bands {', '.join(prepared.bands)} as the "
-        f"network sees them ({prepared.preprocess.mode} mode), one fixed display range per band.</p>",
+        f"<p>Checkpoint <code>{esc(inputs.checkpoint_url)}</code>; catalogue <code>{esc(inputs.catalog_url)}</code>; "
+        f"images <code>{esc(inputs.images_url)}</code>; test-time averaging: {result.tta or 'none'}. Bands "
+        f"{', '.join(prepared.bands)} as the network sees them ({prepared.preprocess.mode} mode), one fixed "
+        "display range per band.</p>",
         ("Top candidates", picture),
         html_table(top[["rank", "id", "score"]].to_dict(orient="records"), ["rank", "id", "score"]),
         f"<h2>Rejected cutouts ({len(rejects)})</h2>",
