@@ -1,7 +1,7 @@
 """The package's layer rule: a module imports only from its own stage or the stages to its left.
 
 ``errors, _version`` -> ``config, storage, runtime`` -> ``sky`` -> ``simulate | ingest`` -> ``models`` ->
-``runs`` -> ``evaluate`` -> ``train`` -> ``demo`` -> ``cli, __main__``. Every import counts, also those
+``runs`` -> ``evaluate`` -> ``train`` -> ``demo`` -> ``cli`` -> ``__main__``. Every import counts, also those
 inside functions (an import hidden in a function is still a dependency). Stages on one level
 (``simulate | ingest``) do not import each other, and no modules form a cycle.
 """
@@ -24,7 +24,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("evaluate",),  # train imports its metrics for the per-epoch validation
     ("train",),
     ("demo",),
-    ("cli", "__main__"),
+    ("cli",),
+    ("__main__",),
 )
 FACADE = "__init__"  # the package root: __version__ and the lazy notebook entry points
 
