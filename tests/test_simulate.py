@@ -43,7 +43,7 @@ def sample():
 
 
 def _lens_ids(rows: list[dict]) -> dict[str, set[int]]:
-    """IDs labelled lens under each rule, as DESIGN.md states them (official also excludes some)."""
+    """IDs labelled lens under each rule, as the README's "Data contracts" states them (official also excludes some)."""
     return {
         "paper": {r["ID"] for r in rows if r["n_sources"] > 0},
         "official": {r["ID"] for r in rows if r["mag_eff"] > 2},

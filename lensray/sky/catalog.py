@@ -241,7 +241,7 @@ def read_catalog(url: str) -> Catalog:
 
 
 def apply_label_rule(catalog: Catalog, rule: LabelRule) -> LabelledIDs:
-    """Labels under a named rule (DESIGN.md "Labels"); IDs the rule cannot label are excluded, with why.
+    """Labels under a named rule (README "Data contracts"); IDs the rule cannot label are excluded, with why.
 
     paper:     lens iff n_sources > 0.
     official:  lens iff mag_eff > 2; non-lens iff n_sources == 0 or mag_eff < 1.2; others excluded
