@@ -58,9 +58,8 @@ from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
 MAD_TO_SIGMA = 1.4826  # MAD -> sigma for Gaussian noise
 LOG_STRETCH_A = 1000.0  # astropy's default, used by the study
 CLIP_PERCENTILES = (0.25, 99.75)
-CLIP_LOWER_FACTOR = (
-    -0.7
-)  # lower clip bound = CLIP_LOWER_FACTOR * v_min (the study's rule, literally: README "Data contracts")
+# Lower clip bound = CLIP_LOWER_FACTOR * v_min: the study's rule, literally (README "Data contracts").
+CLIP_LOWER_FACTOR = -0.7
 KEYS_A = -0.5  # Keys (1981) cubic convolution: reproduces quadratics exactly
 # NIR stamps a few pixels off the nominal 66 are real-data quirks; anything further off is a wrong file
 # (e.g. a VIS stamp in an NIR folder) and is refused instead of being resampled into nonsense.
