@@ -245,6 +245,15 @@ def test_report_files_are_well_formed(report) -> None:
     assert "AUC" in summary and report.html_path in summary
 
 
+def test_writing_is_apart_from_computing(report, tmp_path: Path) -> None:
+    from lensray.evaluate.evaluate import write_evaluation
+
+    again = write_evaluation(report.evaluation, tmp_path)  # the typed result alone makes every file
+    for name in ("metrics.json", "predictions.csv", "report.html", "roc.png", "false_positives.png"):
+        assert (tmp_path / name).read_bytes() == (Path(report.out_dir) / name).read_bytes(), name
+    assert str(again).replace(str(tmp_path), report.out_dir) == str(report)
+
+
 def _d4_views(images: np.ndarray) -> list[np.ndarray]:
     """The 8 symmetries of the square, written independently of data.d4_transform."""
     views = []
@@ -327,6 +336,7 @@ def test_compare_table_of_two_runs(trained, store_url: str, tmp_path: Path) -> N
 
     table = compare_runs([trained.run_url, trained.best_checkpoint], tmp_path, names=["folder", "checkpoint"])
     assert [row["name"] for row in table.rows] == ["folder", "checkpoint"]
+    assert [row.name for row in table.comparison.rows] == ["folder", "checkpoint"] and len(table.comparison.rocs) == 2
     first, second = table.rows
     assert first["checkpoint"] == second["checkpoint"]  # the folder resolves to its best checkpoint
     assert first["auc"] == pytest.approx(second["auc"])

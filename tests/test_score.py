@@ -88,6 +88,8 @@ def test_scores_equal_the_store_predictions_and_rejects_are_listed(
     )
     candidates = _read_parquet(out)
     assert len(candidates) == N - 2 and summary.n_scored == N - 2
+    pd.testing.assert_frame_equal(candidates, summary.result.candidates)  # the file holds the typed result
+    assert summary.result.gallery_images.shape[0] == 6
     assert CORRUPT_ID not in set(candidates["id"]) and MISSING_ID not in set(candidates["id"])
     assert candidates["rank"].tolist() == list(range(1, N - 1))
     assert (np.diff(candidates["score"]) <= 0).all(), "candidates must be ranked best first"
