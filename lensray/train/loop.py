@@ -111,19 +111,10 @@ def train_one_epoch(
     start = time.perf_counter()
     with grad_sync_context if grad_sync_context is not None else contextlib.nullcontext():
         for images, labels in batches:
-            images = images.to(device, non_blocking=True)
             labels = labels.to(device, dtype=torch.float32, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, amp_dtype):
-                logits = model(images)
-            loss = loss_fn(logits.float(), labels)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            loss = _train_step(
+                model, images.to(device, non_blocking=True), labels, optimizer, loss_fn, amp_dtype, scaler
+            )
             loss_sum += loss.detach().double() * labels.numel()
             samples += labels.numel()
     if samples == 0:
@@ -136,6 +127,30 @@ def train_one_epoch(
             "(lower the learning rate, or use bf16 / fp32 instead of fp16)"
         )
     return {"loss": mean_loss, "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds}
+
+
+def _train_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    amp_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
+) -> torch.Tensor:
+    """One optimiser step on one batch (already on the device); returns the batch's mean loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(images.device, amp_dtype):
+        logits = model(images)
+    loss = loss_fn(logits.float(), labels)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
 
 
 # --- early stopping ----------------------------------------------------------------------------
@@ -251,6 +266,31 @@ def sanity_check(
     ``SanityCheckError`` when the eval-mode loss is not under ``max_loss``.
     """
     device = torch.device(device) if device is not None else _model_device(model)
+    x, y = _sanity_inputs(images, labels, device, steps, batch_size)
+    batches = _fixed_batches(x, y, batch_size)
+    saved_weights = copy.deepcopy(model.state_dict())
+    was_training = model.training
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            losses, end = _overfit(model, batches, optimizer_factory(model), steps)
+    finally:
+        model.load_state_dict(saved_weights)
+        model.train(was_training)
+    result = SanityResult(losses=losses, start=losses[0], end=end, limit=max_loss, seconds=time.perf_counter() - start)
+    if not result.passed:
+        raise _sanity_failure(result, steps, n=y.numel(), n_pos=int(y.sum().item()))
+    return result
+
+
+def _sanity_inputs(
+    images: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    device: torch.device,
+    steps: int,
+    batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The check's images and labels as float tensors on ``device``; ValueError on unusable inputs."""
     x = torch.as_tensor(images).float().to(device)
     y = torch.as_tensor(labels).float().to(device)
     if x.ndim != 4 or y.shape != (x.shape[0],):
@@ -262,45 +302,41 @@ def sanity_check(
     n_pos = int(y.sum().item())
     if n_pos in (0, y.numel()):
         raise ValueError(f"sanity check images need both classes; got {n_pos} lenses of {y.numel()}")
+    return x, y
 
-    batches = _fixed_batches(x, y, batch_size)
-    saved_weights = copy.deepcopy(model.state_dict())
-    was_training = model.training
+
+def _overfit(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer, steps: int
+) -> tuple[list[float], float]:
+    """Train ``steps`` steps cycling over ``batches``; (training loss per step, eval-mode loss over all)."""
     loss_fn = nn.BCEWithLogitsLoss()
     losses: list[float] = []
-    start = time.perf_counter()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            optimizer = optimizer_factory(model)
-            model.train()
-            for step in range(steps):
-                batch_x, batch_y = batches[step % len(batches)]
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(batch_x), batch_y)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            model.eval()
-            with torch.no_grad():
-                total = sum(loss_fn(model(bx), by).item() * by.numel() for bx, by in batches)
-            end = total / y.numel()
-    finally:
-        model.load_state_dict(saved_weights)
-        model.train(was_training)
-    result = SanityResult(losses=losses, start=losses[0], end=end, limit=max_loss, seconds=time.perf_counter() - start)
-    if not result.passed:
-        tail = float(np.mean(losses[-5:]))
-        raise SanityCheckError(
-            f"sanity check failed: the model cannot fit {y.numel()} fixed images ({n_pos} lenses). "
-            f"After {steps} steps the eval-mode loss on them is {end:.3f} (needed < {max_loss:.3f}; "
-            f"ln 2 = {_LN2:.3f} is guessing); training loss {result.start:.3f} -> {tail:.3f}. A network "
-            "that cannot overfit a few dozen images will not learn from the full set. Typical causes: "
-            "the learning rate (zero, or too high: try Adam 3e-4); the block order "
-            "(model.lastro.block_order=paper puts BN after the ReLUs: use bn_relu); dropout in the conv "
-            "blocks (model.lastro.dropout_kind=none); unnormalised inputs (preprocess.mode=asinh). "
-            "Set train.sanity=false to train anyway."
-        )
-    return result
+    model.train()
+    for step in range(steps):
+        batch_x, batch_y = batches[step % len(batches)]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(batch_x), batch_y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        total = sum(loss_fn(model(bx), by).item() * by.numel() for bx, by in batches)
+    return losses, total / sum(by.numel() for _, by in batches)
+
+
+def _sanity_failure(result: SanityResult, steps: int, n: int, n_pos: int) -> SanityCheckError:
+    tail = float(np.mean(result.losses[-5:]))
+    return SanityCheckError(
+        f"sanity check failed: the model cannot fit {n} fixed images ({n_pos} lenses). "
+        f"After {steps} steps the eval-mode loss on them is {result.end:.3f} (needed < {result.limit:.3f}; "
+        f"ln 2 = {_LN2:.3f} is guessing); training loss {result.start:.3f} -> {tail:.3f}. A network "
+        "that cannot overfit a few dozen images will not learn from the full set. Typical causes: "
+        "the learning rate (zero, or too high: try Adam 3e-4); the block order "
+        "(model.lastro.block_order=paper puts BN after the ReLUs: use bn_relu); dropout in the conv "
+        "blocks (model.lastro.dropout_kind=none); unnormalised inputs (preprocess.mode=asinh). "
+        "Set train.sanity=false to train anyway."
+    )
 
 
 # --- resumable state ---------------------------------------------------------------------------
