@@ -22,6 +22,7 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
+    _hide_ray_notices()
     # Ray's own chatter (worker logs, per-report lines) only under -v; lensray prints its own progress.
     chatter = {"log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.WARNING}
     if os.environ.get("RAY_ADDRESS"):
@@ -37,6 +38,22 @@ def ensure_ray() -> None:
     finally:
         for key in pinned:
             os.environ.pop(key, None)
+
+
+class _RayNotices(logging.Filter):
+    """Drops Ray's notices that ask nothing of the user, unless -v: today the one that a new local
+    cluster has token authentication on (a warning that it is *off* still shows)."""
+
+    NOTICES = ("Token authentication is enabled",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose() or not record.getMessage().startswith(self.NOTICES)
+
+
+def _hide_ray_notices() -> None:
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _RayNotices) for f in logger.filters):
+        logger.addFilter(_RayNotices())
 
 
 def verbose() -> bool:

@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import tempfile
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
@@ -42,7 +47,7 @@ from lensray.runs import (
     BestCheckpoint,
     best_checkpoint,
 )
-from lensray.runtime import ensure_ray
+from lensray.runtime import ensure_ray, quiet
 from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
 from lensray.train.loop import (
     EarlyStopping,
@@ -56,6 +61,7 @@ from lensray.train.loop import (
 )
 
 EVAL_BATCH = 128
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,13 +104,17 @@ def runs_root(config: LensrayConfig) -> str:
 def run_sanity_check(config: LensrayConfig, device: torch.device | str = "cpu") -> SanityResult:
     """Overfit a small fixed batch with the configured model and optimiser; raises SanityCheckError."""
     store = LensStore.open(_store_url(config))
-    channels, size = store.sample_shape[0], store.sample_shape[1]
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, channels, size).to(device)
+    model = build_model(config.model, store.sample_shape[0], store.sample_shape[1]).to(device)
+    return _sanity(model, store, config, device)
+
+
+def _sanity(
+    model: torch.nn.Module, store: LensStore, config: LensrayConfig, device: torch.device | str
+) -> SanityResult:
     images, labels = sanity_set(store, config.train.sanity_samples, config.train.seed)
-    return sanity_check(
-        model, images, labels, lambda m: make_optimizer(m, config.optim), config.train.sanity_steps, device=device
-    )
+    fresh_optimizer = partial(make_optimizer, config=config.optim)
+    return sanity_check(model, images, labels, fresh_optimizer, config.train.sanity_steps, device=device)
 
 
 def describe_sanity(result: SanityResult) -> str:
@@ -120,39 +130,213 @@ def _store_url(config: LensrayConfig) -> str:
     return config.data.store
 
 
+# --- one epoch's record -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of a run: a row of history.json, the metrics of ``ray.train.report`` (what Tune and
+    the checkpoint ranking see) and TensorBoard's scalars, all from ``as_dict`` (keys in field order)."""
+
+    epoch: int
+    train_loss: float  # mean per image over every rank's batches
+    val_loss: float
+    val_acc: float
+    val_auc: float
+    val_tpr0: float
+    val_tpr10: float
+    val_n: int
+    lr: float
+    train_samples: int  # images seen this epoch, all ranks
+    samples_per_s: float
+    epoch_s: float
+    world_size: int
+    replica_spread: float  # 0 when DDP keeps replicas identical
+    resumed_from: int  # > 0: this epoch ran after a restart from that epoch's checkpoint
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> EpochRecord:
+        """The record of a history row or reported metrics (keys Ray or Tune added are dropped)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """One epoch as every rank saw it: the validation predictions of all ranks (each sample once)
+    and each rank's training statistics, in rank order."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    losses: list[float]
+    samples: list[int]
+    seconds: list[float]
+    checksums: list[float]  # of each rank's weights
+
+
+def gather_epoch(
+    world_size: int, ids: np.ndarray, labels: np.ndarray, scores: np.ndarray, stats: dict[str, float], checksum: float
+) -> Gathered:
+    """All-gather this rank's validation block and training stats (every rank gets all of them)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    mine = {"ids": ids, "labels": labels, "scores": scores, "checksum": checksum}
+    dist.all_gather_object(gathered, {**mine, **{k: stats[k] for k in ("loss", "samples", "seconds")}})
+    return Gathered(
+        ids=np.concatenate([g["ids"] for g in gathered]),
+        labels=np.concatenate([g["labels"] for g in gathered]),
+        scores=np.concatenate([g["scores"] for g in gathered]),
+        losses=[g["loss"] for g in gathered],
+        samples=[g["samples"] for g in gathered],
+        seconds=[g["seconds"] for g in gathered],
+        checksums=[g["checksum"] for g in gathered],
+    )
+
+
+def epoch_record(
+    epoch: int, gathered: Gathered, metrics: dict[str, Any], *, lr: float, epoch_s: float, resumed_from: int
+) -> EpochRecord:
+    """The record of epoch ``epoch`` (1-based) from the gathered ranks and ``summarise``'s metrics."""
+    samples = sum(gathered.samples)
+    return EpochRecord(
+        epoch=epoch,
+        train_loss=float(np.average(gathered.losses, weights=gathered.samples)),
+        val_loss=_bce(gathered.labels, gathered.scores),
+        val_acc=metrics["acc"],
+        val_auc=metrics["auc"],
+        val_tpr0=metrics["tpr0"],
+        val_tpr10=metrics["tpr10"],
+        val_n=int(metrics["n"]),
+        lr=lr,
+        train_samples=int(samples),
+        samples_per_s=samples / max(max(gathered.seconds), 1e-9),
+        epoch_s=epoch_s,
+        world_size=len(gathered.samples),
+        replica_spread=float(max(gathered.checksums) - min(gathered.checksums)),
+        resumed_from=resumed_from,
+    )
+
+
+def _bce(labels: np.ndarray, scores: np.ndarray) -> float:
+    p = np.clip(scores, 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def _weights_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(
+            sum(p.double().sum().item() + p.double().square().sum().item() for p in unwrap(model).parameters())
+        )
+
+
 # --- the per-worker function --------------------------------------------------------------------
 
 
+def _tell(progress: Any, rank: int, text: str) -> None:
+    """A note for the user, once (rank 0): onto the driver's console when it gave a progress queue
+    (the workers' own output reaches it only under -v), else into this worker's log."""
+    if rank != 0:
+        return
+    if progress is not None:
+        progress.put(("note", text))
+    else:
+        print(text)
+
+
+@dataclass
+class _Worker:
+    """What one Ray Train worker trains with (built by ``_start_worker``)."""
+
+    config: LensrayConfig
+    run_url: str
+    rank: int
+    world_size: int
+    device: torch.device
+    store: LensStore
+    model: torch.nn.Module  # DDP-wrapped when there are several workers
+    optimizer: torch.optim.Optimizer
+    scheduler: ReduceLROnPlateau
+    stopper: EarlyStopping
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    feed: WorkerFeed
+    val_feed: EvalFeed
+    progress: Any  # the driver's progress queue, or None
+
+    def tell(self, text: str) -> None:
+        _tell(self.progress, self.rank, text)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; ``loop_config`` is the resolved config as plain data."""
+    """Runs on every Ray Train worker. ``loop_config``: the resolved config as plain data
+    (``config``), the run folder's URL (``run_url``) and the driver's progress queue (``progress``,
+    absent or None under Tune)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    worker = _start_worker(loop_config, fresh=checkpoint is None)
+    start_epoch, history = _resume(worker, checkpoint)
+    tensorboard = _TensorBoard(worker.run_url) if worker.rank == 0 else None
+    try:
+        for epoch in range(start_epoch, worker.config.train.epochs):
+            record, gathered, stop = _run_epoch(worker, epoch, resumed_from=start_epoch)
+            history.append(record.as_dict())
+            _report(worker, record, history, gathered, tensorboard)
+            if stop:
+                patience = worker.stopper.patience
+                worker.tell(f"early stopping after epoch {record.epoch}: no val AUC gain for {patience} epochs")
+                break
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+def _start_worker(loop_config: dict[str, Any], *, fresh: bool) -> _Worker:
+    """This worker's model (sanity-checked first on a ``fresh`` run with train.sanity), optimiser,
+    LR schedule, early stopping, precision and feeds."""
     import ray.train
     import ray.train.torch
-    import torch.distributed as dist
 
     config = config_from_dict(loop_config["config"], "train_loop_config")
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    local_world_size = context.get_local_world_size()
+    rank, progress = context.get_world_rank(), loop_config.get("progress")
     device = ray.train.torch.get_device()
     store = LensStore.open(_store_url(config))
-    channels, size = store.sample_shape[0], store.sample_shape[1]
-
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, channels, size).to(device)
-    checkpoint = ray.train.get_checkpoint()
-    if config.train.sanity and checkpoint is None:
-        images, labels = sanity_set(store, config.train.sanity_samples, config.train.seed)
-        result = sanity_check(
-            model, images, labels, lambda m: make_optimizer(m, config.optim), config.train.sanity_steps, device=device
-        )
-        if rank == 0:
-            print(describe_sanity(result))
-
+    model = build_model(config.model, store.sample_shape[0], store.sample_shape[1]).to(device)
+    if config.train.sanity and fresh:
+        _tell(progress, rank, describe_sanity(_sanity(model, store, config, device)))
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, config.optim)
-    scheduler = make_scheduler(optimizer, config.optim)
-    stopper = EarlyStopping(config.train.early_stopping_patience, mode="max")
     amp_dtype, scaler = amp_settings(config.train.amp, device)
+    feed, val_feed = _feeds(store, config, context, device)
+    return _Worker(
+        config=config,
+        run_url=loop_config["run_url"],
+        rank=rank,
+        world_size=context.get_world_size(),
+        device=device,
+        store=store,
+        model=model,
+        optimizer=optimizer,
+        scheduler=make_scheduler(optimizer, config.optim),
+        stopper=EarlyStopping(config.train.early_stopping_patience, mode="max"),
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        feed=feed,
+        val_feed=val_feed,
+        progress=progress,
+    )
+
+
+def _feeds(store: LensStore, config: LensrayConfig, context: Any, device: torch.device) -> tuple[WorkerFeed, EvalFeed]:
+    """This rank's training feed and its block of the validation set (Ray Train ``context``)."""
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    local_world_size = context.get_local_world_size()
     feed = WorkerFeed(
         store,
         config.train,
@@ -172,112 +356,96 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         feed=config.train.feed,
         local_world_size=local_world_size,
     )
-
-    start_epoch, history = 0, []
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = LoopState.load(Path(folder) / STATE_FILE, map_location=device)
-        state.restore(model=model, optimizer=optimizer, scheduler=scheduler, early_stopping=stopper, scaler=scaler)
-        start_epoch, history = state.epoch, state.history
-        if rank == 0:
-            print(f"resumed after epoch {start_epoch} from {checkpoint.path}")
-
-    tensorboard = _TensorBoard(loop_config["run_url"]) if rank == 0 else None
-    for epoch in range(start_epoch, config.train.epochs):
-        feed.set_epoch(epoch)
-        started = time.perf_counter()
-        stats = train_one_epoch(model, feed, optimizer, device=device, amp_dtype=amp_dtype, scaler=scaler)
-        labels, scores = validate(unwrap(model), val_feed, device=device, amp_dtype=amp_dtype)
-        # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
-        gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(
-            gathered,
-            {
-                "ids": val_feed.ids,
-                "labels": labels,
-                "scores": scores,
-                "loss": stats["loss"],
-                "samples": stats["samples"],
-                "seconds": stats["seconds"],
-                "checksum": _weights_checksum(model),
-            },
-        )
-        all_ids = np.concatenate([g["ids"] for g in gathered])
-        all_labels = np.concatenate([g["labels"] for g in gathered])
-        all_scores = np.concatenate([g["scores"] for g in gathered])
-        metrics = summarise(all_labels, all_scores)
-        scheduler.step(metrics["auc"])
-        stop = stopper.step(metrics["auc"])
-        checksums = [g["checksum"] for g in gathered]
-        record = {
-            "epoch": epoch + 1,
-            "train_loss": float(np.average([g["loss"] for g in gathered], weights=[g["samples"] for g in gathered])),
-            "val_loss": _bce(all_labels, all_scores),
-            "val_acc": metrics["acc"],
-            "val_auc": metrics["auc"],
-            "val_tpr0": metrics["tpr0"],
-            "val_tpr10": metrics["tpr10"],
-            "val_n": int(metrics["n"]),
-            "lr": optimizer.param_groups[0]["lr"],
-            "train_samples": int(sum(g["samples"] for g in gathered)),  # images seen this epoch, all ranks
-            "samples_per_s": sum(g["samples"] for g in gathered) / max(max(g["seconds"] for g in gathered), 1e-9),
-            "epoch_s": time.perf_counter() - started,
-            "world_size": world_size,
-            "replica_spread": float(max(checksums) - min(checksums)),  # 0 when DDP keeps replicas identical
-            "resumed_from": start_epoch,  # > 0: this epoch ran after a restart from that epoch's checkpoint
-        }
-        history.append(record)
-        checkpoint_out = None
-        with tempfile.TemporaryDirectory() as folder:
-            if rank == 0:
-                state = LoopState.capture(
-                    epoch=epoch + 1,
-                    model=model,
-                    optimizer=optimizer,
-                    scheduler=scheduler,
-                    early_stopping=stopper,
-                    scaler=scaler,
-                    history=history,
-                )
-                state.save(Path(folder) / STATE_FILE)
-                (Path(folder) / EPOCH_FILE).write_text(json.dumps({"epoch": epoch + 1}))
-                (Path(folder) / CONFIG_FILE).write_text(dump_config(config))
-                np.savez(Path(folder) / PREDICTIONS_FILE, ids=all_ids, labels=all_labels, scores=all_scores)
-                (Path(folder) / MODEL_INPUT_FILE).write_text(
-                    json.dumps(
-                        {
-                            "channels": channels,
-                            "size": size,
-                            "bands": store.meta.get("bands"),
-                            "store": store.url,
-                            "transform": store.meta.get("transform"),
-                        }
-                    )
-                )
-                checkpoint_out = ray.train.Checkpoint.from_directory(folder)
-                tensorboard.log(record)
-                storage.write_bytes(
-                    storage.join(loop_config["run_url"], HISTORY_FILE), json.dumps(history, indent=1).encode()
-                )
-            ray.train.report(record, checkpoint=checkpoint_out)
-        if stop:
-            if rank == 0:
-                print(f"early stopping after epoch {epoch + 1}: no val AUC gain for {stopper.patience} epochs")
-            break
-    if tensorboard is not None:
-        tensorboard.close()
+    return feed, val_feed
 
 
-def _bce(labels: np.ndarray, scores: np.ndarray) -> float:
-    p = np.clip(scores, 1e-7, 1 - 1e-7)
-    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+def _resume(worker: _Worker, checkpoint: Any) -> tuple[int, list[dict[str, Any]]]:
+    """(completed epochs, history) from Ray's latest checkpoint of this run; (0, []) without one."""
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as folder:
+        state = LoopState.load(Path(folder) / STATE_FILE, map_location=worker.device)
+    state.restore(
+        model=worker.model,
+        optimizer=worker.optimizer,
+        scheduler=worker.scheduler,
+        early_stopping=worker.stopper,
+        scaler=worker.scaler,
+    )
+    worker.tell(f"resumed after epoch {state.epoch} from {checkpoint.path}")
+    return state.epoch, state.history
 
 
-def _weights_checksum(model: torch.nn.Module) -> float:
-    with torch.no_grad():
-        return float(
-            sum(p.double().sum().item() + p.double().square().sum().item() for p in unwrap(model).parameters())
-        )
+def _run_epoch(worker: _Worker, epoch: int, *, resumed_from: int) -> tuple[EpochRecord, Gathered, bool]:
+    """Train epoch ``epoch`` (0-based), validate, gather every rank's predictions and step the LR
+    schedule and early stopping on the val AUC: (record, gathered, whether to stop now)."""
+    worker.feed.set_epoch(epoch)
+    started = time.perf_counter()
+    model, device, amp_dtype = worker.model, worker.device, worker.amp_dtype
+    stats = train_one_epoch(
+        model, worker.feed, worker.optimizer, device=device, amp_dtype=amp_dtype, scaler=worker.scaler
+    )
+    labels, scores = validate(unwrap(model), worker.val_feed, device=device, amp_dtype=amp_dtype)
+    # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
+    gathered = gather_epoch(worker.world_size, worker.val_feed.ids, labels, scores, stats, _weights_checksum(model))
+    metrics = summarise(gathered.labels, gathered.scores)
+    worker.scheduler.step(metrics["auc"])
+    stop = worker.stopper.step(metrics["auc"])
+    lr = worker.optimizer.param_groups[0]["lr"]
+    record = epoch_record(
+        epoch + 1, gathered, metrics, lr=lr, epoch_s=time.perf_counter() - started, resumed_from=resumed_from
+    )
+    return record, gathered, stop
+
+
+def _report(
+    worker: _Worker,
+    record: EpochRecord,
+    history: list[dict[str, Any]],
+    gathered: Gathered,
+    tensorboard: _TensorBoard | None,
+) -> None:
+    """Every rank reports the epoch; rank 0 with its checkpoint, after logging it to TensorBoard and
+    rewriting the run's history.json."""
+    import ray.train
+
+    checkpoint = None
+    with tempfile.TemporaryDirectory() as folder:
+        if worker.rank == 0:
+            _write_checkpoint(Path(folder), worker, record.epoch, history, gathered)
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+            tensorboard.log(record)
+            storage.write_bytes(storage.join(worker.run_url, HISTORY_FILE), json.dumps(history, indent=1).encode())
+        ray.train.report(record.as_dict(), checkpoint=checkpoint)
+
+
+def _write_checkpoint(
+    folder: Path, worker: _Worker, epoch: int, history: list[dict[str, Any]], gathered: Gathered
+) -> None:
+    """The checkpoint folder of ``runs.py``'s contract: loop state, epoch, config, validation
+    predictions of all ranks and the input contract (geometry, bands, the store's transform)."""
+    state = LoopState.capture(
+        epoch=epoch,
+        model=worker.model,
+        optimizer=worker.optimizer,
+        scheduler=worker.scheduler,
+        early_stopping=worker.stopper,
+        scaler=worker.scaler,
+        history=history,
+    )
+    state.save(folder / STATE_FILE)
+    (folder / EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))
+    (folder / CONFIG_FILE).write_text(dump_config(worker.config))
+    np.savez(folder / PREDICTIONS_FILE, ids=gathered.ids, labels=gathered.labels, scores=gathered.scores)
+    store = worker.store
+    model_input = {
+        "channels": store.sample_shape[0],
+        "size": store.sample_shape[1],
+        "bands": store.meta.get("bands"),
+        "store": store.url,
+        "transform": store.meta.get("transform"),
+    }
+    (folder / MODEL_INPUT_FILE).write_text(json.dumps(model_input))
 
 
 class _TensorBoard:
@@ -290,10 +458,11 @@ class _TensorBoard:
         self._url = storage.join(run_url, "tensorboard")
         self._writer = SummaryWriter(self._local)
 
-    def log(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
+    def log(self, record: EpochRecord) -> None:
+        scalars = record.as_dict()
+        for key, value in scalars.items():
             if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(key, value, record["epoch"])
+                self._writer.add_scalar(key, value, record.epoch)
         self._writer.flush()
         for path in Path(self._local).iterdir():
             storage.write_bytes(storage.join(self._url, path.name), path.read_bytes())
@@ -305,8 +474,86 @@ class _TensorBoard:
 # --- the driver -------------------------------------------------------------------------------
 
 
-def build_trainer(config: LensrayConfig, name: str, run_callbacks: list[Any] | None = None) -> Any:
-    """A TorchTrainer for ``config`` writing under ``train.out/name`` (local path or s3://)."""
+class _Progress:
+    """The driver's console during ``train``: one line per epoch, and the workers' notes (sanity check,
+    resume, early stopping) once. Ray Train's controller and workers run in other processes, whose
+    own output reaches the driver only under -v; they send here through a queue actor instead, which
+    a thread of the driver empties into the ``lensray`` logger."""
+
+    def __init__(self, epochs: int) -> None:
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})  # no CPU: the workers may hold them all
+        self._epochs = epochs
+        self._last: float | None = None
+        self._recent: list[float] = []  # driver-side seconds of the last few epochs, for the ETA
+        self._thread = threading.Thread(target=self._show_until_done, name="lensray-progress", daemon=True)
+
+    def callback(self) -> Any:
+        """A Ray Train user callback: each epoch's metrics, once reported and checkpointed, to the queue."""
+        from ray.train import UserCallback
+
+        queue = self.queue
+
+        class ForwardReports(UserCallback):  # runs in Ray Train's controller actor
+            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+                queue.put(("epoch", metrics[0]))
+
+        return ForwardReports()
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(Exception):
+            self.queue.put(None)  # after everything the run sent: the thread shows it all, then ends
+        self._thread.join(timeout=30)
+        self.queue.shutdown()
+
+    def _show_until_done(self) -> None:
+        while True:
+            try:
+                item = self.queue.get(timeout=1.0)
+            except Empty:
+                continue
+            except Exception:  # the queue actor is gone (Ray shut down): nothing more will come
+                return
+            if item is None:
+                return
+            kind, payload = item
+            log.info(payload if kind == "note" else self._line(EpochRecord.from_dict(payload)))
+
+    def _line(self, record: EpochRecord) -> str:
+        now = time.perf_counter()
+        self._recent = [*self._recent, record.epoch_s if self._last is None else now - self._last][-3:]
+        self._last = now
+        eta = max(self._epochs - record.epoch, 0) * sum(self._recent) / len(self._recent)
+        return epoch_line(record, self._epochs, eta)
+
+
+def epoch_line(record: EpochRecord, epochs: int, eta_s: float) -> str:
+    """``epoch 2/10  train loss 0.4312  val AUC 0.912  TPR10 0.41  1750 img/s  ETA 1m20s``."""
+    return (
+        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.4f}  val AUC {record.val_auc:.3f}  "
+        f"TPR10 {record.val_tpr10:.2f}  {record.samples_per_s:.0f} img/s  ETA {_duration(eta_s)}"
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def build_trainer(
+    config: LensrayConfig, name: str, run_callbacks: list[Any] | None = None, progress: _Progress | None = None
+) -> Any:
+    """A TorchTrainer for ``config`` writing under ``train.out/name`` (local path or s3://); with
+    ``progress``, its epochs and notes go to the driver's console."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -315,9 +562,14 @@ def build_trainer(config: LensrayConfig, name: str, run_callbacks: list[Any] | N
     resources = {"CPU": config.resources.cpus_per_worker}
     if config.resources.use_gpu:
         resources["GPU"] = 1
+    loop_config = {"config": config.model_dump(mode="json"), "run_url": storage.join(root, name)}
+    callbacks = list(run_callbacks or [])
+    if progress is not None:
+        loop_config["progress"] = progress.queue
+        callbacks.append(progress.callback())
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run_url": storage.join(root, name)},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=config.resources.num_workers, use_gpu=config.resources.use_gpu, resources_per_worker=resources
         ),
@@ -330,16 +582,33 @@ def build_trainer(config: LensrayConfig, name: str, run_callbacks: list[Any] | N
                 num_to_keep=config.train.num_to_keep, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
-            callbacks=run_callbacks,
+            callbacks=callbacks or None,
         ),
     )
 
 
 def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
-    """Train (or, with ``resume``, continue) the run ``train.name`` under ``train.out``."""
+    """Train (or, with ``resume``, continue) the run ``train.name`` under ``train.out``; a line per
+    epoch on the ``lensray`` logger (INFO)."""
     import ray
     import ray.train
 
+    name, run_url = _check_run(config, resume)
+    ensure_ray()
+    storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
+    started = time.perf_counter()
+    progress = None if quiet() else _Progress(config.train.epochs)
+    try:
+        with progress if progress is not None else contextlib.nullcontext():
+            build_trainer(config, name, progress=progress).fit()
+    except ray.train.WorkerGroupError as exc:
+        rank, failure = sorted(exc.worker_failures.items())[0]
+        raise TrainError(f"worker {rank} failed: {_root_cause(failure)}\n(run folder: {run_url})") from exc
+    return run_outcome(run_url, time.perf_counter() - started)
+
+
+def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
+    """The run's name and URL, after checking the store and that the run exists exactly when ``resume``."""
     if resume and config.train.name is None:
         raise TrainError("--resume needs the run's name (train.name / --name)")
     store = LensStore.open(_store_url(config))  # fail fast on a wrong URL or an unfinished store
@@ -352,15 +621,7 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
         raise TrainError(f"{run_url} already exists: pass --resume to continue it, or choose another --name")
     if resume and not exists:
         raise TrainError(f"nothing to resume at {run_url}")
-    ensure_ray()
-    storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
-    started = time.perf_counter()
-    try:
-        build_trainer(config, name).fit()
-    except ray.train.WorkerGroupError as exc:
-        rank, failure = sorted(exc.worker_failures.items())[0]
-        raise TrainError(f"worker {rank} failed: {_root_cause(failure)}\n(run folder: {run_url})") from exc
-    return run_outcome(run_url, time.perf_counter() - started)
+    return name, run_url
 
 
 def _root_cause(exc: BaseException) -> BaseException:
