@@ -30,6 +30,7 @@ the trial's folder, so ``<storage>/<name>/`` holds everything::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -41,6 +42,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from ray import tune
+from ray.tune import Callback
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
 from lensray import storage
@@ -55,9 +57,17 @@ from lensray.config import (
     read_yaml,
 )
 from lensray.errors import SearchError
-from lensray.runs import ASHA_STOPS_FILE, METRICS, TRIAL_RUN, ExperimentSummary, read_asha_stops, summarise_experiment
-from lensray.runtime import ensure_ray
+from lensray.runs import (
+    ASHA_STOPS_FILE,
+    METRICS,
+    TRIAL_RUN,
+    ExperimentSummary,
+    read_asha_stops,
+    summarise_experiment,
+)
+from lensray.runtime import ensure_ray, verbose
 
+log = logging.getLogger(__name__)
 TUNE_CONFIG_FILE = "tune_config.yaml"
 BEST_CONFIG_FILE = "best_config.yaml"
 TRIAL_CPU = 0.01  # the trial function only waits on its TorchTrainer; the workers hold the CPUs
@@ -241,6 +251,20 @@ def tune_spec_from_dict(
     unknown = sorted(set(tree) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown} (known: {', '.join(TOP_LEVEL_KEYS)})")
+    run = _run_config(tree, source, base_dir, overrides)
+    space_tree = tree.get("space")
+    if not isinstance(space_tree, dict) or not space_tree:
+        raise ConfigError(f"{source}: space must map at least one config key to a distribution")
+    space = {}
+    for key, spec in space_tree.items():
+        _check_key(str(key), source)
+        space[str(key)] = _reachable(parse_dimension(str(key), spec, source), run, source)
+    return TuneSpec(source=source, run=run, space=space)
+
+
+def _run_config(tree: dict[str, Any], source: str, base_dir: Path | None, overrides: list[str] | None) -> LensrayConfig:
+    """The run config every trial starts from: ``base``, then ``run`` and ``search`` on top, then
+    ``overrides``; local paths made absolute (trials run in their own folders)."""
     run_tree: dict[str, Any] = {}
     if tree.get("base") is not None:
         base = Path(base_dir or ".") / str(tree["base"])
@@ -259,7 +283,7 @@ def tune_spec_from_dict(
         raise ConfigError(
             f"{source}: search.metric {run.search.metric!r} is not reported by training (one of {', '.join(METRICS)})"
         )
-    run = run.model_copy(
+    return run.model_copy(
         update={
             "data": run.data.model_copy(update={"store": _absolute_local(run.data.store)}),
             "search": run.search.model_copy(update={"storage": _absolute_local(run.search.storage)}),
@@ -267,25 +291,20 @@ def tune_spec_from_dict(
         }
     )
 
-    space_tree = tree.get("space")
-    if not isinstance(space_tree, dict) or not space_tree:
-        raise ConfigError(f"{source}: space must map at least one config key to a distribution")
-    space = {}
-    for key, spec in space_tree.items():
-        _check_key(str(key), source)
-        dimension = parse_dimension(str(key), spec, source)
-        base_tree = run.model_dump(mode="json")
-        for value in dimension.reachable_values():
-            _set_dotted(base_tree, dimension.key, value)
-            try:
-                config_from_dict(base_tree, source)
-            except ConfigError as exc:
-                reason = str(exc).splitlines()[-1].strip()
-                raise ConfigError(
-                    f"{source}: space.{key}: a sample of {value!r} gives an invalid run config: {reason}"
-                ) from None
-        space[str(key)] = dimension
-    return TuneSpec(source=source, run=run, space=space)
+
+def _reachable(dimension: Dimension, run: LensrayConfig, source: str) -> Dimension:
+    """``dimension``, once every value a sample can take gives a valid run config (else ConfigError)."""
+    base_tree = run.model_dump(mode="json")
+    for value in dimension.reachable_values():
+        _set_dotted(base_tree, dimension.key, value)
+        try:
+            config_from_dict(base_tree, source)
+        except ConfigError as exc:
+            reason = str(exc).splitlines()[-1].strip()
+            raise ConfigError(
+                f"{source}: space.{dimension.key}: a sample of {value!r} gives an invalid run config: {reason}"
+            ) from None
+    return dimension
 
 
 def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
@@ -308,9 +327,10 @@ def run_trial(params: dict[str, Any], *, spec_yaml: str, experiment: str) -> Non
     from lensray.train.trainer import CONFIG_FILE, build_trainer
 
     spec = tune_spec_from_dict(yaml.safe_load(spec_yaml), "tune trial")
-    trial_folder = os.path.basename(ray.tune.get_context().get_trial_dir())
-    config = spec.trial_config(params, out=storage.join(experiment, trial_folder), name=TRIAL_RUN)
-    storage.write_bytes(storage.join(experiment, trial_folder, TRIAL_RUN, CONFIG_FILE), dump_config(config).encode())
+    context = ray.tune.get_context()
+    trial_url = storage.join(experiment, os.path.basename(context.get_trial_dir()))
+    config = spec.trial_config(params, out=trial_url, name=TRIAL_RUN)
+    storage.write_bytes(storage.join(trial_url, TRIAL_RUN, CONFIG_FILE), dump_config(config).encode())
     # A restarted trial (--resume) finds its Train run's checkpoints by name and continues from them.
     build_trainer(config, TRIAL_RUN, run_callbacks=[TuneReportCallback()]).fit()
 
@@ -334,7 +354,42 @@ class RecordingASHA(AsyncHyperBandScheduler):
             stops = read_asha_stops(self._stops_url)
             stops[trial.trial_id] = {"epoch": epoch, self._metric: result.get(self._metric)}
             storage.write_bytes(self._stops_url, json.dumps(stops, indent=1).encode())
+            log.info(
+                f"ASHA stops trial {trial.trial_id} at epoch {epoch}: {self._metric} {_number(result.get(self._metric))}"
+            )
         return action
+
+
+class TrialLines(Callback):
+    """The console of a search: a line per trial result and per finished or failed trial on the
+    ``lensray`` logger (INFO), in place of Tune's status tables, which only -v shows."""
+
+    def __init__(self, metric: str, mode: str, max_epochs: int) -> None:
+        self.metric, self.mode, self.max_epochs = metric, mode, max_epochs
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict[str, Any], **info: Any) -> None:
+        log.info(
+            f"trial {trial.trial_id} ({_params(trial.config)}) epoch {result.get('epoch')}/{self.max_epochs}: "
+            f"{self.metric} {_number(result.get(self.metric))}, train loss {_number(result.get('train_loss'))}"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        best = (trial.metric_analysis or {}).get(self.metric, {}).get(self.mode)
+        epochs = (trial.last_result or {}).get("epoch")
+        log.info(f"trial {trial.trial_id} done after epoch {epochs}: best {self.metric} {_number(best)}")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log.warning(f"trial {trial.trial_id} ({_params(trial.config)}) failed; its error is in the summary")
+
+
+def _params(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}" for key, value in params.items()
+    )
+
+
+def _number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else str(value)
 
 
 # --- the search ---------------------------------------------------------------------------------
@@ -404,86 +459,105 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
     """Run the search (or, with ``resume``, continue the interrupted one of the same name).
 
     ``callbacks`` are extra Tune callbacks (e.g. to watch or interrupt a search)."""
-    from ray.tune import RunConfig, TuneConfig, Tuner
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     from lensray.ingest.store import LensStore
 
-    if spec.search.name is None:
-        if resume:
-            raise SearchError("--resume needs the search's name (search.name / --name)")
-        spec = TuneSpec(
-            spec.source,
-            spec.run.model_copy(
-                update={"search": spec.search.model_copy(update={"name": f"search-{time.strftime('%Y%m%d-%H%M%S')}"})}
-            ),
-            spec.space,
-        )
+    spec = _named(spec, resume)
     experiment = spec.experiment_url()
-    storage_path, filesystem = _storage_args(experiment)
-    fs_path = storage.strip_scheme(experiment)
-    exists = Tuner.can_restore(fs_path, storage_filesystem=filesystem)
-    if exists and not resume:
-        raise SearchError(f"{experiment} already exists: pass --resume to continue it, or choose another --name")
-    if resume:
-        if not exists:
-            raise SearchError(f"nothing to resume at {experiment}")
-        # The trials were sampled from the saved spec: resume with it, whatever the file says now.
-        spec = tune_spec_from_dict(
-            yaml.safe_load(storage.read_bytes(storage.join(experiment, TUNE_CONFIG_FILE))),
-            storage.join(experiment, TUNE_CONFIG_FILE),
-        )
+    spec = _check_experiment(spec, experiment, resume)
     if spec.run.data.store is None:
         raise SearchError("data.store is required: the URL of a store written by `lensray preprocess` (--store)")
-    check_models(
-        spec, LensStore.open(spec.run.data.store)
-    )  # fail fast: a wrong URL, an unfinished store, a net too deep
+    # Fail fast: a wrong URL, an unfinished store, a net too deep.
+    check_models(spec, LensStore.open(spec.run.data.store))
     ensure_ray()
     # The legacy reporter is the one that takes metric columns (the new one shows the first four keys).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    started = time.perf_counter()
+    _tuner(spec, experiment, resume, callbacks).fit()
+    return _outcome(spec, experiment, time.perf_counter() - started, resume)
 
+
+def _named(spec: TuneSpec, resume: bool) -> TuneSpec:
+    """``spec`` with a search name: its own, or a timestamp for a new search."""
+    if spec.search.name is not None:
+        return spec
+    if resume:
+        raise SearchError("--resume needs the search's name (search.name / --name)")
+    name = f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    return TuneSpec(
+        spec.source, spec.run.model_copy(update={"search": spec.search.model_copy(update={"name": name})}), spec.space
+    )
+
+
+def _check_experiment(spec: TuneSpec, experiment: str, resume: bool) -> TuneSpec:
+    """Refuse a new search over an existing one, or a resume of nothing; on resume, the saved spec."""
+    from ray.tune import Tuner
+
+    filesystem = _storage_args(experiment)[1]
+    exists = Tuner.can_restore(storage.strip_scheme(experiment), storage_filesystem=filesystem)
+    if exists and not resume:
+        raise SearchError(f"{experiment} already exists: pass --resume to continue it, or choose another --name")
+    if not resume:
+        return spec
+    if not exists:
+        raise SearchError(f"nothing to resume at {experiment}")
+    # The trials were sampled from the saved spec: resume with it, whatever the file says now.
+    saved = storage.join(experiment, TUNE_CONFIG_FILE)
+    return tune_spec_from_dict(yaml.safe_load(storage.read_bytes(saved)), saved)
+
+
+def _tuner(spec: TuneSpec, experiment: str, resume: bool, callbacks: list[Any] | None) -> Any:
+    """Tune's Tuner for the search: restored from the experiment folder, or a new one (whose spec is
+    saved first). A restored search keeps its first run's callbacks and console settings."""
+    from ray.tune import RunConfig, TuneConfig, Tuner
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    storage_path, filesystem = _storage_args(experiment)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_yaml=spec.dump(), experiment=experiment), {"cpu": TRIAL_CPU}
     )
-    started = time.perf_counter()
     if resume:
-        tuner = Tuner.restore(fs_path, trainable, resume_errored=True, storage_filesystem=filesystem)
-    else:
-        storage.write_bytes(storage.join(experiment, TUNE_CONFIG_FILE), spec.dump().encode())
-        scheduler = RecordingASHA(
-            stops_url=storage.join(experiment, ASHA_STOPS_FILE),
-            time_attr="epoch",
-            metric=spec.search.metric,
-            mode=spec.search.mode,
-            max_t=spec.max_epochs,
-            grace_period=min(spec.search.grace_period, spec.max_epochs),
-            reduction_factor=spec.search.reduction_factor,
-            # A trial at its last epoch ends by itself: stopping it there would kill its Train controller
-            # before it frees its placement group.
-            stop_last_trials=False,
-        )
-        tuner = Tuner(
-            trainable,
-            param_space=spec.param_space(),
-            # The variant generator takes the concurrency cap itself (TuneConfig's is ignored with it).
-            tune_config=TuneConfig(
-                num_samples=spec.search.num_samples,
-                scheduler=scheduler,
-                search_alg=BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=_concurrency(spec)),
-                trial_dirname_creator=trial_folder_name,
-            ),
-            run_config=RunConfig(
-                name=spec.search.name,
-                storage_path=storage_path,
-                storage_filesystem=filesystem,
-                progress_reporter=_progress_reporter(spec),
-                verbose=1,
-                callbacks=callbacks,
-            ),
-        )
-    tuner.fit()
-    wall_s = time.perf_counter() - started
+        path = storage.strip_scheme(experiment)
+        return Tuner.restore(path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    storage.write_bytes(storage.join(experiment, TUNE_CONFIG_FILE), spec.dump().encode())
+    chatty = verbose()  # Tune's status tables only under -v; else TrialLines' lines
+    return Tuner(
+        trainable,
+        param_space=spec.param_space(),
+        # The variant generator takes the concurrency cap itself (TuneConfig's is ignored with it).
+        tune_config=TuneConfig(
+            num_samples=spec.search.num_samples,
+            scheduler=_scheduler(spec, experiment),
+            search_alg=BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=_concurrency(spec)),
+            trial_dirname_creator=trial_folder_name,
+        ),
+        run_config=RunConfig(
+            name=spec.search.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            progress_reporter=_progress_reporter(spec) if chatty else None,
+            verbose=1 if chatty else 0,
+            callbacks=[*(callbacks or []), TrialLines(spec.search.metric, spec.search.mode, spec.max_epochs)],
+        ),
+    )
 
+
+def _scheduler(spec: TuneSpec, experiment: str) -> RecordingASHA:
+    return RecordingASHA(
+        stops_url=storage.join(experiment, ASHA_STOPS_FILE),
+        time_attr="epoch",
+        metric=spec.search.metric,
+        mode=spec.search.mode,
+        max_t=spec.max_epochs,
+        grace_period=min(spec.search.grace_period, spec.max_epochs),
+        reduction_factor=spec.search.reduction_factor,
+        # A trial at its last epoch ends by itself: stopping it there would kill its Train controller
+        # before it frees its placement group.
+        stop_last_trials=False,
+    )
+
+
+def _outcome(spec: TuneSpec, experiment: str, wall_s: float, resumed: bool) -> SearchOutcome:
+    """The finished (or interrupted) search read back from storage; its best config saved beside it."""
     summary = summarise_experiment(experiment, spec.search.metric, spec.search.mode)
     best_config = None
     if summary.best is not None:
@@ -496,7 +570,7 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
             + (f"; first error:\n{errors.iloc[0]}" if len(errors) else "")
         )
     return SearchOutcome(
-        experiment_url=experiment, wall_s=wall_s, summary=summary, best_config=best_config, resumed=resume
+        experiment_url=experiment, wall_s=wall_s, summary=summary, best_config=best_config, resumed=resumed
     )
 
 
