@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ from lensray.ingest.store import LensStore
 from lensray.train.trainer import (
     PREDICTIONS_FILE,
     CheckpointError,
+    EpochRecord,
     TrainError,
     best_checkpoint,
+    epoch_line,
     run_sanity_check,
     train,
 )
@@ -57,6 +61,7 @@ def test_two_worker_ddp_keeps_replicas_identical_and_gathers_validation(
         assert row["val_n"] == 32, "validation predictions of both workers must be gathered, each once"
         # The budget a comparison reports: every image both workers drew (steps x global batch).
         assert row["train_samples"] == config.train.steps_per_epoch * config.train.batch_size
+        assert list(row) == [f.name for f in fields(EpochRecord)], "history.json rows are EpochRecord.as_dict()"
     predictions = np.load(Path(outcome.best_checkpoint) / PREDICTIONS_FILE)
     store = LensStore.open(tiny_store)
     assert sorted(predictions["ids"]) == sorted(store.ids[store.indices("val")])
@@ -87,6 +92,60 @@ def test_resume_continues_epochs_and_lr_schedule_exactly(tiny_store: str, tmp_pa
         assert a["val_auc"] == pytest.approx(b["val_auc"], abs=1e-9)
     assert len({row["lr"] for row in resumed.history}) > 1, "the test needs an LR drop to mean anything"
     assert [row["resumed_from"] for row in resumed.history] == [0, 0, 0, 3, 3, 3]
+
+
+def test_the_driver_shows_each_epoch_and_the_workers_notes_once(
+    tiny_store: str, tmp_path: Path, ray_cluster: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker output reaches the driver only under -v: the epochs and the notes of rank 0 (sanity check,
+    early stopping, resume) come to the driver's ``lensray`` logger instead, each once."""
+    runs = str(tmp_path / "runs")
+    knobs = ("train.sanity=true", "train.sanity_steps=40", "train.sanity_samples=16", "train.steps_per_epoch=8")
+    config = _config(tiny_store, runs, "console", "train.epochs=8", "train.early_stopping_patience=1", *knobs)
+    with caplog.at_level(logging.INFO, logger="lensray"):
+        outcome = train(config)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.trainer"]
+    epochs = len(outcome.history)
+    assert epochs < 8, "the test needs an early stop (val AUC 1.0 plateaus) to mean anything"
+    assert sum(line.startswith("sanity check passed") for line in lines) == 1, lines
+    assert [line.split("  ")[0] for line in lines if line.startswith("epoch ")] == [
+        f"epoch {k}/8" for k in range(1, epochs + 1)
+    ]
+    assert lines[-1] == f"early stopping after epoch {epochs}: no val AUC gain for 1 epochs", lines
+
+    caplog.clear()
+    more = _config(tiny_store, runs, "console", f"train.epochs={epochs + 1}", "train.early_stopping_patience=1", *knobs)
+    with caplog.at_level(logging.INFO, logger="lensray"):
+        train(more, resume=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.trainer"]
+    assert lines[0].startswith(f"resumed after epoch {epochs} from ") and len(lines) >= 2, lines
+    assert lines[1].startswith(f"epoch {epochs + 1}/{epochs + 1}  train loss "), lines
+    assert not any(line.startswith("sanity check") for line in lines), "a resumed run skips the sanity check"
+
+
+def test_epoch_line() -> None:
+    record = EpochRecord(
+        epoch=2,
+        train_loss=0.43121,
+        val_loss=0.5,
+        val_acc=0.8,
+        val_auc=0.9123,
+        val_tpr0=0.1,
+        val_tpr10=0.414,
+        val_n=100,
+        lr=1e-3,
+        train_samples=1000,
+        samples_per_s=1750.4,
+        epoch_s=0.6,
+        world_size=2,
+        replica_spread=0.0,
+        resumed_from=0,
+    )
+    assert EpochRecord.from_dict({**record.as_dict(), "checkpoint_path": "x"}) == record
+    assert (
+        epoch_line(record, 10, 80) == "epoch 2/10  train loss 0.4312  val AUC 0.912  TPR10 0.41  1750 img/s  ETA 1m20s"
+    )
+    assert epoch_line(record, 10, 7300).endswith("ETA 2h01m") and epoch_line(record, 2, 0).endswith("ETA 0 s")
 
 
 def test_training_learns_separable_set(tiny_store: str, tmp_path: Path, ray_cluster: None) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -266,10 +268,20 @@ class InterruptAfter(Callback):
 
 
 @pytest.mark.slow
-def test_an_interrupted_search_resumes_its_trials(tmp_path: Path, tiny_search_tree: Any, ray_cluster: None) -> None:
+def test_an_interrupted_search_resumes_its_trials(
+    tmp_path: Path,
+    tiny_search_tree: Any,
+    ray_cluster: None,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     # Longer epochs (~1 s), so the first trial is mid-run when the interruption stops it.
     tree = tiny_search_tree(str(tmp_path / "experiments"), "resumed", steps_per_epoch=64)
-    first = run_tune(tune_spec_from_dict(tree, "t"), callbacks=[InterruptAfter(1, tmp_path / "interrupted")])
+    with caplog.at_level(logging.INFO, logger="lensray"):  # lensray's console without -v
+        first = run_tune(tune_spec_from_dict(tree, "t"), callbacks=[InterruptAfter(1, tmp_path / "interrupted")])
+    lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.tune"]
+    assert any(re.match(r"trial \w+ \(optim\.lr=0\.003\) epoch 1/4: val_auc \d", line) for line in lines), lines
+    assert "== Status ==" not in capsys.readouterr().out, "Tune's status tables only under -v"
     print(first)
     # One trial at a time: the second is not even sampled yet.
     assert first.trials == 1 and first.summary.unfinished == 1 and first.best_config is not None

@@ -406,7 +406,7 @@ def _report(
     tensorboard: _TensorBoard | None,
 ) -> None:
     """Every rank reports the epoch; rank 0 with its checkpoint, after logging it to TensorBoard and
-    rewriting the run's history.json."""
+    rewriting the run's history.json, and then (the checkpoint persisted) to the driver's console."""
     import ray.train
 
     checkpoint = None
@@ -417,6 +417,8 @@ def _report(
             tensorboard.log(record)
             storage.write_bytes(storage.join(worker.run_url, HISTORY_FILE), json.dumps(history, indent=1).encode())
         ray.train.report(record.as_dict(), checkpoint=checkpoint)
+    if worker.rank == 0 and worker.progress is not None:
+        worker.progress.put(("epoch", record.as_dict()))
 
 
 def _write_checkpoint(
@@ -475,10 +477,11 @@ class _TensorBoard:
 
 
 class _Progress:
-    """The driver's console during ``train``: one line per epoch, and the workers' notes (sanity check,
-    resume, early stopping) once. Ray Train's controller and workers run in other processes, whose
-    own output reaches the driver only under -v; they send here through a queue actor instead, which
-    a thread of the driver empties into the ``lensray`` logger."""
+    """The driver's console during ``train``: one line per epoch, and the notes of the workers
+    (sanity check, resume, early stopping) once. Ray Train's workers run in other processes, whose
+    own output reaches the driver only under -v: rank 0 sends its epochs (once reported, i.e. with
+    the checkpoint persisted) and notes, in order, through a queue actor, which a thread of the
+    driver empties into the ``lensray`` logger."""
 
     def __init__(self, epochs: int) -> None:
         from ray.util.queue import Queue
@@ -488,18 +491,6 @@ class _Progress:
         self._last: float | None = None
         self._recent: list[float] = []  # driver-side seconds of the last few epochs, for the ETA
         self._thread = threading.Thread(target=self._show_until_done, name="lensray-progress", daemon=True)
-
-    def callback(self) -> Any:
-        """A Ray Train user callback: each epoch's metrics, once reported and checkpointed, to the queue."""
-        from ray.train import UserCallback
-
-        queue = self.queue
-
-        class ForwardReports(UserCallback):  # runs in Ray Train's controller actor
-            def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-                queue.put(("epoch", metrics[0]))
-
-        return ForwardReports()
 
     def __enter__(self) -> _Progress:
         self._thread.start()
@@ -563,10 +554,8 @@ def build_trainer(
     if config.resources.use_gpu:
         resources["GPU"] = 1
     loop_config = {"config": config.model_dump(mode="json"), "run_url": storage.join(root, name)}
-    callbacks = list(run_callbacks or [])
     if progress is not None:
         loop_config["progress"] = progress.queue
-        callbacks.append(progress.callback())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -582,7 +571,7 @@ def build_trainer(
                 num_to_keep=config.train.num_to_keep, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
-            callbacks=callbacks or None,
+            callbacks=run_callbacks,
         ),
     )
 
