@@ -8,7 +8,8 @@ saves a checkpoint (weights, optimiser, LR schedule, early stopping, RNG, histor
 validation predictions), kept by best ``val_auc``; ``best_checkpoint`` finds a run's best one from
 storage alone (local or s3://, no cluster), by one tie rule used everywhere. Re-running with the same
 ``train.name`` and ``train.out`` resumes from the latest checkpoint; ``train.max_failures`` lets Ray
-restart workers.
+restart workers. The driver logs one line per epoch and rank 0's notes (sanity check, resume, early
+stopping) on the ``lensray`` logger; Ray's own output is left to -v.
 """
 
 from __future__ import annotations
