@@ -60,6 +60,7 @@ from lensray.errors import SearchError
 from lensray.runs import (
     ASHA_STOPS_FILE,
     METRICS,
+    TRIAL_DONE_FILE,
     TRIAL_RUN,
     ExperimentSummary,
     read_asha_stops,
@@ -333,6 +334,10 @@ def run_trial(params: dict[str, Any], *, spec_yaml: str, experiment: str) -> Non
     storage.write_bytes(storage.join(trial_url, TRIAL_RUN, CONFIG_FILE), dump_config(config).encode())
     # A restarted trial (--resume) finds its Train run's checkpoints by name and continues from them.
     build_trainer(config, TRIAL_RUN, run_callbacks=[TuneReportCallback()]).fit()
+    # How a reader of the folder (runs.summarise_experiment) tells a finished trial from an interrupted one.
+    storage.write_bytes(
+        storage.join(trial_url, TRIAL_DONE_FILE), json.dumps({"trial_id": context.get_trial_id()}).encode()
+    )
 
 
 def trial_folder_name(trial: Any) -> str:
