@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,12 +281,17 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
     )
 
 
-# --- reading a search (no cluster needed) ---------------------------------------------------------
+# --- reading a search (no cluster needed, no pickle) -----------------------------------------------
 
-
+TUNE_CONFIG_FILE = "tune_config.yaml"  # the resolved search: its space names the keys a trial varied
 ASHA_STOPS_FILE = "asha_stopped.json"
+TRIAL_PREFIX = "trial_"  # each trial's folder: trial_<trial id>
 TRIAL_RUN = "train"  # the Train run's folder inside each trial's folder
+TRIAL_DONE_FILE = "trial_done.json"  # written once the trial's Train run returned
+TUNE_ERROR_FILE = "error.txt"  # Ray Tune's plain-text error of a failed trial
+TUNE_RESULT_FILE = "result.json"  # Ray Tune's JSON lines of reported results: read for timing only
 METRICS = ("val_auc", "val_acc", "val_loss", "val_tpr0", "val_tpr10", "train_loss")  # reported every epoch
+CURVE_COLUMNS = ("trial_id", "epoch", *METRICS, "lr", "epoch_s", "time_total_s")
 
 
 def read_asha_stops(stops_url: str) -> dict[str, dict[str, Any]]:
@@ -314,75 +318,147 @@ class ExperimentSummary:
         return int(self.table["stopped_by_asha"].sum()) if len(self.table) else 0
 
 
-def _experiment_analysis(experiment_url: str) -> Any:
-    from ray.tune import ExperimentAnalysis
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as its folder holds it: lensray's config and history, and Tune's text/JSON files."""
 
-    filesystem = storage.arrow_filesystem(experiment_url)[0] if storage.is_s3(experiment_url) else None
+    trial_id: str
+    run_url: str  # the trial's Train run
+    status: str  # TERMINATED (finished or stopped by ASHA), ERROR, or UNFINISHED
+    params: dict[str, Any]  # the searched keys' values
+    history: list[dict[str, Any]]
+    error: str | None
+    stopped_by_asha: bool
+    elapsed_s: dict[int, float]  # epoch -> Tune's time_total_s when it was reported
+
+
+def _read_text(url: str) -> str | None:
     try:
-        return ExperimentAnalysis(storage.strip_scheme(experiment_url), storage_filesystem=filesystem)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SearchError(f"no Tune experiment at {experiment_url}: {exc}") from exc
+        return storage.read_bytes(url).decode(errors="replace")
+    except FileNotFoundError:
+        return None
+
+
+def _dotted(tree: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _elapsed(trial_url: str) -> dict[int, float]:
+    lines = (_read_text(storage.join(trial_url, TUNE_RESULT_FILE)) or "").splitlines()
+    results = [json.loads(line) for line in lines if line.strip()]
+    return {int(r["epoch"]): float(r["time_total_s"]) for r in results if "epoch" in r and "time_total_s" in r}
+
+
+def _epochs_tune_saw(history: list[dict[str, Any]], elapsed: dict[int, float], stop: dict[str, Any] | None) -> list:
+    """The history rows the search acted on. A trial keeps training for a moment after ASHA stops it or
+    the search is interrupted: its history.json may run past what Tune recorded (``result.json``)."""
+    if stop is not None:
+        history = [row for row in history if int(row["epoch"]) <= int(stop["epoch"])]
+    if elapsed:
+        history = [row for row in history if int(row["epoch"]) in elapsed]
+    return history
+
+
+def read_trial(experiment_url: str, folder: str, space: list[str], stops: dict[str, Any]) -> TrialRecord:
+    """A trial folder read through JSON/YAML/text only (never Ray's pickled experiment state)."""
+    trial_url = storage.join(experiment_url, folder)
+    run_url = storage.join(trial_url, TRIAL_RUN)
+    config = yaml.safe_load(_read_text(storage.join(run_url, CONFIG_FILE)) or "{}") or {}
+    trial_id = folder.removeprefix(TRIAL_PREFIX)
+    elapsed = _elapsed(trial_url)
+    history = _epochs_tune_saw(
+        json.loads(_read_text(storage.join(run_url, HISTORY_FILE)) or "[]"), elapsed, stops.get(trial_id)
+    )
+    error = _read_text(storage.join(trial_url, TUNE_ERROR_FILE))
+    done = storage.exists(storage.join(trial_url, TRIAL_DONE_FILE))
+    status = "TERMINATED" if done or trial_id in stops else "ERROR" if error is not None else "UNFINISHED"
+    return TrialRecord(
+        trial_id=trial_id,
+        run_url=run_url,
+        status=status,
+        params={key: _dotted(config, key) for key in space},
+        history=history,
+        error=error.strip() if error and status == "ERROR" else None,
+        stopped_by_asha=trial_id in stops,
+        elapsed_s=elapsed,
+    )
+
+
+def _trial_row(trial: TrialRecord, metric: str, mode: str) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The trial's table row and its learning curve (epochs with a finite ``metric``)."""
+    curve = pd.DataFrame([r for r in trial.history if _finite(r.get(metric))])
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **trial.params}
+    row["epochs"] = max((int(r["epoch"]) for r in trial.history), default=0)
+    row[f"best_{metric}"], row["best_epoch"] = math.nan, None
+    if len(curve):
+        curve["trial_id"] = trial.trial_id
+        curve["time_total_s"] = curve["epoch"].map(trial.elapsed_s)
+        position = curve[metric].idxmax() if mode == "max" else curve[metric].idxmin()
+        row[f"best_{metric}"], row["best_epoch"] = float(curve.loc[position, metric]), int(curve.loc[position, "epoch"])
+        first = curve.iloc[0]
+        if _finite(first.get("time_total_s")):
+            row["start_overhead_s"] = float(first["time_total_s"] - first["epoch_s"])
+        row["run_url"] = trial.run_url
+    row["stopped_by_asha"] = trial.stopped_by_asha
+    row["error"] = trial.error
+    return row, curve
+
+
+def _search_space(experiment_url: str) -> list[str]:
+    url = storage.join(experiment_url, TUNE_CONFIG_FILE)
+    text = _read_text(url)
+    if text is None:
+        raise SearchError(f"no lensray search at {experiment_url} (no {TUNE_CONFIG_FILE})")
+    spec = yaml.safe_load(text)
+    if not isinstance(spec, dict) or not isinstance(spec.get("space"), dict):
+        raise SearchError(f"{url}: not a lensray search file (no space mapping)")
+    return list(spec["space"])
 
 
 def summarise_experiment(experiment_url: str, metric: str = "val_auc", mode: str = "max") -> ExperimentSummary:
-    """Read an experiment's trials from storage (local or s3://); the best trial is the one whose best
-    epoch is best (ties: the earlier trial, as Tune's ``get_best_result(scope="all")``)."""
-    from ray.tune import ResultGrid
-
+    """Read a search from storage (local or s3://) through lensray's own files and Tune's JSON/text ones,
+    never a pickle: reading an experiment folder from anywhere cannot run code. The best trial is the
+    one whose best epoch is best (ties: the earlier trial, as Tune's ``get_best_result(scope="all")``).
+    """
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-    analysis = _experiment_analysis(experiment_url)
-    grid = ResultGrid(analysis)
+    experiment_url = experiment_url.rstrip("/")
+    space = _search_space(experiment_url)
     stops = read_asha_stops(storage.join(experiment_url, ASHA_STOPS_FILE))
+    folders = [f for f in storage.list_folders(experiment_url) if f.startswith(TRIAL_PREFIX)]
+    trials = sorted((read_trial(experiment_url, f, space, stops) for f in folders), key=_creation_order)
     rows, curves, best = [], [], None
-    for trial, result in zip(analysis.trials, grid, strict=False):
-        frame = result.metrics_dataframe
-        params = dict(trial.config)
-        row: dict[str, Any] = {"trial_id": trial.trial_id, "status": trial.status, **params}
-        scored = frame.dropna(subset=[metric]) if frame is not None and metric in frame else pd.DataFrame()
-        row["epochs"] = int(frame["epoch"].max()) if frame is not None and "epoch" in frame and len(frame) else 0
-        row[f"best_{metric}"], row["best_epoch"] = math.nan, None
-        if len(scored):
-            position = scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()
-            row[f"best_{metric}"], row["best_epoch"] = (
-                float(scored.loc[position, metric]),
-                int(scored.loc[position, "epoch"]),
-            )
-            row["start_overhead_s"] = float(scored["time_total_s"].iloc[0] - scored["epoch_s"].iloc[0])
-            checkpoint = scored.loc[position].get("checkpoint_path")
-            run_folder = (
-                os.path.basename(os.path.dirname(str(checkpoint))) if isinstance(checkpoint, str) else TRIAL_RUN
-            )
-            # Relative to the URL given, so an experiment copied elsewhere still resolves.
-            row["run_url"] = storage.join(experiment_url, os.path.basename(trial.path), run_folder)
-            curves.append(scored.assign(trial_id=trial.trial_id))
+    for trial in trials:
+        row, curve = _trial_row(trial, metric, mode)
+        rows.append(row)
+        if len(curve):
+            curves.append(curve)
             value = row[f"best_{metric}"]
             if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
-                best = {
-                    "trial_id": trial.trial_id,
-                    "params": params,
-                    "value": value,
-                    "best_epoch": row["best_epoch"],
-                    "run_url": row["run_url"],
-                }
-        row["stopped_by_asha"] = trial.trial_id in stops
-        row["error"] = str(result.error) if result.error is not None else None
-        rows.append(row)
+                keys = ("trial_id", "value", "best_epoch", "run_url")
+                best = dict(zip(keys, (trial.trial_id, value, row["best_epoch"], trial.run_url), strict=True))
+                best["params"] = trial.params
     table = pd.DataFrame(rows)
     if len(table):
         table = table.sort_values(f"best_{metric}", ascending=mode == "min", na_position="last", kind="stable")
-    keep = ["trial_id", "epoch", *METRICS, "lr", "epoch_s", "time_total_s"]
-    curves_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=keep)
-    unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in analysis.trials)
+    frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=list(CURVE_COLUMNS))
     return ExperimentSummary(
         experiment_url=experiment_url,
         metric=metric,
         mode=mode,
         table=table.reset_index(drop=True),
-        curves=curves_frame[[c for c in keep if c in curves_frame]],
+        curves=frame[[c for c in CURVE_COLUMNS if c in frame]],
         best=best,
-        unfinished=unfinished,
+        unfinished=sum(trial.status == "UNFINISHED" for trial in trials),
     )
+
+
+def _creation_order(trial: TrialRecord) -> tuple[int, str]:
+    """Tune's trial IDs end in a running number (``a1b2c_00003``): the order the search created them."""
+    suffix = trial.trial_id.rsplit("_", 1)[-1]
+    return (int(suffix) if suffix.isdigit() else -1, trial.trial_id)
 
 
 def load_best(

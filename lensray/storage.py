@@ -133,6 +133,17 @@ def exists(url: str) -> bool:
     return False
 
 
+def list_folders(url: str) -> list[str]:
+    """Names of the folders directly under ``url``, sorted; [] when ``url`` does not exist. StorageError
+    (naming the URL) when it cannot be listed."""
+    fs, path = arrow_filesystem(url)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as exc:
+        raise StorageError(f"cannot list {url}: {exc}") from exc
+    return sorted(entry.base_name for entry in entries if entry.type == pafs.FileType.Directory)
+
+
 def write_bytes(url: str, data: bytes) -> None:
     fs, path = arrow_filesystem(url)
     if not is_s3(url):
