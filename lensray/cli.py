@@ -519,8 +519,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _LineFormatter(logging.Formatter):
+    """Progress as plain lines, warnings marked as such, and under -v the module that spoke."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return f"{record.name}: {message}" if record.levelno < logging.INFO else message
+
+
 _HANDLER = _StderrHandler()
-_HANDLER.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+_HANDLER.setFormatter(_LineFormatter())
 
 
 def configure_logging(verbose: bool, quiet: bool) -> None:

@@ -6,8 +6,11 @@ every number is also in the files, whose paths close the output.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import time
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from lensray.ingest.ingest import IngestSummary, ingest
 from lensray.ingest.preprocess import preprocess_cutout
 from lensray.ingest.store import SPLITS, LensStore
 from lensray.runs import Run, load_best
+from lensray.runtime import verbose
 from lensray.simulate.writer import SimulationSummary, simulate_dataset
 from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
 from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
@@ -64,6 +68,19 @@ def _demo_paths(config: LensrayConfig, out: Path) -> LensrayConfig:
     )
 
 
+@contextlib.contextmanager
+def _quiet_unless_verbose(name: str) -> Iterator[None]:
+    """Hold the logger ``name`` to warnings for a step whose summary says the same, unless -v."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    if not verbose():
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     """Run every stage; returns the paths of what it wrote."""
     out = Path(out).resolve()
@@ -80,7 +97,8 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     _step(1, f"Simulate {config.simulate.n} challenge-format objects (lenstronomy, Ray tasks)")
     _report_simulation(simulate_dataset(config.simulate))
     _step(2, "Read the catalogue and apply the three label rules")
-    catalog = read_catalog(config.data.catalog)
+    with _quiet_unless_verbose("lensray.sky.catalog"):  # step 4 reports the duplicate rows it drops
+        catalog = read_catalog(config.data.catalog)
     for rule in ("paper", "official", "challenge"):
         counts = label_counts(apply_label_rule(catalog, rule))
         _say(
@@ -97,7 +115,8 @@ def run_demo(config: LensrayConfig, out: str | Path) -> dict[str, Path]:
     outcome = train(config)
     _report_training(outcome)
     _step(6, f"Search with Ray Tune and ASHA early stopping ({DEMO_SEARCH.name})")
-    search = run_search(DEMO_SEARCH, storage=str(experiments), store=config.data.store)
+    with _quiet_unless_verbose("lensray.train.tune"):  # the step's own summary lists every trial
+        search = run_search(DEMO_SEARCH, storage=str(experiments), store=config.data.store)
     best = load_best(search.experiment_url)
     _report_search(search, best)
     _step(7, "Compare every demo run on the test split (the study's Table I, for these runs)")

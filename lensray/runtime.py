@@ -41,19 +41,23 @@ def ensure_ray() -> None:
 
 
 class _RayNotices(logging.Filter):
-    """Drops Ray's notices that ask nothing of the user, unless -v: today the one that a new local
-    cluster has token authentication on (a warning that it is *off* still shows)."""
+    """Drops Ray's notices that ask nothing of the user, unless -v: that a new local cluster has token
+    authentication on (a warning that it is *off* still shows), and that Ray Data's bars are off (lensray
+    draws its own)."""
 
-    NOTICES = ("Token authentication is enabled",)
+    NOTICES = ("Token authentication is enabled", "Progress bars disabled")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return verbose() or not record.getMessage().startswith(self.NOTICES)
 
 
 def _hide_ray_notices() -> None:
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _RayNotices) for f in logger.filters):
-        logger.addFilter(_RayNotices())
+    for name in ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RayNotices) for f in logger.filters):
+            logger.addFilter(_RayNotices())
+    # Ray Data's per-dataset "Starting execution" / "Execution plan" lines: lensray shows its own progress.
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose() else logging.WARNING)
 
 
 def verbose() -> bool:
