@@ -130,8 +130,8 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
     The one rule behind ``train``'s outcome, ``evaluate``/``compare``/``score`` on a run folder and
     ``load_best``: epochs are ranked by ``metric`` in the run's ``history.json`` (``mode`` "max" or
     "min"); ties go to the earliest epoch; an epoch whose metric is NaN, None or missing never wins.
-    Only complete checkpoints count (a ``checkpoint_*`` folder with its ``state.pt``). When the best
-    epoch's checkpoint is not kept (deleted by ``train.num_to_keep``, or never written because the run
+    Only complete checkpoints count (a ``checkpoint_*`` folder with its ``state.pt`` and ``epoch.json``).
+    When the best epoch's checkpoint is not kept (deleted by ``train.num_to_keep``, or never written because the run
     stopped first), the best epoch among the kept checkpoints is returned instead of failing;
     ``best_epoch`` then names the better epoch that is gone. CheckpointError (naming the URL) when
     there is no history, no finite metric, or no complete checkpoint of a scored epoch.
@@ -153,7 +153,7 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
         if epoch in kept:
             return BestCheckpoint(url=kept[epoch], metrics=rows[epoch], best_epoch=ranked[0])
     raise CheckpointError(
-        f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE}) of an epoch with a finite "
+        f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE} and {EPOCH_FILE}) of an epoch with a finite "
         f"{metric}; checkpoints kept: epochs {sorted(kept)}"
     )
 
@@ -180,24 +180,18 @@ def _kept_checkpoints(run_url: str) -> dict[int, str]:
     # Ray names folders by time, so sorting makes a newer folder win an epoch held twice (a worker
     # restart that went back one epoch): it matches the history.json that run rewrote.
     for name in sorted(files):
-        if STATE_FILE not in files[name]:
+        if not {STATE_FILE, EPOCH_FILE} <= files[name]:
             continue  # still being uploaded, or being deleted
         url = storage.join(run_url, name)
-        epoch = _checkpoint_epoch(url, EPOCH_FILE in files[name])
+        epoch = _checkpoint_epoch(url)
         if epoch is not None:
             kept[epoch] = url
     return kept
 
 
-def _checkpoint_epoch(url: str, has_epoch_file: bool) -> int | None:
+def _checkpoint_epoch(url: str) -> int | None:
     try:
-        if has_epoch_file:
-            return int(json.loads(storage.read_bytes(storage.join(url, EPOCH_FILE)))["epoch"])
-        # Runs written before epoch.json: the epoch is only inside the weights file.
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(storage.join(url, STATE_FILE))), map_location="cpu", weights_only=True
-        )
-        return int(state["epoch"])
+        return int(json.loads(storage.read_bytes(storage.join(url, EPOCH_FILE)))["epoch"])
     except FileNotFoundError:
         return None  # deleted by the keep-N policy while we looked
 

@@ -164,8 +164,8 @@ def test_checkpoints_on_s3(tiny_store: str, s3_bucket: str, ray_cluster: None) -
 
 
 def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str]) -> dict[int, str]:
-    """history.json plus one folder per epoch in ``checkpoints``: "new" (state.pt + epoch.json), "old"
-    (state.pt only, as before epoch.json existed) or "partial" (epoch.json, state.pt not uploaded yet)."""
+    """history.json plus one folder per epoch in ``checkpoints``: "new" (state.pt + epoch.json), or a folder
+    still being uploaded: "no-epoch" (state.pt, epoch.json not there yet) or "partial" (epoch.json, no state.pt)."""
     import torch
 
     storage.write_bytes(storage.join(run_url, "history.json"), json.dumps(history).encode())  # NaN as Python writes it
@@ -176,7 +176,7 @@ def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str
             buffer = io.BytesIO()
             torch.save({"epoch": epoch, "model": {}}, buffer)
             storage.write_bytes(storage.join(url, "state.pt"), buffer.getvalue())
-        if kind != "old":
+        if kind != "no-epoch":
             storage.write_bytes(storage.join(url, "epoch.json"), json.dumps({"epoch": epoch}).encode())
     return urls
 
@@ -189,14 +189,16 @@ def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(
     run_url = storage.join(root, "runs", "hand")
     aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8, 7: 0.99}
     history = [{"epoch": e, "val_auc": a, "val_loss": 1.0 - (a or 0.0)} for e, a in aucs.items()]
-    urls = _hand_made_run(run_url, history, {1: "old", 2: "new", 3: "new", 4: "new", 5: "new", 6: "new", 7: "partial"})
+    urls = _hand_made_run(
+        run_url, history, {1: "no-epoch", 2: "new", 3: "new", 4: "new", 5: "new", 6: "new", 7: "partial"}
+    )
 
     best = best_checkpoint(run_url)
     # 7 (0.99) has no state.pt yet; 2 and 4 tie at 0.9: the earliest wins; NaN and None never win.
     assert (best.url, best.metrics, best.best_epoch) == (urls[2], history[1], 7)
     assert best_checkpoint(run_url + "/").url == urls[2]
     lowest = best_checkpoint(run_url, mode="min")
-    assert lowest.url == urls[1] and lowest.metrics["epoch"] == 1, "an old checkpoint's epoch comes from its state.pt"
+    assert lowest.url == urls[6] and lowest.metrics["epoch"] == 6, "1 (0.7) is incomplete: no epoch.json yet"
     assert best_checkpoint(run_url, "val_loss", "min").url == urls[2]  # 0.1 at 2 and 4 (and NaN at 3)
 
     fs, _ = storage.arrow_filesystem(run_url)
@@ -212,7 +214,7 @@ def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(
     with pytest.raises(CheckpointError, match=re.escape(f"{run_url}/history.json: no epoch has a finite val_auc")):
         best_checkpoint(run_url)
     storage.write_bytes(storage.join(run_url, "history.json"), json.dumps([{"epoch": 7, "val_auc": 0.5}]).encode())
-    with pytest.raises(CheckpointError, match=re.escape(run_url) + r": no complete checkpoint .*epochs \[1, 3, 5, 6\]"):
+    with pytest.raises(CheckpointError, match=re.escape(run_url) + r": no complete checkpoint .*epochs \[3, 5, 6\]"):
         best_checkpoint(run_url)
 
 

@@ -77,11 +77,8 @@ def _run_history(checkpoint_url: str, fallback: list[dict[str, Any]]) -> list[di
 
 
 def _images_seen(history: list[dict[str, Any]]) -> int | None:
-    """Training images drawn over the whole run (all epochs, all workers): the budget a recipe used.
-    None for runs written before ``train_samples`` was recorded."""
-    if not history or any("train_samples" not in row for row in history):
-        return None
-    return int(sum(row["train_samples"] for row in history))
+    """Training images drawn over the whole run (all epochs, all workers): the budget a recipe used."""
+    return int(sum(row["train_samples"] for row in history)) if history else None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +17,6 @@ from lensray.errors import EvaluateError, ScoreError
 from lensray.runtime import progress
 from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
 
-TTA = Literal["d4"]
 PREDICT_BATCH = 128
 
 

@@ -364,7 +364,6 @@ class WorkerFeed:
         self.epoch = 0
         self.batch_size = batch_size if batch_size is not None else per_worker_batch_size(train.batch_size, world_size)
         rows = _labelled_rows(self.store, split)
-        self.split_rows = rows
         self.labels = self.store.labels[rows].astype(np.int8)
         steps = train.steps_per_epoch or default_steps(len(rows), self.batch_size * world_size, world_size)
         self.sampler = make_sampler(self.labels, self.batch_size, steps, train, rank, world_size)
@@ -377,10 +376,6 @@ class WorkerFeed:
     @property
     def steps(self) -> int:
         return len(self.sampler)
-
-    @property
-    def share_size(self) -> int:
-        return len(self.sampler.share)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -467,7 +462,6 @@ class EvalFeed:
         rows = _labelled_rows(self.store, split)
         if subset is not None and subset < rows.size:
             rows = rows[balanced_subset(self.store.labels[rows], subset, seed)]
-        self.set_rows = rows  # the whole evaluated set, all ranks together
         lo, hi = shard_bounds(len(rows), world_size)[rank : rank + 2]
         self.rows = rows[lo:hi]
         self.ids = self.store.ids[self.rows]
