@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from lensray._version import __version__
 from lensray.config import LensrayConfig, load_config
-from lensray.errors import ConfigError, LensrayError
+from lensray.errors import ConfigError, Interrupted, LensrayError
 
 DEVICES = ("auto", "cpu", "cuda")
 # Missing or misplaced files and folders: reported like a lensray error, as one line naming the path.
@@ -596,6 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exception(exc)
         print(f"lensray {command}: {one_line(cause)}", file=sys.stderr)
+        if isinstance(cause, Interrupted):
+            return EXIT_INTERRUPTED
         return EXIT_USAGE if isinstance(cause, ConfigError) else EXIT_ERROR
 
 

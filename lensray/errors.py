@@ -70,3 +70,7 @@ class EvaluateError(LensrayError, ValueError):
 
 class ScoreError(LensrayError, ValueError):
     """Scoring cannot run (unusable checkpoint, catalogue or output); the message names the object."""
+
+
+class Interrupted(LensrayError):
+    """A long job was stopped (Ctrl-C); the message says how to continue it. The CLI exits with 130."""
