@@ -43,20 +43,6 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "mag_lens": "VIS AB magnitude of the lens galaxy (not a magnification)",
     "n_sources": "number of lensed sources (0: not a lens)",
 }
-INT_COLUMNS = frozenset(
-    {
-        "ID",
-        "source_ID",
-        "n_crit",
-        "n_pix_source",
-        "n_pix_lens",
-        "n_source_im",
-        "n_gal_3",
-        "n_gal_5",
-        "n_gal_10",
-        "n_sources",
-    }
-)
 
 
 def measure(

@@ -28,12 +28,12 @@ from lensray.config import SimulateConfig
 from lensray.errors import ConfigError
 from lensray.runtime import ensure_ray, progress
 from lensray.simulate.instrument import FLUX_MAGZP, band_observation
-from lensray.simulate.measure import FIELD_DESCRIPTIONS, INT_COLUMNS, measure
+from lensray.simulate.measure import FIELD_DESCRIPTIONS, measure
 from lensray.simulate.quirks import ImageQuirks, draw_nir_sizes, inject_nan_pixels
 from lensray.simulate.render import observe, render_scene
 from lensray.simulate.scene import draw_scene
 from lensray.sky.bands import BAND_NAMES, BANDS, band_relpath
-from lensray.sky.catalog import CATALOG_NAME, COLUMNS
+from lensray.sky.catalog import CATALOG_NAME, COLUMNS, INT_COLUMNS
 
 # ---------------------------------------------------------------------------------------------------
 # One object
