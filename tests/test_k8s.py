@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from k8s_render import RenderError, containers, json_patch, render, split_image,
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
-OVERLAYS = {"base": K8S, "cpu-demo": K8S / "overlays" / "cpu-demo", "gpu": K8S / "overlays" / "gpu"}
+BASE = K8S / "base"
+OVERLAYS = {"base": BASE, "cpu-demo": K8S / "overlays" / "cpu-demo", "gpu": K8S / "overlays" / "gpu"}
 STORAGE_CONFIGMAP, S3_SECRET = "lensray-storage", "lensray-s3"
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
@@ -160,13 +163,13 @@ def test_manifests_validate(target: Path) -> None:
 def test_validator_cli_reports_and_fails_on_a_broken_manifest(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    broken = yaml.safe_load((K8S / "raycluster.yaml").read_text())
+    broken = yaml.safe_load((BASE / "raycluster.yaml").read_text())
     broken["spec"]["workerGroupSpecs"][0]["minReplica"] = 1  # a typo the API server would silently drop
     (tmp_path / "raycluster.yaml").write_text(yaml.safe_dump(broken))
-    assert kv.main([str(tmp_path / "raycluster.yaml"), str(K8S / "raycluster.yaml")]) == 1
+    assert kv.main([str(tmp_path / "raycluster.yaml"), str(BASE / "raycluster.yaml")]) == 1
     out = capsys.readouterr().out
     assert "RayCluster/lensray: spec.workerGroupSpecs[0].minReplica: unknown field" in out
-    assert "ok: k8s/raycluster.yaml" in out
+    assert "ok: k8s/base/raycluster.yaml" in out
 
 
 def test_each_step_is_selectable_by_its_component_label(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -292,6 +295,72 @@ def test_secret_example_is_never_rendered_by_a_kustomization() -> None:
     for kustomization in K8S.rglob("kustomization.yaml"):
         resources = yaml.safe_load(kustomization.read_text()).get("resources", [])
         assert not any("secret" in entry for entry in resources), kustomization
+
+
+# --- the render against kubectl's own -------------------------------------------------------------------
+
+
+def _kubectl_kustomize_version() -> tuple[int, ...] | None:
+    """The kustomize version built into kubectl, or None where there is no kubectl."""
+    if shutil.which("kubectl") is None:
+        return None
+    out = subprocess.run(["kubectl", "version", "--client"], capture_output=True, text=True, timeout=60).stdout
+    match = re.search(r"Kustomize Version: v(\d+)\.(\d+)", out)
+    return tuple(int(part) for part in match.groups()) if match else (0,)
+
+
+KUSTOMIZE = _kubectl_kustomize_version()
+needs_kubectl = pytest.mark.skipif(
+    KUSTOMIZE is None or KUSTOMIZE < (5, 0),
+    reason="needs kubectl with kustomize >= v5 (`kubectl kustomize`); "
+    + ("kubectl is not installed (.ci/run installs it)" if KUSTOMIZE is None else f"found kustomize {KUSTOMIZE}"),
+)
+
+
+def kubectl_kustomize(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", list(OVERLAYS))
+def test_kubectl_renders_what_the_validator_checks(name: str) -> None:
+    """`kubectl apply -k` builds exactly the objects the project's renderer (and so the validator) sees."""
+    built = kubectl_kustomize(OVERLAYS[name])
+    assert built.returncode == 0, built.stderr
+    theirs = {kv.object_id(obj): obj for obj in yaml.safe_load_all(built.stdout) if obj}
+    ours = {kv.object_id(obj): obj for obj in render(OVERLAYS[name])}
+    assert sorted(theirs) == sorted(ours)
+    for object_id, obj in theirs.items():
+        assert obj == ours[object_id], object_id
+    assert kv.validate(list(theirs.values())) == []
+
+
+def _cycle(tmp_path: Path) -> Path:
+    """The old layout: the base's kustomization in k8s/, an overlay below it naming `../..`."""
+    _write(tmp_path, "cm.yaml", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}})
+    _write(tmp_path, "kustomization.yaml", {"resources": ["cm.yaml"]})
+    _write(tmp_path / "overlays" / "x", "kustomization.yaml", {"resources": ["../.."], "namespace": "demo"})
+    return tmp_path / "overlays" / "x"
+
+
+def test_render_refuses_a_base_that_contains_its_overlay_as_kustomize_does(tmp_path: Path) -> None:
+    with pytest.raises(RenderError, match="cycle detected"):
+        render(_cycle(tmp_path))
+
+
+@needs_kubectl
+def test_kubectl_refuses_the_same_cycle(tmp_path: Path) -> None:
+    built = kubectl_kustomize(_cycle(tmp_path))
+    assert built.returncode != 0 and "cycle detected" in built.stderr
+
+
+def test_render_refuses_files_outside_the_kustomization_as_kustomize_does(tmp_path: Path) -> None:
+    _write(tmp_path, "cm.yaml", {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {}})
+    _write(tmp_path / "overlay", "kustomization.yaml", {"resources": ["../cm.yaml"]})
+    with pytest.raises(RenderError, match="is not in or below"):
+        render(tmp_path / "overlay")
+    if KUSTOMIZE is not None and KUSTOMIZE >= (5, 0):
+        assert kubectl_kustomize(tmp_path / "overlay").returncode != 0
 
 
 # --- the renderer -----------------------------------------------------------------------------------
@@ -893,7 +962,7 @@ BROKEN: list[tuple[str, str, list[dict[str, Any]], str]] = [
 
 @pytest.fixture(scope="module")
 def base_objects() -> dict[str, dict[str, Any]]:
-    return {kv.object_id(obj): obj for obj in render(K8S)}
+    return {kv.object_id(obj): obj for obj in render(BASE)}
 
 
 @pytest.mark.parametrize(("case", "object_id", "operations", "message"), BROKEN, ids=[case[0] for case in BROKEN])
@@ -934,7 +1003,7 @@ def test_the_secret_example_holds_placeholders_and_real_keys_are_refused() -> No
 
 def test_a_namespace_mismatch_is_reported(tmp_path: Path) -> None:
     objects = [
-        yaml.safe_load((K8S / "storage-configmap.yaml").read_text()),
+        yaml.safe_load((BASE / "storage-configmap.yaml").read_text()),
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}},
     ]
     objects[0]["metadata"]["namespace"] = "lensray"

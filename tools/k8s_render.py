@@ -6,7 +6,9 @@ Implemented: ``resources`` (files and directories, recursively), ``patches`` (RF
 with a ``target``; strategic-merge patches of maps), then ``namespace``, ``labels`` (metadata only)
 and ``images`` (every ``containers``/``initContainers`` image at any depth), in kustomize's order.
 Any other kustomization field, a patch that matches nothing, or a failed JSON-patch ``test`` is an
-error naming the file, so an overlay is never rendered differently from what it says.
+error naming the file, so an overlay is never rendered differently from what it says; so are what
+kustomize itself refuses: a base that contains the overlay naming it (a cycle), and a resource or
+patch file outside the kustomization's folder.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def load_manifests(path: Path) -> list[dict[str, Any]]:
     return documents
 
 
-def render(path: str | Path) -> list[dict[str, Any]]:
+def render(path: str | Path, _visited: tuple[Path, ...] = ()) -> list[dict[str, Any]]:
     """The objects of a kustomization directory (as `kubectl kustomize` would build them) or of a file."""
-    path = Path(path)
+    path = Path(path).resolve()
     if path.is_file():
         return load_manifests(path)
+    _check_no_cycle(path, _visited)
     kustomization_file = path / "kustomization.yaml"
     if not kustomization_file.is_file():
         raise RenderError(f"{path}: neither a manifest file nor a directory with kustomization.yaml")
@@ -57,7 +60,9 @@ def render(path: str | Path) -> list[dict[str, Any]]:
         target = (path / entry).resolve()
         if not target.exists():
             raise RenderError(f"{kustomization_file}: resource {entry!r} does not exist")
-        objects.extend(render(target))
+        if target.is_file():
+            _check_within(target, path, f"{kustomization_file}: resource {entry!r}")
+        objects.extend(render(target, (*_visited, path)))
     _check_unique_ids(objects, kustomization_file)
     for index, patch in enumerate(kustomization.get("patches", [])):
         _apply_patch_entry(objects, patch, path, f"{kustomization_file}: patches[{index}]")
@@ -72,6 +77,20 @@ def render(path: str | Path) -> list[dict[str, Any]]:
     for index, entry in enumerate(kustomization.get("images", [])):
         _apply_image(objects, entry, f"{kustomization_file}: images[{index}]")
     return objects
+
+
+def _check_no_cycle(root: Path, visited: tuple[Path, ...]) -> None:
+    """kustomize refuses a kustomization that is, or contains, one already being built (an overlay
+    naming a folder above itself as its base): `cycle detected: candidate root ... contains visited root`."""
+    for seen in visited:
+        if seen == root or seen.is_relative_to(root):
+            raise RenderError(f"{root}: cycle detected: it contains {seen}, which names it as a resource")
+
+
+def _check_within(file: Path, root: Path, where: str) -> None:
+    # kustomize's default load restrictor (LoadRestrictionsRootOnly): files come from the root or below.
+    if not file.is_relative_to(root):
+        raise RenderError(f"{where}: {file} is not in or below {root} (kustomize refuses files outside the root)")
 
 
 def object_id(obj: dict[str, Any]) -> str:
@@ -106,6 +125,8 @@ def _apply_patch_entry(objects: list[dict[str, Any]], entry: dict[str, Any], bas
     if unknown or ("path" in entry) == ("patch" in entry):
         raise RenderError(f"{where}: needs exactly one of path/patch (and optionally target), got {sorted(entry)}")
     source = f"{where} ({entry['path']})" if "path" in entry else where
+    if "path" in entry:
+        _check_within((base / entry["path"]).resolve(), base, source)
     text = (base / entry["path"]).read_text() if "path" in entry else entry["patch"]
     patch = yaml.safe_load(text)
     target = entry.get("target")

@@ -1,7 +1,7 @@
 """Offline checks for the Kubernetes manifests in k8s/: render each kustomization, validate every object.
 
-    .venv/bin/python tests/k8s_validate.py                     # k8s/, every overlay, secret.example.yaml
-    .venv/bin/python tests/k8s_validate.py k8s/overlays/gpu    # one kustomization (or manifest file)
+    .venv/bin/python tools/k8s_validate.py                     # k8s/base, every overlay, secret.example.yaml
+    .venv/bin/python tools/k8s_validate.py k8s/overlays/gpu    # one kustomization (or manifest file)
 
 No cluster, kubectl or kustomize binary is needed (rendering: ``k8s_render``). The project does not
 import this at run time; tests/test_k8s.py does, and so can anyone checking an edited overlay.
@@ -781,7 +781,7 @@ def check(path: str | Path, repo: Path = REPO) -> list[str]:
 
 def default_targets() -> list[Path]:
     overlays = sorted(p for p in (K8S_DIR / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-    return [K8S_DIR, *overlays, K8S_DIR / "secret.example.yaml"]
+    return [K8S_DIR / "base", *overlays, K8S_DIR / "secret.example.yaml"]
 
 
 def main(argv: list[str] | None = None) -> int:
