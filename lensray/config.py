@@ -8,11 +8,15 @@ identically.
 
 from __future__ import annotations
 
+import os
+import posixpath
+import re
+import types
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lensray.errors import ConfigError
 
@@ -23,7 +27,25 @@ PreprocessMode = Literal["asinh", "log", "clip"]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or a NaN is a typo that would only show as a diverged run hours later.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # YAML reads `epochs: true` as a bool, which pydantic would take as the number 1.
+        field = cls.model_fields.get(info.field_name or "")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if field is not None and any(isinstance(v, bool) for v in items) and _numeric(field.annotation):
+            raise ValueError("a boolean is not a number")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type is a number, or a number in a union or tuple (``int | None``, ``tuple[int, ...]``)."""
+    if annotation in (int, float):
+        return True
+    return get_origin(annotation) in (Union, types.UnionType, tuple) and any(_numeric(a) for a in get_args(annotation))
 
 
 class SimulateConfig(Section):
@@ -241,25 +263,94 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> LensrayCon
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
+def parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
+    """A config file's text as a mapping of sections; ConfigError naming ``source`` otherwise."""
     try:
         tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(tree).__name__}")
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(tree).__name__}")
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LensrayConfig:
-    """Defaults <- YAML file <- ``key.sub=value`` overrides, validated as a whole."""
-    tree = read_yaml(path) if path is not None else {}
-    source = str(path) if path is not None else "defaults"
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A local YAML file as a mapping (the CLI reads ``--config`` URLs through ``lensray.storage``)."""
+    return parse_yaml(Path(path).read_text(), str(path))
+
+
+def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` on top of ``base``, section by section (a copy)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_trees(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+# Every key that holds a path or URL. A relative local path means the folder the command was started
+# in: resolved once, on the driver, since Ray workers and Tune trials run in folders of their own.
+PATH_KEYS: tuple[str, ...] = (
+    "simulate.out",
+    "data.images",
+    "data.catalog",
+    "data.store",
+    "preprocess.out",
+    "train.out",
+    "search.storage",
+)
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(value: str) -> bool:
+    """Whether ``value`` names a URL (``s3://``, ``gs://``, ``https://``, ``file://``, ...), not a local path."""
+    return bool(_URL_SCHEME.match(value))
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute against the working folder (``~`` expanded); a URL as given."""
+    return value if is_url(value) else os.path.abspath(os.path.expanduser(value))
+
+
+def relative_url(url: str, reference: str) -> str:
+    """``reference`` as written inside the file at ``url`` (e.g. a tune file's ``base:``): a URL or an
+    absolute path as is, a relative one against the folder of ``url`` (``s3://b/tune/t.yaml`` with
+    ``../configs/c.yaml`` -> ``s3://b/configs/c.yaml``)."""
+    if is_url(reference) or os.path.isabs(os.path.expanduser(reference)):
+        return absolute_path(reference)
+    if is_url(url):
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), reference))}"
+    return os.path.normpath(os.path.join(os.path.dirname(absolute_path(url)), reference))
+
+
+def absolute_paths(config: LensrayConfig) -> LensrayConfig:
+    """``config`` with every local path in ``PATH_KEYS`` absolute (see ``absolute_path``)."""
+    updates: dict[str, dict[str, str]] = {}
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and absolute_path(value) != value:
+            updates.setdefault(section, {})[name] = absolute_path(value)
+    sections = {section: getattr(config, section).model_copy(update=update) for section, update in updates.items()}
+    return config.model_copy(update=sections)
+
+
+def config_from_tree(tree: dict[str, Any], source: str, overrides: list[str] | None = None) -> LensrayConfig:
+    """Defaults <- ``tree`` (a config file's mapping) <- ``key.sub=value`` overrides, validated as a
+    whole, with every local path absolute (``absolute_paths``)."""
     if overrides:
         tree = apply_overrides(tree, overrides)
         source += " + overrides"
-    return config_from_dict(tree, source)
+    return absolute_paths(config_from_dict(tree, source))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LensrayConfig:
+    """Defaults <- local YAML file <- ``key.sub=value`` overrides (``config_from_tree``)."""
+    tree = read_yaml(path) if path is not None else {}
+    return config_from_tree(tree, str(path) if path is not None else "defaults", overrides)
 
 
 def dump_config(config: LensrayConfig) -> str:

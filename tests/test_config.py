@@ -100,3 +100,91 @@ def test_every_shipped_yaml_config_validates() -> None:
     files.append(root / "lensray" / "resources" / "demo.yaml")  # the demo's, shipped inside the package
     for path in files:
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=.inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.weight_decay=.inf", "optim.weight_decay"),
+        ("resources.cpus_per_worker=.inf", "resources.cpus_per_worker"),
+        ("simulate.lens_fraction=.nan", "simulate.lens_fraction"),
+        ("search.reduction_factor=.inf", "search.reduction_factor"),
+        ("train.seed=.inf", "train.seed"),
+    ],
+)
+def test_non_finite_numbers_are_rejected_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}: .*finite"):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.epochs=true", "train.epochs"),
+        ("optim.lr=true", "optim.lr"),
+        ("train.seed=false", "train.seed"),
+        ("resources.num_workers=true", "resources.num_workers"),
+        ("search.seed=true", "search.seed"),
+        ("train.steps_per_epoch=true", "train.steps_per_epoch"),
+        ("model.lastro.dense=[true]", "model.lastro.dense"),
+        ("model.resnet.widths=[16, true, 64]", "model.resnet.widths"),
+        ("preprocess.crop=true", "preprocess.crop"),
+    ],
+)
+def test_booleans_are_not_numbers(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"{key}.*: .*boolean"):
+        load_config(None, [override])
+
+
+def test_a_yaml_file_with_inf_or_a_boolean_count_names_the_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: .inf\ntrain:\n  epochs: true\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    message = str(excinfo.value)
+    assert str(path) in message and "optim.lr" in message and "train.epochs" in message
+
+
+def test_numbers_and_switches_still_validate() -> None:
+    config = load_config(None, ["optim.lr=1", "train.epochs=5", "train.sanity=false", "preprocess.strict=true"])
+    assert config.optim.lr == 1.0 and config.train.epochs == 5 and not config.train.sanity
+    assert config.preprocess.strict and config.resources.use_gpu is False
+
+
+PATH_KEYS = (
+    "data.images",
+    "data.catalog",
+    "data.store",
+    "preprocess.out",
+    "simulate.out",
+    "train.out",
+    "search.storage",
+)
+
+
+def test_local_paths_become_absolute_and_urls_stay_as_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, [f"{key}=rel/{key}" for key in PATH_KEYS])
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        assert getattr(getattr(config, section), name) == str(tmp_path / "rel" / key), key
+    home = load_config(None, ["train.out=~/runs"]).train.out
+    assert home == str(Path("~/runs").expanduser())
+    for url in ("s3://bucket/runs", "gs://bucket/runs", "https://example.org/runs", "file:///abs/runs"):
+        config = load_config(None, [f"{key}={url}" for key in PATH_KEYS])
+        assert all(getattr(getattr(config, k.split(".")[0]), k.split(".")[1]) == url for k in PATH_KEYS), url
+
+
+def test_relative_paths_in_a_config_file_resolve_against_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "configs" / "run.yaml"
+    path.parent.mkdir()
+    path.write_text("data:\n  store: store.zarr\ntrain:\n  out: runs\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = load_config(path)
+    assert config.data.store == str(work / "store.zarr") and config.train.out == str(work / "runs")
