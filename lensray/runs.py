@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from lensray import storage
-from lensray.config import LensrayConfig, PreprocessConfig, config_from_dict
-from lensray.errors import CheckpointError, SearchError
+from lensray.config import LensrayConfig, PreprocessConfig, config_from_dict, parse_yaml
+from lensray.errors import CheckpointError, ConfigError, SearchError
 from lensray.ingest.preprocess import describe
 from lensray.models import build_model
 from lensray.models.inference import predict
@@ -65,7 +65,7 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
     """
     url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
     try:
-        record = json.loads(storage.read_bytes(url))
+        record = read_json(url, dict)
     except FileNotFoundError:
         raise CheckpointError(f"{url} is missing: {checkpoint_url} is not a lensray checkpoint folder") from None
     transform, bands = record.get("transform"), record.get("bands")
@@ -140,10 +140,15 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
         raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
     run_url = run_url.rstrip("/")
     try:
-        history = json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
+        history = read_json(storage.join(run_url, HISTORY_FILE), list)
     except FileNotFoundError:
         raise CheckpointError(f"{run_url} is not a run folder (no {HISTORY_FILE})") from None
-    rows = {int(row["epoch"]): row for row in history if _finite(row.get(metric))}
+    try:
+        rows = {int(row["epoch"]): row for row in history if _finite(row.get(metric))}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise CheckpointError(
+            f"{run_url}/{HISTORY_FILE}: rows without an epoch number (not written by lensray)"
+        ) from None
     if not rows:
         raise CheckpointError(f"{run_url}/{HISTORY_FILE}: no epoch has a finite {metric}")
     sign = -1 if mode == "max" else 1
@@ -156,6 +161,18 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
         f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE} and {EPOCH_FILE}) of an epoch with a finite "
         f"{metric}; checkpoints kept: epochs {sorted(kept)}"
     )
+
+
+def read_json(url: str, kind: type) -> Any:
+    """A JSON file of a run or checkpoint, which must hold a ``kind`` (dict or list). CheckpointError naming
+    the URL when it is corrupt or truncated; FileNotFoundError when it is missing."""
+    try:
+        value = json.loads(storage.read_bytes(url))
+    except ValueError:  # also a UnicodeDecodeError
+        raise CheckpointError(f"{url} is not valid JSON: the file is corrupt or truncated") from None
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{url} holds a {type(value).__name__}, not a {kind.__name__}: not written by lensray")
+    return value
 
 
 def _finite(value: Any) -> bool:
@@ -190,10 +207,15 @@ def _kept_checkpoints(run_url: str) -> dict[int, str]:
 
 
 def _checkpoint_epoch(url: str) -> int | None:
+    record_url = storage.join(url, EPOCH_FILE)
     try:
-        return int(json.loads(storage.read_bytes(storage.join(url, EPOCH_FILE)))["epoch"])
+        record = read_json(record_url, dict)
     except FileNotFoundError:
         return None  # deleted by the keep-N policy while we looked
+    try:
+        return int(record["epoch"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{record_url} has no epoch number: not written by lensray") from None
 
 
 def is_checkpoint(url: str) -> bool:
@@ -252,18 +274,24 @@ class Run:
 
 def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
     """The model of a checkpoint folder, or of a run folder's best checkpoint (local or s3://), in eval
-    mode on ``device``."""
+    mode on ``device``. CheckpointError naming the file when any part of the checkpoint is unusable."""
     checkpoint_url = resolve_checkpoint(checkpoint_url)
     device = torch.device(device)
-    config = config_from_dict(
-        yaml.safe_load(storage.read_bytes(storage.join(checkpoint_url, CONFIG_FILE))), f"{checkpoint_url}/{CONFIG_FILE}"
-    )
-    state = torch.load(
-        io.BytesIO(storage.read_bytes(storage.join(checkpoint_url, STATE_FILE))), map_location=device, weights_only=True
-    )
-    geometry = json.loads(storage.read_bytes(storage.join(checkpoint_url, MODEL_INPUT_FILE)))
-    model = build_model(config.model, geometry["channels"], geometry["size"])
-    model.load_state_dict(state["model"])
+    config = checkpoint_config(checkpoint_url)
+    state = read_state(storage.join(checkpoint_url, STATE_FILE), device)
+    geometry_url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
+    geometry = read_json(geometry_url, dict)
+    try:
+        model = build_model(config.model, int(geometry["channels"]), int(geometry["size"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{geometry_url}: no input channels and size to build the network for") from None
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{checkpoint_url}: the weights do not fit the network its config builds ({first})"
+        ) from None
     model.to(device).eval()
     return Run(
         checkpoint_url=checkpoint_url,
@@ -273,6 +301,37 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
         epoch=state["epoch"],
         device=device,
     )
+
+
+def checkpoint_config(checkpoint_url: str) -> LensrayConfig:
+    """The run config saved in a checkpoint folder; CheckpointError naming it when it is not one."""
+    url = storage.join(checkpoint_url, CONFIG_FILE)
+    try:
+        return config_from_dict(parse_yaml(storage.read_bytes(url), url), url)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+STATE_KEYS = ("model", "history", "epoch")
+
+
+def read_state(url: str, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's ``state.pt`` through ``torch.load(weights_only=True)``: tensors and plain containers
+    only, so an edited file cannot run code. A file that is corrupt, truncated or holds anything else is
+    a CheckpointError naming the URL; torch's own message is not passed on, as it suggests loading the
+    file with ``weights_only`` off, which would run whatever the file holds."""
+    data = storage.read_bytes(url)
+    try:
+        state = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as exc:  # whatever torch raises, the file is unusable and only its URL helps
+        reason = type(exc).__name__
+        raise CheckpointError(
+            f"{url} is not a usable checkpoint state ({reason}): corrupt, truncated, or holding objects other "
+            "than tensors, which lensray never loads"
+        ) from None
+    if not isinstance(state, dict) or not set(STATE_KEYS) <= set(state):
+        raise CheckpointError(f"{url} holds no lensray training state (keys {', '.join(STATE_KEYS)})")
+    return state
 
 
 # --- reading a search (no cluster needed, no pickle) -----------------------------------------------
