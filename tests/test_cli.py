@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import yaml
 from lensray import runtime, storage
 from lensray._version import __version__
 from lensray.cli import TRAIN_FLAGS, _resolve, build_parser, main, one_line, reportable, torch_device, use_gpu
-from lensray.errors import StorageError
+from lensray.errors import ConfigError, StorageError
 from lensray.sky.catalog import CATALOG_NAME, read_catalog
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,3 +270,290 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
         os.close(writer)
     assert process.returncode == 130
     assert err.strip().splitlines() == ["lensray simulate: interrupted"]
+
+
+# --- local paths are resolved on the driver (issue 13, defect 2) --------------------------------------
+
+
+def test_every_path_argument_is_absolute_before_the_command_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lensray.cli import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    cases = {
+        ("evaluate", "--run", "runs/a", "--store", "s.zarr", "--out", "ev", "--config", "c.yaml"): (
+            "run",
+            "store",
+            "out",
+            "config",
+        ),
+        ("compare", "runs/a", "s3://b/runs/b", "--out", "cmp", "--store", "s.zarr"): ("runs", "out", "store"),
+        ("score", "--run", "runs/a", "--images", "raw", "--catalog", "raw/c.csv", "--out", "c.parquet"): (
+            "run",
+            "images",
+            "catalog",
+            "out",
+        ),
+        ("store", "info", "s.zarr"): ("url",),
+        ("tune", "--config", "t.yaml", "--store", "s.zarr", "--storage", "exp"): ("config", "store", "storage"),
+        ("demo", "--out", "demo"): ("out",),
+    }
+    for argv, names in cases.items():
+        args = resolve_paths(parser.parse_args(list(argv)))
+        for name in names:
+            values = getattr(args, name)
+            for value in values if isinstance(values, list) else [values]:
+                assert value.startswith("s3://") or value.startswith(str(tmp_path)), (argv, name, value)
+    args = resolve_paths(parser.parse_args(["train", "--store", "s.zarr", "--out", "runs", "--set", "data.images=raw"]))
+    config = _resolve(args, TRAIN_FLAGS)
+    assert config.data.store == str(tmp_path / "s.zarr") and config.train.out == str(tmp_path / "runs")
+    assert config.data.images == str(tmp_path / "raw")
+
+
+def _lensray(*argv: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a cluster of its own, like a user's
+    return subprocess.run(
+        [sys.executable, "-m", "lensray", *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
+
+
+@pytest.mark.slow
+def test_relative_out_and_store_land_under_the_working_folder(tiny_store: str, tmp_path: Path) -> None:
+    """A relative --out once sent history.json and TensorBoard into Ray's temporary folder (exit 0), and a
+    relative --store failed inside the worker: both mean the folder the command was started in."""
+    work = tmp_path / "work"
+    work.mkdir()
+    store = os.path.relpath(tiny_store, work)
+    config = os.path.relpath(REPO / "configs" / "lastro.yaml", work)
+    run_args = f"--config {config} --store {store} --out runs --name rel --workers 1 --device cpu".split()
+    sets = ("train.sanity=false", "model.lastro.filters=4", "model.lastro.pairs=1", "model.lastro.dense=[8]")
+    knobs = ["--steps-per-epoch", "2", "--batch-size", "8", *(part for key in sets for part in ("--set", key))]
+
+    trained = _lensray("train", *run_args, *knobs, "--epochs", "1", cwd=work)
+    assert trained.returncode == 0, trained.stderr
+    run = work / "runs" / "rel"
+    assert len(json.loads((run / "history.json").read_text())) == 1, trained.stdout
+    assert (run / "tensorboard").is_dir() and list(run.glob("checkpoint_*"))
+
+    evaluate = f"evaluate --run runs/rel --store {store} --split val --out eval --device cpu".split()
+    evaluated = _lensray(*evaluate, cwd=work)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((work / "eval" / "metrics.json").read_text())["split"] == "val"
+
+    resumed = _lensray("train", *run_args, *knobs, "--epochs", "2", "--resume", cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [row["epoch"] for row in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+# --- configs and tune files from any URL storage reads (issue 13, defect 6) ----------------------------
+
+
+def _s3_tune_file(bucket: str, store: str) -> str:
+    """A run config at s3://bucket/configs/ and a tune file at s3://bucket/tune/ naming it as ``../configs/``."""
+    storage.write_bytes(storage.join(bucket, "configs", "lastro.yaml"), (REPO / "configs" / "lastro.yaml").read_bytes())
+    tune = {
+        "base": "../configs/lastro.yaml",
+        "run": {"data": {"store": store}, "train": {"epochs": 2}},
+        "space": {"optim.lr": {"grid": [1.0e-3, 3.0e-3]}},
+        "search": {"name": "from-s3"},
+    }
+    url = storage.join(bucket, "tune", "search.yaml")
+    storage.write_bytes(url, yaml.safe_dump(tune).encode())
+    return url
+
+
+def test_a_tune_file_on_s3_resolves_its_base_against_its_own_url(s3_bucket: str, tmp_path: Path) -> None:
+    from lensray.cli import load_tune_spec
+
+    url = _s3_tune_file(s3_bucket, "store.zarr")
+    spec = load_tune_spec(url, ["search.num_samples=3"])
+    lastro = yaml.safe_load((REPO / "configs" / "lastro.yaml").read_text())
+    assert spec.run.optim.lr == lastro["optim"]["lr"] and spec.run.train.balanced is lastro["train"]["balanced"]
+    assert spec.run.train.epochs == 2 and spec.search.num_samples == 3 and list(spec.space) == ["optim.lr"]
+    assert spec.run.data.store == os.path.abspath("store.zarr")  # the working folder's, as on the command line
+    storage.write_bytes(url, yaml.safe_dump({"base": "nope.yaml", "space": {"optim.lr": {"grid": [1.0]}}}).encode())
+    with pytest.raises(ConfigError, match=rf"base: no run config at {s3_bucket}/tune/nope.yaml"):
+        load_tune_spec(url, [])
+
+
+def test_train_and_tune_read_their_config_from_s3(
+    s3_bucket: str, tiny_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {"data": {"store": tiny_store}, "model": {"lastro": {"filters": 8, "dense": [16]}}}
+    config["train"] = {"sanity_samples": 16, "sanity_steps": 40}
+    config["optim"] = {"lr": 3.0e-3}
+    url = storage.join(s3_bucket, "run.yaml")
+    storage.write_bytes(url, yaml.safe_dump(config).encode())
+    assert main(["train", "--config", url, "--sanity", "--device", "cpu"]) == 0
+    assert "sanity check passed" in capsys.readouterr().out
+
+    tune_url = _s3_tune_file(s3_bucket, tiny_store)
+    missing = tmp_path / "no-store.zarr"  # the search reads its config, then fails fast on the store
+    argv = ["tune", "--config", tune_url, "--store", str(missing), "--storage", str(tmp_path / "exp")]
+    assert main(argv) == 1
+    assert_one_error_line(capsys, "tune", str(missing))
+
+
+# --- one line, exit 1, naming the object (issue 13, defect 7) -------------------------------------------
+
+
+def fake_checkpoint(folder: Path, state: bytes | None = None, size: int = 32) -> Path:
+    """A checkpoint folder as train writes it (config.yaml, model_input.json, state.pt), with the weights of
+    a fresh LASTRO net for 2 x ``size`` x ``size`` inputs, or ``state`` as its state.pt."""
+    import io
+
+    import torch
+
+    from lensray.config import LensrayConfig, dump_config
+    from lensray.models import build_model
+
+    folder.mkdir(parents=True)
+    config = LensrayConfig()
+    (folder / "config.yaml").write_text(dump_config(config))
+    (folder / "model_input.json").write_text(json.dumps({"channels": 2, "size": size, "bands": ["VIS", "H"]}))
+    if state is None:
+        buffer = io.BytesIO()
+        model = build_model(config.model, 2, size)
+        torch.save({"model": model.state_dict(), "history": [], "epoch": 1}, buffer)
+        state = buffer.getvalue()
+    (folder / "state.pt").write_bytes(state)
+    return folder
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.marker), "w"))
+
+
+def malicious_state(marker: Path) -> bytes:
+    """A state.pt whose unpickling would create ``marker`` (torch.load with weights_only=False runs it)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({"model": _Payload(marker), "history": [], "epoch": 1}, buffer)
+    return buffer.getvalue()
+
+
+def bad_checkpoints(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    valid = fake_checkpoint(tmp_path / "valid").joinpath("state.pt").read_bytes()
+    return {
+        "corrupt": fake_checkpoint(tmp_path / "corrupt", b"not a torch file"),
+        "truncated": fake_checkpoint(tmp_path / "truncated", valid[: len(valid) // 2]),
+        "malicious": fake_checkpoint(tmp_path / "malicious", malicious_state(marker)),
+    }
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare", "score"])
+def test_a_bad_checkpoint_is_one_line_naming_it_and_never_advises_weights_only_false(
+    command: str, tiny_store: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "pwned"
+    out = str(tmp_path / "out")
+    for kind, checkpoint in bad_checkpoints(tmp_path, marker).items():
+        argv = {
+            "evaluate": ["evaluate", "--run", str(checkpoint), "--store", tiny_store, "--out", out],
+            "compare": ["compare", str(checkpoint), "--out", out],
+            "score": ["score", "--run", str(checkpoint), "--images", out, "--catalog", f"{out}/c.csv", "--out", out],
+        }[command]
+        assert main([*argv, "--device", "cpu"]) == 1, kind
+        err = capsys.readouterr().err
+        assert "weights_only" not in err, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"lensray {command}: "), err
+        assert str(checkpoint / "state.pt") in lines[0], lines[0]
+        assert not marker.exists(), f"{kind}: a checkpoint ran code"
+
+
+def test_missing_config_and_catalogue_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert main(["train", "--config", str(missing)]) == 1
+    assert_one_error_line(capsys, "train", str(missing))
+    (tmp_path / "raw").mkdir()
+    catalogue = tmp_path / "raw" / "catalogue.csv"
+    argv = ["preprocess", "--images", str(tmp_path / "raw"), "--catalog", str(catalogue)]
+    assert main([*argv, "--out", str(tmp_path / "s.zarr")]) == 1
+    assert_one_error_line(capsys, "preprocess", str(catalogue))
+
+
+def _store(url: str, *, size: int = 32, finalize: bool = True) -> str:
+    import numpy as np
+
+    from lensray.ingest.store import create_store, finalize_store, write_shard
+
+    labels = np.tile([0, 1], 8).astype(np.int8)
+    split = np.repeat(np.int8([0, 1]), 8)
+    meta = {"preprocess": {"synthetic": True}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {}}
+    create_store(
+        url,
+        ids=np.arange(1, 17),
+        labels=labels,
+        split=split,
+        channels=2,
+        size=size,
+        dtype="float32",
+        shard_size=8,
+        meta=meta,
+    )
+    if finalize:
+        for shard in range(2):
+            write_shard(url, shard, np.zeros((8, 2, size, size), np.float32), np.ones(8, bool), [])
+        finalize_store(url)
+    return url
+
+
+def test_unfinished_and_mismatched_stores_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    unfinished = _store(str(tmp_path / "unfinished.zarr"), finalize=False)
+    checkpoint = str(fake_checkpoint(tmp_path / "checkpoint"))
+    out = str(tmp_path / "out")
+    for argv in (
+        ["train", "--store", unfinished, "--out", out, "--device", "cpu"],
+        ["train", "--store", unfinished, "--sanity", "--device", "cpu"],
+        ["evaluate", "--run", checkpoint, "--store", unfinished, "--split", "val", "--out", out, "--device", "cpu"],
+    ):
+        assert main(argv) == 1, argv
+        assert "not finalized" in assert_one_error_line(capsys, argv[0], unfinished)
+    other = _store(str(tmp_path / "other-geometry.zarr"), size=16)
+    assert main(["evaluate", "--run", checkpoint, "--store", other, "--out", out, "--device", "cpu"]) == 1
+    assert_one_error_line(capsys, "evaluate", other)
+
+
+def test_an_existing_store_of_another_config_is_one_line(
+    tmp_path: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = str(tmp_path / "raw")
+    assert main(["simulate", "--out", raw, "--n", "4", "--workers", "1"]) == 0
+    capsys.readouterr()
+    store = _store(str(tmp_path / "store.zarr"))  # written by another preprocessing
+    argv = ["preprocess", "--images", raw, "--catalog", f"{raw}/{CATALOG_NAME}", "--out", store]
+    assert main(argv) == 1
+    assert "different parameters" in assert_one_error_line(capsys, "preprocess", store)
+
+
+def test_an_unreachable_endpoint_or_a_missing_bucket_is_one_line(
+    s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["store", "info", "s3://no-such-bucket-here/store.zarr"]) == 1
+    assert "does not exist" in assert_one_error_line(capsys, "store info", "s3://no-such-bucket-here/store.zarr")
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setattr(storage, "RETRY_DELAYS_S", (), raising=False)  # storage's tests time the retries
+    store, out = storage.join(s3_bucket, "store.zarr"), storage.join(s3_bucket, "out")
+    for argv in (
+        ["store", "info", store],
+        ["train", "--store", store, "--out", out, "--device", "cpu"],
+        ["evaluate", "--run", storage.join(s3_bucket, "runs", "a"), "--store", store, "--out", out, "--device", "cpu"],
+        ["compare", storage.join(s3_bucket, "runs", "a"), "--out", str(tmp_path / "cmp"), "--device", "cpu"],
+        ["simulate", "--out", storage.join(s3_bucket, "raw"), "--n", "4"],
+    ):
+        command = "store info" if argv[0] == "store" else argv[0]
+        assert main(argv) == 1, argv
+        assert "cannot reach" in assert_one_error_line(capsys, command, s3_bucket)
