@@ -7,6 +7,11 @@ import json
 import logging
 import math
 import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,7 @@ import pytest
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
 from lensray.ingest.store import LensStore
+from lensray.runs import _kept_checkpoints as complete_checkpoints
 from lensray.train.trainer import (
     PREDICTIONS_FILE,
     CheckpointError,
@@ -24,6 +30,8 @@ from lensray.train.trainer import (
     TrainError,
     best_checkpoint,
     epoch_line,
+    keep_epochs,
+    prune_checkpoints,
     run_sanity_check,
     train,
 )
@@ -118,9 +126,60 @@ def test_the_driver_shows_each_epoch_and_the_workers_notes_once(
     with caplog.at_level(logging.INFO, logger="lensray"):
         train(more, resume=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.trainer"]
-    assert lines[0].startswith(f"resumed after epoch {epochs} from ") and len(lines) >= 2, lines
+    assert lines[0].startswith(f"resuming run console after epoch {epochs} from ") and len(lines) >= 2, lines
     assert lines[1].startswith(f"epoch {epochs + 1}/{epochs + 1}  train loss "), lines
     assert not any(line.startswith("sanity check") for line in lines), "a resumed run skips the sanity check"
+
+
+def test_resume_follows_lensrays_record_not_rays_snapshot(
+    tiny_store: str, tmp_path: Path, ray_cluster: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a Ctrl-C or a killed driver leaves: Ray's snapshot missing (its controller had not written
+    it yet), history.json one epoch ahead of the last complete checkpoint, a checkpoint folder cut
+    short. --resume continues after the last complete epoch, says so, and keeps num_to_keep folders."""
+    runs = tmp_path / "runs"
+    knobs = ("train.early_stopping_patience=null", "train.num_to_keep=2")
+    train(_config(tiny_store, str(runs), "cut", "train.epochs=3", *knobs))
+    folder = runs / "cut"
+    (folder / "checkpoint_manager_snapshot.json").unlink()
+    history = json.loads((folder / "history.json").read_text())
+    (folder / "history.json").write_text(json.dumps([*history, {**history[-1], "epoch": 4}]))
+    partial = folder / "checkpoint_2099-01-01_00-00-00.000000"  # epoch 4's upload, cut short
+    partial.mkdir()
+    (partial / "epoch.json").write_text(json.dumps({"epoch": 4}))
+
+    with caplog.at_level(logging.INFO, logger="lensray"):
+        resumed = train(_config(tiny_store, str(runs), "cut", "train.epochs=5", *knobs), resume=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.trainer"]
+    assert lines[0].startswith(f"resuming run cut after epoch 3 from {folder}/checkpoint_"), lines
+    assert "history.json records epochs up to 4, but the latest complete checkpoint is of epoch 3" in lines[1]
+    assert [(row["epoch"], row["resumed_from"]) for row in resumed.history] == [(1, 0), (2, 0), (3, 0), (4, 3), (5, 3)]
+    assert resumed.history[:3] == history, "the epochs before the resume are the first run's"
+    assert len(_checkpoint_folders(folder)) == 2, _checkpoint_folders(folder)
+
+
+def _checkpoint_folders(run: Path) -> list[str]:
+    return sorted(path.name for path in run.glob("checkpoint_*") if path.is_dir())
+
+
+def test_keep_rule_the_latest_and_the_best(tmp_path: Path) -> None:
+    assert keep_epochs([], [], 2) == set()
+    aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8}
+    history = [{"epoch": e, "val_auc": a} for e, a in aucs.items()]
+    assert keep_epochs(history, aucs, 1) == {6}
+    assert keep_epochs(history, aucs, 2) == {6, 2}, "ties: the earliest"
+    assert keep_epochs(history, aucs, 3) == {6, 2, 4}
+    assert keep_epochs(history, [3, 5], 2) == {3, 5} and keep_epochs(history, [1, 3, 5], 2) == {5, 1}
+
+    run_url = str(tmp_path / "hand")
+    urls = _hand_made_run(run_url, history, {1: "new", 2: "new", 3: "new", 4: "partial", 5: "new", 6: "new"})
+    again = storage.join(run_url, "checkpoint_2025-01-01_00-01-00.000000")  # epoch 2 written again after a restart
+    storage.write_bytes(storage.join(again, "state.pt"), (Path(urls[2]) / "state.pt").read_bytes())
+    storage.write_bytes(storage.join(again, "epoch.json"), json.dumps({"epoch": 2}).encode())
+    deleted = prune_checkpoints(run_url, history, 2)
+    assert sorted(deleted) == sorted([urls[1], urls[2], urls[3], urls[4], urls[5]])
+    assert sorted(p.name for p in Path(run_url).glob("checkpoint_*")) == sorted([Path(again).name, Path(urls[6]).name])
+    assert prune_checkpoints(run_url, history, 2) == []
 
 
 def test_epoch_line() -> None:
@@ -301,3 +360,121 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
     assert restarted, f"Ray never restarted the worker group (killed pids {[w.pid for w in workers]})"
     # history.json is written just before the epoch's checkpoint registers, so the restart may go back one epoch.
     assert restarted[0]["resumed_from"] >= 1 and restarted[0]["epoch"] == restarted[0]["resumed_from"] + 1
+
+
+# --- the driver killed or interrupted, then --resume --------------------------------------------
+
+# Epochs of ~1 s (so a signal lands mid-run) with an LR drop (so the schedule's state must survive too).
+FAULT_KNOBS = (
+    "train.epochs=6",
+    "train.steps_per_epoch=48",
+    "train.num_to_keep=2",
+    "train.early_stopping_patience=null",
+    "optim.plateau_patience=0",
+    "optim.plateau_factor=0.5",
+)
+# Columns that depend on the clock or on where the run was resumed, not on what it learned.
+UNTIMED = {"samples_per_s", "epoch_s", "resumed_from"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_store: str, tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> list[dict]:
+    """The history of the fault tests' run, trained without interruption."""
+    return train(_config(tiny_store, str(tmp_path_factory.mktemp("whole")), "whole", *FAULT_KNOBS)).history
+
+
+def _cli_train(tiny_store: str, runs: Path, name: str) -> list[str]:
+    """``lensray train`` with the fault tests' settings; the driver joins this session's cluster (RAY_ADDRESS)."""
+    overrides = [
+        "train.batch_size=16",
+        "train.sanity=false",
+        "model.lastro.dense=[32]",
+        "model.lastro.filters=8",
+        *FAULT_KNOBS,
+    ]
+    config = Path(__file__).resolve().parents[1] / "configs" / "lastro.yaml"
+    sets = [arg for key in overrides for arg in ("--set", key)]
+    return [
+        *(sys.executable, "-m", "lensray", "train", "--config", str(config), *sets),
+        *("--store", tiny_store, "--out", str(runs), "--name", name),
+    ]
+
+
+def _stop_after_two_checkpoints(process: subprocess.Popen, run_url: str, signum: int) -> int:
+    """Send ``signum`` to the driver once the run has two complete checkpoints (lensray's record);
+    the number of epochs then recorded in history.json."""
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and len(complete_checkpoints(run_url)) < 2:
+        time.sleep(0.1)
+    assert process.poll() is None, f"the run ended before the signal: {process.communicate()}"
+    process.send_signal(signum)
+    return len(json.loads(storage.read_bytes(storage.join(run_url, "history.json"))))
+
+
+def _assert_same_run(resumed: list[dict], whole: list[dict], folder: Path) -> None:
+    """The resumed run: the uninterrupted run's epochs, each the same but for the clock, and no more
+    checkpoint folders than num_to_keep."""
+    assert [row["epoch"] for row in resumed] == [row["epoch"] for row in whole] == list(range(1, 7))
+    for a, b in zip(resumed, whole, strict=True):
+        assert a["lr"] == b["lr"], (a, b)
+        for key in set(a) - UNTIMED - {"lr"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-9), (key, a, b)
+    assert any(row["resumed_from"] > 0 for row in resumed), "the run must have continued from a checkpoint"
+    assert len({row["lr"] for row in whole}) > 1, "the test needs an LR drop to mean anything"
+    assert len(_checkpoint_folders(folder)) <= 2, _checkpoint_folders(folder)
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_from_the_last_complete_epoch(
+    tiny_store: str, tmp_path: Path, ray_cluster: None, uninterrupted: list[dict]
+) -> None:
+    runs = tmp_path / "runs"
+    command = _cli_train(tiny_store, runs, "killed-driver")
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    recorded = _stop_after_two_checkpoints(driver, str(runs / "killed-driver"), signal.SIGKILL)
+    driver.communicate(timeout=60)
+    assert recorded < 6, "the kill must land mid-run"
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    last = _resumed_after(resumed.stderr)
+    assert last >= 2, resumed.stderr
+    history = json.loads((runs / "killed-driver" / "history.json").read_text())
+    assert {row["resumed_from"] for row in history[last:]} == {last}, history
+    _assert_same_run(history, uninterrupted, runs / "killed-driver")
+
+
+def _resumed_after(stderr: str) -> int:
+    """The epoch a resumed driver said it continues after (its "resuming run ..." line)."""
+    match = re.search(r"^resuming run [\w-]+ after epoch (\d+) from \S+/checkpoint_\S+$", stderr, re.MULTILINE)
+    assert match, stderr
+    return int(match[1])
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_with_the_command_that_resumes(
+    tiny_store: str, tmp_path: Path, ray_cluster: None, uninterrupted: list[dict]
+) -> None:
+    runs = tmp_path / "runs"
+    driver = subprocess.Popen(
+        _cli_train(tiny_store, runs, "ctrl-c"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _stop_after_two_checkpoints(driver, str(runs / "ctrl-c"), signal.SIGINT)
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, stderr
+    line = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"lensray train: interrupted after epoch (\d+); continue with: (lensray train .*)", line)
+    assert match, stderr
+    assert shlex.split(match[2]) == [
+        *("lensray", "train", "--config", str(runs / "ctrl-c" / "config.yaml")),
+        *("--out", str(runs), "--name", "ctrl-c", "--resume"),
+    ]
+
+    # The printed command, as it is.
+    resumed = subprocess.run(
+        [sys.executable, "-m", *shlex.split(match[2])], capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert _resumed_after(resumed.stderr) == int(match[1])
+    history = json.loads((runs / "ctrl-c" / "history.json").read_text())
+    _assert_same_run(history, uninterrupted, runs / "ctrl-c")

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -466,6 +466,6 @@ class LoopState:
         torch.save(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path, map_location: torch.device | str | None = "cpu") -> LoopState:
+    def load(cls, path: str | Path | BinaryIO, map_location: torch.device | str | None = "cpu") -> LoopState:
         # weights_only: only tensors and plain containers, so loading a checkpoint runs no code.
         return cls.from_dict(torch.load(path, map_location=map_location, weights_only=True))

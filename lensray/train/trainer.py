@@ -5,22 +5,33 @@ GPUs, gloo on CPUs). Each worker feeds from its own share of the store (``data.W
 with ``loop.train_one_epoch``, predicts its block of the validation set, and the predictions of all
 workers are gathered before ACC/AUC are computed (only rank 0's report reaches Ray). Every epoch rank 0
 saves a checkpoint (weights, optimiser, LR schedule, early stopping, RNG, history, resolved config,
-validation predictions), kept by best ``val_auc``; ``best_checkpoint`` finds a run's best one from
-storage alone (local or s3://, no cluster), by one tie rule used everywhere. Re-running with the same
-``train.name`` and ``train.out`` resumes from the latest checkpoint; ``train.max_failures`` lets Ray
-restart workers. The driver logs one line per epoch and rank 0's notes (sanity check, resume, early
-stopping) on the ``lensray`` logger; Ray's own output is left to -v.
+validation predictions); ``best_checkpoint`` finds a run's best one from storage alone (local or
+s3://, no cluster), by one tie rule used everywhere.
+
+Which checkpoints exist is lensray's own record, never Ray's snapshot (``checkpoint_manager_snapshot.json``,
+written only when Ray's controller gets round to it, so it can lag several epochs or be missing after a
+Ctrl-C or a killed driver): a ``checkpoint_*`` folder with its ``state.pt`` and ``epoch.json``. Every start
+of the worker group (``train --resume``, a worker restart under ``train.max_failures``, a Tune trial
+restarted by ``tune --resume``) continues from the latest of them that loads, and rank 0 deletes, after
+each checkpoint, the folders that ``keep_epochs`` does not keep (``train.num_to_keep`` in all). Ctrl-C
+stops the driver with ``errors.Interrupted``, whose message is the command that resumes the run.
+The driver logs one line per epoch and rank 0's notes (sanity check, resume, early stopping) on the
+``lensray`` logger; Ray's own output is left to -v.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
+import pickle
+import shlex
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -33,7 +44,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
-from lensray.errors import CheckpointError, TrainError
+from lensray.errors import CheckpointError, Interrupted, TrainError
 from lensray.evaluate.metrics import summarise
 from lensray.ingest.store import LensStore
 from lensray.models import build_model
@@ -48,6 +59,7 @@ from lensray.runs import (
     BestCheckpoint,
     best_checkpoint,
 )
+from lensray.runs import _kept_checkpoints as complete_checkpoints  # epoch -> newest complete folder
 from lensray.runtime import ensure_ray, quiet
 from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
 from lensray.train.loop import (
@@ -62,6 +74,7 @@ from lensray.train.loop import (
 )
 
 EVAL_BATCH = 128
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # Ray Train's own list of a run's checkpoints
 log = logging.getLogger(__name__)
 
 
@@ -274,13 +287,14 @@ class _Worker:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker. ``loop_config``: the resolved config as plain data
-    (``config``), the run folder's URL (``run_url``) and the driver's progress queue (``progress``,
-    absent or None under Tune)."""
+    (``config``), the run folder's URL (``run_url``), the driver's progress queue (``progress``,
+    absent or None under Tune) and the checkpoint the driver announced it resumes from (``resume_from``)."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    worker = _start_worker(loop_config, fresh=checkpoint is None)
-    start_epoch, history = _resume(worker, checkpoint)
+    rank = ray.train.get_context().get_world_rank()
+    state, url = latest_state(loop_config["run_url"], note=partial(_tell, loop_config.get("progress"), rank))
+    worker = _start_worker(loop_config, fresh=state is None)
+    start_epoch, history = _resume(worker, state, url, announced=loop_config.get("resume_from"))
     tensorboard = _TensorBoard(worker.run_url) if worker.rank == 0 else None
     try:
         for epoch in range(start_epoch, worker.config.train.epochs):
@@ -360,12 +374,31 @@ def _feeds(store: LensStore, config: LensrayConfig, context: Any, device: torch.
     return feed, val_feed
 
 
-def _resume(worker: _Worker, checkpoint: Any) -> tuple[int, list[dict[str, Any]]]:
-    """(completed epochs, history) from Ray's latest checkpoint of this run; (0, []) without one."""
-    if checkpoint is None:
+# The errors of a state.pt that does not load: cut short by a kill mid-upload, deleted meanwhile, or
+# holding more than weights_only allows.
+UNLOADABLE = (RuntimeError, EOFError, ValueError, KeyError, TypeError, FileNotFoundError, pickle.UnpicklingError)
+
+
+def latest_state(run_url: str, note: Any = print) -> tuple[LoopState | None, str | None]:
+    """The loop state and URL of the run's latest complete checkpoint that loads (lensray's record:
+    ``checkpoint_*`` folders with state.pt and epoch.json), passing over (with a ``note``) one that
+    does not; (None, None) for a run without one. Every rank reads the same folders, and nothing
+    writes there while a worker group starts, so all ranks resume from the same epoch."""
+    for epoch, url in sorted(complete_checkpoints(run_url).items(), reverse=True):
+        try:
+            return LoopState.load(io.BytesIO(storage.read_bytes(storage.join(url, STATE_FILE)))), url
+        except UNLOADABLE as exc:
+            note(f"warning: passing over the checkpoint of epoch {epoch}, which does not load ({exc}): {url}")
+    return None, None
+
+
+def _resume(
+    worker: _Worker, state: LoopState | None, url: str | None, *, announced: str | None
+) -> tuple[int, list[dict[str, Any]]]:
+    """(completed epochs, history) after loading ``state`` (from ``url``) into the worker; (0, [])
+    without one. A note unless the driver ``announced`` that checkpoint (a restart within the run)."""
+    if state is None:
         return 0, []
-    with checkpoint.as_directory() as folder:
-        state = LoopState.load(Path(folder) / STATE_FILE, map_location=worker.device)
     state.restore(
         model=worker.model,
         optimizer=worker.optimizer,
@@ -373,7 +406,8 @@ def _resume(worker: _Worker, checkpoint: Any) -> tuple[int, list[dict[str, Any]]
         early_stopping=worker.stopper,
         scaler=worker.scaler,
     )
-    worker.tell(f"resumed after epoch {state.epoch} from {checkpoint.path}")
+    if url != announced:
+        worker.tell(f"resumed after epoch {state.epoch} from {url}")
     return state.epoch, state.history
 
 
@@ -418,8 +452,56 @@ def _report(
             tensorboard.log(record)
             storage.write_bytes(storage.join(worker.run_url, HISTORY_FILE), json.dumps(history, indent=1).encode())
         ray.train.report(record.as_dict(), checkpoint=checkpoint)
-    if worker.rank == 0 and worker.progress is not None:
-        worker.progress.put(("epoch", record.as_dict()))
+    if worker.rank == 0:
+        _prune(worker, history)
+        if worker.progress is not None:
+            worker.progress.put(("epoch", record.as_dict()))
+
+
+def _prune(worker: _Worker, history: list[dict[str, Any]]) -> None:
+    """Rank 0, once its checkpoint is uploaded: delete what ``prune_checkpoints`` drops; a failure
+    costs disk space only, so it is a note, not the end of the run."""
+    try:
+        prune_checkpoints(worker.run_url, history, worker.config.train.num_to_keep)
+    except (OSError, CheckpointError) as exc:
+        worker.tell(f"warning: could not delete old checkpoints of {worker.run_url}: {exc}")
+
+
+def keep_epochs(history: list[dict[str, Any]], epochs: Iterable[int], num_to_keep: int) -> set[int]:
+    """Of the checkpointed ``epochs``, those kept: the latest (what a resume continues from) and the
+    best others by ``val_auc`` in ``history`` under ``best_checkpoint``'s rule (ties: the earliest;
+    NaN or missing last), ``num_to_keep`` in all, so the run's best checkpoint is kept when
+    ``num_to_keep`` >= 2."""
+    epochs = sorted(epochs)
+    if not epochs:
+        return set()
+    auc = {int(row["epoch"]): row.get("val_auc") for row in history}
+
+    def rank(epoch: int) -> tuple[int, float, int]:
+        value = auc.get(epoch)
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return (0, -value, epoch) if finite else (1, 0.0, epoch)
+
+    return {epochs[-1], *sorted(epochs[:-1], key=rank)[: num_to_keep - 1]}
+
+
+def prune_checkpoints(run_url: str, history: list[dict[str, Any]], num_to_keep: int) -> list[str]:
+    """Delete the ``checkpoint_*`` folders of ``run_url`` that lensray does not keep and return their
+    URLs: those of epochs ``keep_epochs`` drops, an older folder of an epoch written again (after a
+    restart), and incomplete folders (an upload cut short by a kill). Only rank 0 of the run writes
+    checkpoints and it calls this after its upload returned, so no folder here is still being written."""
+    complete = complete_checkpoints(run_url)
+    kept = {complete[epoch] for epoch in keep_epochs(history, complete, num_to_keep)}
+    doomed = [
+        url
+        for url in (storage.join(run_url, name) for name in storage.list_folders(run_url))
+        if url.rsplit("/", 1)[-1].startswith("checkpoint_") and url not in kept
+    ]
+    for url in doomed:
+        fs, path = storage.arrow_filesystem(url)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_dir(path)
+    return doomed
 
 
 def _write_checkpoint(
@@ -542,10 +624,15 @@ def _duration(seconds: float) -> str:
 
 
 def build_trainer(
-    config: LensrayConfig, name: str, run_callbacks: list[Any] | None = None, progress: _Progress | None = None
+    config: LensrayConfig,
+    name: str,
+    run_callbacks: list[Any] | None = None,
+    progress: _Progress | None = None,
+    resume_from: str | None = None,
 ) -> Any:
     """A TorchTrainer for ``config`` writing under ``train.out/name`` (local path or s3://); with
-    ``progress``, its epochs and notes go to the driver's console."""
+    ``progress``, its epochs and notes go to the driver's console. The workers continue from the
+    run's latest complete checkpoint, if any (``resume_from``: the one the driver announced)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -554,7 +641,9 @@ def build_trainer(
     resources = {"CPU": config.resources.cpus_per_worker}
     if config.resources.use_gpu:
         resources["GPU"] = 1
-    loop_config = {"config": config.model_dump(mode="json"), "run_url": storage.join(root, name)}
+    run_url = storage.join(root, name)
+    _forget_ray_snapshot(run_url)
+    loop_config = {"config": config.model_dump(mode="json"), "run_url": run_url, "resume_from": resume_from}
     if progress is not None:
         loop_config["progress"] = progress.queue
     return TorchTrainer(
@@ -568,8 +657,9 @@ def build_trainer(
             name=name,
             storage_path=storage.strip_scheme(root),
             storage_filesystem=filesystem,
+            # Ray deletes nothing: rank 0 prunes by lensray's rule (prune_checkpoints).
             checkpoint_config=CheckpointConfig(
-                num_to_keep=config.train.num_to_keep, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+                num_to_keep=None, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
             callbacks=run_callbacks,
@@ -577,24 +667,96 @@ def build_trainer(
     )
 
 
+def _forget_ray_snapshot(run_url: str) -> None:
+    """Delete Ray's list of the run's checkpoints before a new TorchTrainer starts on the folder: it
+    lags lensray's record (so Ray would hand the workers a stale checkpoint) and names folders that
+    ``prune_checkpoints`` deleted (so Ray would refuse to start)."""
+    url = storage.join(run_url, RAY_SNAPSHOT_FILE)
+    if storage.exists(url):
+        fs, path = storage.arrow_filesystem(url)
+        fs.delete_file(path)
+
+
 def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
     """Train (or, with ``resume``, continue) the run ``train.name`` under ``train.out``; a line per
-    epoch on the ``lensray`` logger (INFO)."""
-    import ray
+    epoch on the ``lensray`` logger (INFO). Ctrl-C raises ``Interrupted`` with the resume command."""
     import ray.train
 
     name, run_url = _check_run(config, resume)
-    ensure_ray()
-    storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
-    started = time.perf_counter()
-    progress = None if quiet() else _Progress(config.train.epochs)
     try:
+        ensure_ray()
+        resume_from = announce_resume(name, run_url) if resume else None
+        storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
+        started = time.perf_counter()
+        progress = None if quiet() else _Progress(config.train.epochs)
         with progress if progress is not None else contextlib.nullcontext():
-            build_trainer(config, name, progress=progress).fit()
+            _fit(build_trainer(config, name, progress=progress, resume_from=resume_from))
     except ray.train.WorkerGroupError as exc:
         rank, failure = sorted(exc.worker_failures.items())[0]
         raise TrainError(f"worker {rank} failed: {_root_cause(failure)}\n(run folder: {run_url})") from exc
+    except KeyboardInterrupt:
+        raise _interrupted(runs_root(config), name) from None
     return run_outcome(run_url, time.perf_counter() - started)
+
+
+def _fit(trainer: Any) -> None:
+    """``trainer.fit()`` in a thread. In the main thread Ray Train replaces the SIGINT handler with one
+    that aborts the run and exits on its own (status 1, no message); here Ctrl-C stays a
+    KeyboardInterrupt of the driver, whose job's actors (controller, workers) end with it, and
+    what the run persisted stays for --resume."""
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            failure.append(exc)
+
+    thread = threading.Thread(target=fit, name="lensray-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)  # a timed wait, so a signal reaches the main thread at once
+    if failure:
+        raise failure[0]
+
+
+def announce_resume(name: str, run_url: str) -> str | None:
+    """Tell the user which checkpoint ``--resume`` continues from (the run's latest complete one, by
+    lensray's record), with a warning when history.json records epochs that will run again."""
+    complete = complete_checkpoints(run_url)
+    recorded = max((int(row["epoch"]) for row in _history(run_url)), default=0)
+    if not complete:
+        log.warning(f"warning: {run_url} has no complete checkpoint: run {name} starts again from epoch 1")
+        return None
+    epoch = max(complete)
+    log.info(f"resuming run {name} after epoch {epoch} from {complete[epoch]}")
+    if recorded > epoch:
+        again = f"epoch {recorded} runs" if recorded == epoch + 1 else f"epochs {epoch + 1}-{recorded} run"
+        log.warning(
+            f"warning: {run_url}/{HISTORY_FILE} records epochs up to {recorded}, but the latest complete checkpoint "
+            f"is of epoch {epoch} (a later one was cut short): {again} again"
+        )
+    return complete[epoch]
+
+
+def _interrupted(root: str, name: str) -> Interrupted:
+    """Ctrl-C: what was saved, and the command that continues the run (its own config.yaml holds
+    every setting; --out and --name because a generated name or the default out are not in it)."""
+    run_url = storage.join(root, name)
+    if not _run_exists(run_url):
+        return Interrupted(f"interrupted before {run_url} finished an epoch: nothing to resume, start it again")
+    complete = complete_checkpoints(run_url)
+    after = f" after epoch {max(complete)}" if complete else ""
+    config = storage.join(run_url, CONFIG_FILE)
+    command = shlex.join(["lensray", "train", "--config", config, "--out", root, "--name", name, "--resume"])
+    return Interrupted(f"interrupted{after}; continue with: {command}")
+
+
+def _history(run_url: str) -> list[dict[str, Any]]:
+    try:
+        return json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
+    except FileNotFoundError:
+        return []
 
 
 def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
@@ -633,9 +795,7 @@ def _run_exists(run_url: str) -> bool:
 
 def run_outcome(run_url: str, wall_s: float) -> TrainOutcome:
     """The history and best checkpoint of a finished run, read back from its folder."""
-    history: list[dict[str, Any]] = []
-    with contextlib.suppress(FileNotFoundError):
-        history = json.loads(storage.read_bytes(storage.join(run_url, HISTORY_FILE)))
+    history = _history(run_url)
     try:
         best: BestCheckpoint | None = best_checkpoint(run_url)
     except CheckpointError:
