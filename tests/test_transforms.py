@@ -301,3 +301,82 @@ def test_bad_input_raises_errors_naming_object_and_band(rng):
         preprocess_cutout(cutout, config, ("VIS", "K"))
     with pytest.raises(ValueError, match="unknown preprocess mode"):
         normalise_band(cutout["VIS"], "sqrt")
+
+
+# ----------------------------------------------------------------------------- thread-count independence
+
+THREAD_CONFIGS = [
+    PreprocessConfig(dtype="float32"),
+    PreprocessConfig(mode="log", upsample="bicubic", crop=100, bin=2, dtype="float32"),
+    PreprocessConfig(mode="clip", upsample="bicubic", crop=150),
+]
+
+
+def _preprocessed_bytes(cutouts: list[dict]) -> bytes:
+    return b"".join(preprocess_batch(cutouts, config).tobytes() for config in THREAD_CONFIGS)
+
+
+def test_preprocessing_is_independent_of_the_thread_count(rng):
+    """1, 2 and 4 threads (torch's and every BLAS/OpenMP pool numpy uses) give the same bytes: a store
+    must not depend on the node or the Ray task's thread budget (a Ray task gets OMP_NUM_THREADS=1)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    cutouts = [make_cutout(rng, shape) for shape in [(66, 66), (65, 67), (72, 60), (66, 66)]]
+    saved = torch.get_num_threads()
+    outputs = {}
+    try:
+        for threads in (1, 2, 4):
+            torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                outputs[threads] = _preprocessed_bytes(cutouts)
+    finally:
+        torch.set_num_threads(saved)
+    assert outputs[2] == outputs[1] and outputs[4] == outputs[1]
+
+
+_THREADS_SCRIPT = """
+import json, sys
+import numpy as np
+from threadpoolctl import threadpool_limits
+sys.path.insert(0, sys.argv[1])
+from test_transforms import _preprocessed_bytes, make_cutout
+rng = np.random.default_rng(7)
+cutouts = [make_cutout(rng, shape) for shape in [(66, 66), (65, 67), (72, 60)]]
+digests = {}
+for threads in (1, 2, 4):
+    with threadpool_limits(threads):
+        digests[threads] = __import__("hashlib").sha256(_preprocessed_bytes(cutouts)).hexdigest()
+print(json.dumps(digests))
+"""
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.startswith("flags") and " avx2" in line and " fma" in line for line in info)
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="OpenBLAS's Haswell kernels need AVX2 and FMA")
+def test_preprocessing_is_independent_of_the_blas_kernel_threading(tmp_path):
+    """OpenBLAS's Haswell/Zen GEMM kernels (most x86 nodes) split work across threads so that results
+    differ in the last bit; on this CPU's own kernel they may not. Force those kernels in a fresh
+    process (OPENBLAS_CORETYPE is read when numpy loads) and check 1, 2 and 4 threads agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OPENBLAS_CORETYPE": "Haswell"}
+    done = subprocess.run(
+        [sys.executable, "-c", _THREADS_SCRIPT, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    digests = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(set(digests.values())) == 1, digests

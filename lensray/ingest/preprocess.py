@@ -244,26 +244,60 @@ def _crop_start(side: int, crop: int | None) -> int:
     return (side - crop) // 2
 
 
+class _Taps(NamedTuple):
+    """An interpolation matrix's non-zero weights: destination pixel j = sum over t of
+    ``weight[t, j] * source[index[t, j]]`` (rows with fewer taps are padded with weight 0)."""
+
+    index: np.ndarray  # (taps, n_dst) source pixel indices
+    weight: np.ndarray  # (taps, n_dst) float32
+
+
+def _taps(matrix: np.ndarray) -> _Taps:
+    nonzero = matrix != 0
+    n_taps = max(1, int(nonzero.sum(axis=1).max()))
+    index = np.zeros((n_taps, matrix.shape[0]), dtype=np.intp)
+    weight = np.zeros((n_taps, matrix.shape[0]), dtype=np.float32)
+    for row in range(matrix.shape[0]):
+        columns = np.flatnonzero(nonzero[row])
+        index[: len(columns), row] = columns
+        weight[: len(columns), row] = matrix[row, columns]
+    for array in (index, weight):
+        array.setflags(write=False)
+    return _Taps(index, weight)
+
+
 @lru_cache(maxsize=64)
-def _resampling_pair(
+def _resampling_taps(
     src_shape: tuple[int, int],
     src_scale: float,
     dst_shape: tuple[int, int],
     dst_scale: float,
     method: str,
     crop: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(Wy, Wx.T), both C-contiguous (BLAS-ready), restricted to the central crop of the destination."""
+) -> tuple[_Taps, _Taps]:
+    """The taps along y and along x, restricted to the central crop of the destination."""
     (h_src, w_src), (h_dst, w_dst) = src_shape, dst_shape
     wy = interpolation_matrix(h_src, src_scale, h_dst, dst_scale, method)
     wx = interpolation_matrix(w_src, src_scale, w_dst, dst_scale, method)
     if crop is not None:
         y0, x0 = _crop_start(h_dst, crop), _crop_start(w_dst, crop)
         wy, wx = wy[y0 : y0 + crop], wx[x0 : x0 + crop]
-    wy, wx_t = np.ascontiguousarray(wy), np.ascontiguousarray(wx.T)
-    wy.setflags(write=False)
-    wx_t.setflags(write=False)
-    return wy, wx_t
+    return _taps(wy), _taps(wx)
+
+
+def _apply_taps(stack: np.ndarray, taps: _Taps, axis: int) -> np.ndarray:
+    """Interpolate ``stack`` along ``axis`` (-2 or -1) as a fixed-order sum of the taps, elementwise.
+
+    Not a matrix product: BLAS splits a GEMM between threads in ways that change the last bit of
+    its sums with the thread count (OpenBLAS's Haswell/Zen kernels do), and a store must not depend
+    on the node or the task's thread budget. Each output pixel adds its taps in the same order,
+    whatever the threads, the batch or the machine.
+    """
+    shape = (-1, 1) if axis == -2 else (1, -1)
+    total = np.take(stack, taps.index[0], axis=axis) * taps.weight[0].reshape(shape)
+    for index, weight in zip(taps.index[1:], taps.weight[1:], strict=True):
+        total += np.take(stack, index, axis=axis) * weight.reshape(shape)
+    return total
 
 
 def resample_to_vis(
@@ -277,18 +311,20 @@ def resample_to_vis(
     """Resample a stamp (h, w), or a stack (k, h, w) of same-shape stamps, onto the VIS grid -> float32.
 
     Both grids are centred on the same sky position; any stamp size works (off-size NIR stamps are
-    sampled in their own pixel coordinates). Separable: ``Wy @ image @ Wx.T`` with cached matrices,
-    exact for bilinear and for Keys bicubic. ``crop`` samples only the central crop x crop block of the
-    destination (the same values as resampling and then cropping).
+    sampled in their own pixel coordinates). Separable: ``Wy @ image @ Wx.T`` (y first) with cached
+    weights, exact for bilinear and for Keys bicubic, computed as fixed-order sums of each row's
+    non-zero weights (2 or 4 taps) so that the result does not depend on the thread count.
+    ``crop`` samples only the central crop x crop block of the destination (the same values as
+    resampling and then cropping).
     """
     stack = np.asarray(image, dtype=np.float32)
     if stack.ndim not in (2, 3):
         raise ValueError(f"resample_to_vis needs (h, w) or (k, h, w), got shape {stack.shape}")
-    wy, wx_t = _resampling_pair(
+    taps_y, taps_x = _resampling_taps(
         tuple(stack.shape[-2:]), float(src_pixel_scale), tuple(dst_shape), float(dst_pixel_scale), method, crop
     )
-    # np.matmul runs one GEMM per stamp, so a stamp's result does not depend on the batch around it.
-    return np.matmul(np.matmul(wy, stack), wx_t)
+    # Elementwise per pixel, so a stamp's result does not depend on the batch around it either.
+    return _apply_taps(_apply_taps(stack, taps_y, axis=-2), taps_x, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------
