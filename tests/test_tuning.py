@@ -302,6 +302,10 @@ def test_an_interrupted_search_resumes_its_trials(
     assert reported[0] == 1 and reported == sorted(set(reported)) and reported[-1] == epochs, (
         f"the first trial must continue from its checkpoint, not start again: epochs reported {reported}"
     )
-    history = json.loads(storage.read_bytes(storage.join(table.loc[first_trial, "run_url"], "history.json")))
+    run_url = table.loc[first_trial, "run_url"]
+    history = json.loads(storage.read_bytes(storage.join(run_url, "history.json")))
     assert [row["epoch"] for row in history] == list(range(1, epochs + 1))
+    assert history[-1]["resumed_from"] >= 1, "the restarted trial continues from its latest complete checkpoint"
+    folders = [name for name in storage.list_folders(run_url) if name.startswith("checkpoint_")]
+    assert len(folders) <= resumed.best_config.train.num_to_keep, folders
     assert resumed.best_config is not None and (tmp_path / "experiments" / "resumed" / BEST_CONFIG_FILE).exists()
