@@ -1,9 +1,11 @@
 """The ``lensray`` command: parses arguments, loads the config, calls one function per subcommand.
 
 Every flag is a shorthand for a config key, so ``--n 500`` and ``--set simulate.n=500`` are the same
-thing and a YAML file (``--config``) can hold any of them. The same commands run locally and under
-``ray job submit``. Errors are handled once, in ``main``: a lensray error or a missing file is one line
-on stderr naming the object (exit 1), a config or usage error exit 2, Ctrl-C exit 130.
+thing and a YAML file (``--config``, a local path or any URL storage reads) can hold any of them. The
+same commands run locally and under ``ray job submit``. Before anything runs, every local path (argument
+or config key) is made absolute here on the driver, and the S3 buckets the command uses are checked.
+Errors are handled once, in ``main``: a lensray error or a missing file is one line on stderr naming the
+object (exit 1), a config or usage error exit 2, Ctrl-C exit 130.
 """
 
 from __future__ import annotations
