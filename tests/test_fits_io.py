@@ -91,6 +91,15 @@ BAD_INPUTS = [
     ("all_nan", fits_bytes(_all_nan()), "zero", "all_nan", "all 4356 pixels"),
     ("all_zero", fits_bytes(np.zeros((66, 66), dtype=np.float32)), "zero", "empty", "every finite pixel is 0"),
     ("nan_reject", fits_bytes(_nan_stamp()), "reject", "nan", "7 of 4356 pixels"),
+    ("constant", fits_bytes(np.full((66, 66), 5.0, dtype=np.float32)), "zero", "constant", "every finite pixel is 5"),
+    (
+        "constant_with_nan",
+        fits_bytes(np.where(np.isfinite(_nan_stamp()), 2.5, np.nan)),
+        "zero",
+        "constant",
+        "7 NaN/inf",
+    ),
+    ("off_size", fits_bytes(stamp(7, "Y")[:50, :50]), "zero", "shape", "(50, 50), expected about 66x66"),
 ]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from lensray import runtime, storage
 from lensray.config import DataConfig, PreprocessConfig
 from lensray.errors import IngestError
-from lensray.ingest.preprocess import describe, output_shape, preprocess_batch
+from lensray.ingest.preprocess import describe, output_shape, preprocess_cutouts
 from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
 from lensray.runtime import ensure_ray
 from lensray.sky.catalog import Catalog, LabelledIDs, apply_label_rule, read_catalog
@@ -79,25 +79,30 @@ class IngestSummary:
 def _process_shard(
     item: dict[str, Any], data: DataConfig, preprocess: PreprocessConfig, store_url: str
 ) -> dict[str, Any]:
-    """One Ray task: read a shard's cutouts, preprocess them together, write the whole shard."""
+    """One Ray task: read a shard's cutouts, preprocess them together, write the whole shard.
+
+    A bad object (unreadable, wrong shape, blank, or one whose preprocessed values overflow the store's
+    dtype) becomes a named reject of its own; it never fails the task, so it never fails the run.
+    """
     ids = item["ids"]
-    cutouts, rejects = read_cutouts(data.images, ids, data.bands, data.nan)
-    good = {cutout.object_id: cutout for cutout in cutouts}
-    channels = len(data.bands)
-    size = output_shape(preprocess)[0]
+    cutouts, read_rejects = read_cutouts(data.images, ids, data.bands, data.nan)
+    prepared = preprocess_cutouts(cutouts, preprocess, data.bands)
+    kept = [cutout for cutout, ok in zip(cutouts, prepared.accepted, strict=True) if ok]
+    row = {object_id: k for k, object_id in enumerate(ids)}
+    channels, size = len(data.bands), output_shape(preprocess)[0]
     images = np.full((len(ids), channels, size, size), np.nan, dtype=preprocess.dtype)
     valid = np.zeros(len(ids), dtype=bool)
-    order = [k for k, object_id in enumerate(ids) if object_id in good]
+    order = [row[cutout.object_id] for cutout in cutouts]
     if order:
-        batch = preprocess_batch([good[ids[k]].bands for k in order], preprocess, data.bands)
-        images[order] = batch
-        valid[order] = True
+        images[order] = prepared.images
+        valid[order] = prepared.accepted
+    rejects = sorted([*read_rejects, *prepared.rejects], key=lambda r: row[r.object_id])
     reject_rows = [{"id": int(r.object_id), "reason": r.reason, "message": str(r)} for r in rejects]
-    nan_ids = sum(1 for c in cutouts if sum(c.nan_pixels.values()) > 0)
-    nan_pixels = int(sum(sum(c.nan_pixels.values()) for c in cutouts))
-    write_shard(
-        store_url, item["shard"], images, valid, reject_rows, stats={"nan_ids": nan_ids, "nan_pixels": nan_pixels}
-    )
+    stats = {
+        "nan_ids": sum(1 for c in kept if c.total_nan_pixels > 0),
+        "nan_pixels": int(sum(c.total_nan_pixels for c in kept)),
+    }
+    write_shard(store_url, item["shard"], images, valid, reject_rows, stats=stats)
     # Rejects travel through the shard's report in the store, not through Ray: only counts come back.
     return {"shard": item["shard"], "written": int(valid.sum()), "rejected": len(reject_rows)}
 

@@ -53,7 +53,8 @@ from astropy.visualization import LogStretch
 
 from lensray.config import PreprocessConfig
 from lensray.errors import PreprocessError
-from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE
+from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE, shape_problem
+from lensray.sky.fits import Cutout, Reject
 
 MAD_TO_SIGMA = 1.4826  # MAD -> sigma for Gaussian noise
 LOG_STRETCH_A = 1000.0  # astropy's default, used by the study
@@ -61,9 +62,6 @@ CLIP_PERCENTILES = (0.25, 99.75)
 # Lower clip bound = CLIP_LOWER_FACTOR * v_min: the study's rule, literally (README "Data contracts").
 CLIP_LOWER_FACTOR = -0.7
 KEYS_A = -0.5  # Keys (1981) cubic convolution: reproduces quadratics exactly
-# NIR stamps a few pixels off the nominal 66 are real-data quirks; anything further off is a wrong file
-# (e.g. a VIS stamp in an NIR folder) and is refused instead of being resampled into nonsense.
-MAX_NIR_SIZE_DEVIATION = 6
 MODES = ("asinh", "log", "clip")
 METHODS = ("bilinear", "bicubic")
 
@@ -376,17 +374,11 @@ def _native_stamp(cutout: Mapping[str, np.ndarray], band: str, label: str) -> np
     if band not in cutout:
         raise PreprocessError(f"{label}: band {band} is missing (have {sorted(cutout)})")
     stamp = np.asarray(cutout[band], dtype=np.float32)  # also makes FITS big-endian data native
-    spec = BANDS[band]
     if stamp.ndim != 2:
         raise PreprocessError(f"{label}: band {band} must be a 2-D image, got shape {stamp.shape}")
-    if spec.pixel_scale == VIS_PIXEL_SCALE:
-        if stamp.shape != (VIS_SIZE, VIS_SIZE):
-            raise PreprocessError(f"{label}: band {band} is {stamp.shape}, expected {(VIS_SIZE, VIS_SIZE)}")
-    elif any(abs(side - spec.size) > MAX_NIR_SIZE_DEVIATION for side in stamp.shape):
-        raise PreprocessError(
-            f"{label}: band {band} is {stamp.shape}, expected about {spec.size}x{spec.size} "
-            f"(at most {MAX_NIR_SIZE_DEVIATION} px off)"
-        )
+    problem = shape_problem(band, stamp.shape)
+    if problem:
+        raise PreprocessError(f"{label}: band {band} is {stamp.shape}, {problem}")
     bad = int(np.count_nonzero(~np.isfinite(stamp)))
     if bad:
         raise PreprocessError(f"{label}: band {band} has {bad} non-finite pixel(s); apply the NaN policy first")
@@ -450,3 +442,65 @@ def preprocess_cutout(
 ) -> np.ndarray:
     """One cutout (band name -> native stamp) -> (C, S, S) of ``config.dtype``; see ``preprocess_batch``."""
     return preprocess_batch([bands], config, band_order, None if object_id is None else [object_id])[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Many objects, each accepted or refused by itself
+
+
+class Prepared(NamedTuple):
+    """``preprocess_cutouts``' result: one row per cutout (NaN where refused) and why each refused one was."""
+
+    images: np.ndarray  # (N, C, S, S) of config.dtype
+    accepted: np.ndarray  # (N,) bool
+    rejects: list[Reject]  # in cutout order
+
+
+def preprocess_cutouts(
+    cutouts: Sequence[Cutout], config: PreprocessConfig, band_order: Sequence[str] = BAND_NAMES
+) -> Prepared:
+    """Preprocess read cutouts as one batch; a cutout that cannot become an image is refused by itself.
+
+    Reasons: ``preprocess`` (``preprocess_batch`` refuses the cutout, e.g. a band it lacks) and
+    ``overflow``: a value that would be written is not finite in ``config.dtype`` (an extreme native
+    pixel, e.g. 3e38, overflows the arithmetic or the cast). What is written is what is judged, so an
+    extreme pixel that a mode maps into range (log, clip) is kept; inf is never written. Accepted rows
+    are bit-identical to ``preprocess_batch`` (each stamp is computed by itself).
+    """
+    bands = _check_band_order(band_order)
+    size = output_shape(config)[0]
+    images = np.full((len(cutouts), len(bands), size, size), np.nan, dtype=config.dtype)
+    refused: dict[int, Reject] = {}
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is found below, per object, and named
+        try:
+            if cutouts:
+                images[:] = preprocess_batch([c.bands for c in cutouts], config, bands, [c.object_id for c in cutouts])
+        except PreprocessError:  # find which ones: one at a time
+            for k, cutout in enumerate(cutouts):
+                try:
+                    images[k] = preprocess_cutout(cutout.bands, config, bands, cutout.object_id)
+                except PreprocessError as exc:
+                    refused[k] = Reject(cutout.object_id, "preprocess", str(exc))
+    not_finite = ~np.isfinite(images).all(axis=(1, 2, 3))
+    for k in np.flatnonzero(not_finite).tolist():
+        if k not in refused:
+            refused[k] = _overflow_reject(cutouts[k], images[k], bands, np.dtype(config.dtype))
+            images[k] = np.nan
+    accepted = np.ones(len(cutouts), dtype=bool)
+    accepted[list(refused)] = False
+    return Prepared(images, accepted, [refused[k] for k in sorted(refused)])
+
+
+def _overflow_reject(cutout: Cutout, image: np.ndarray, bands: Sequence[str], dtype: np.dtype) -> Reject:
+    """Name the band(s) whose preprocessed values are not finite, with their most extreme native pixel."""
+    parts = []
+    for channel, band in enumerate(bands):
+        count = int(np.count_nonzero(~np.isfinite(image[channel])))
+        if count:
+            extreme = float(np.max(np.abs(cutout.bands[band])))
+            parts.append(f"band {band}: {count} value(s) (native pixels up to {extreme:.3g})")
+    message = (
+        f"ID {cutout.object_id}: preprocessing gives values beyond the {dtype.name} range "
+        f"(|x| <= {float(np.finfo(dtype).max):.6g}) or not finite in {'; '.join(parts)}: an extreme pixel; not written"
+    )
+    return Reject(cutout.object_id, "overflow", message)

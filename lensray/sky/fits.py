@@ -5,7 +5,9 @@ so that an ingest can reject it and go on. A storage failure that is not about o
 bucket, refused credentials, endpoint down) is a ``StorageError`` and is never turned into a
 rejection: otherwise a typo in a bucket name would "reject" every object instead of failing the run.
 NaN pixels are never silently zeroed: policy ``zero`` sets them to 0 and counts them, ``reject``
-rejects the object; an image with no finite non-zero pixel is always rejected.
+rejects the object; an image with no finite non-zero pixel, or whose finite pixels all hold one value
+(a blank band), is always rejected, and so is a stamp whose shape does not fit its band (``bands.shape_problem``).
+Ingest and score read through here, so both reject the same objects for the same reasons.
 """
 
 from __future__ import annotations
@@ -21,15 +23,15 @@ from astropy.io import fits
 
 from lensray import storage
 from lensray.errors import LensrayError
-from lensray.sky.bands import band_relpath
+from lensray.sky.bands import BANDS, band_relpath, shape_problem
 
 NanPolicy = Literal["zero", "reject"]
-RejectReason = Literal["missing", "corrupt", "empty", "all_nan", "nan", "shape"]
+RejectReason = Literal["missing", "corrupt", "empty", "all_nan", "constant", "nan", "shape"]
 NAN_POLICIES: tuple[str, ...] = ("zero", "reject")
 
 
 class CutoutError(LensrayError, ValueError):
-    """One object's band is unusable. ``reason``: missing, corrupt, empty, all_nan, nan or shape."""
+    """One object's band is unusable. ``reason``: missing, corrupt, empty, all_nan, constant, nan or shape."""
 
     def __init__(self, object_id: int, band: str, url: str, reason: RejectReason, detail: str) -> None:
         self.object_id = int(object_id)
@@ -94,8 +96,11 @@ def decode_band(data: bytes, object_id: int, band: str, url: str, nan_policy: Na
     n_bad = int(bad.sum())
     if n_bad == image.size:
         raise fail("all_nan", f"all {image.size} pixels are NaN/inf")
-    if not np.any(image[~bad]):
+    finite = image[~bad]
+    if not np.any(finite):
         raise fail("empty", f"every finite pixel is 0 ({n_bad} NaN/inf, {image.size - n_bad} zero)")
+    if finite.min() == finite.max():  # a blank band: nothing to normalise, it would score like sky
+        raise fail("constant", f"every finite pixel is {finite[0]:.6g} ({n_bad} NaN/inf): a blank band")
     if n_bad:
         if nan_policy == "reject":
             raise fail("nan", f"{n_bad} of {image.size} pixels are NaN/inf (nan policy 'reject')")
@@ -121,7 +126,11 @@ def read_band(root_url: str, object_id: int, band: str, nan_policy: NanPolicy) -
         data = storage.read_bytes(url)
     except FileNotFoundError:
         raise CutoutError(object_id, band, url, "missing", "no such file") from None
-    return decode_band(data, object_id, band, url, nan_policy)
+    image, n_bad = decode_band(data, object_id, band, url, nan_policy)
+    problem = shape_problem(band, image.shape) if band in BANDS else None
+    if problem:  # a wrong-size stamp is this object's fault, not the run's
+        raise CutoutError(object_id, band, url, "shape", f"stamp is {image.shape}, {problem}")
+    return image, n_bad
 
 
 def read_cutout(root_url: str, object_id: int, bands: Sequence[str], nan_policy: NanPolicy = "zero") -> Cutout:
