@@ -1,28 +1,65 @@
-"""URLs to filesystems: local paths and ``s3://`` (custom endpoint and credentials from the environment).
+"""URLs to filesystems: local paths, ``s3://`` and every other fsspec URL (``gs://``, ``https://``, ``memory://``...).
 
-Every module that touches storage goes through here so that one place knows how an endpoint such as
-MinIO, Ceph or moto is reached. The endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
-and credentials from the usual ``AWS_*`` variables (or any botocore credential source).
+Every module that touches storage goes through here so that one place knows how a store is reached.
+A URL without a scheme (or ``file://``) is a local path; ``s3://`` goes through pyarrow (2-2.5x faster
+than s3fs for many small objects), any other scheme through fsspec (its package, e.g. gcsfs for
+``gs://``, must be installed). For S3 the endpoint of MinIO, Ceph or moto comes from
+``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, credentials from the usual ``AWS_*`` variables (or any
+botocore credential source); ``AWS_NO_SIGN_REQUEST=YES`` reads public buckets anonymously.
+
+Remote storage that fails transiently (connection refused or reset, timeouts, throttling, 5xx) is
+tried again after each delay of ``RETRY_DELAYS_S`` (6 attempts within about 20 s); then StorageError names the URL.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
 
-from lensray.errors import StorageError
+from lensray.errors import LensrayError, StorageError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Seconds to wait before each retry: 6 attempts within ~20 s (10.5 s of waits, plus the attempts' own
+# time: against a closed port pyarrow's client tries 3 times itself, ~1-2 s) ride out an endpoint restart.
+RETRY_DELAYS_S: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0, 4.0)
+
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def scheme(url: str) -> str | None:
+    """``s3``, ``gs``, ``memory``, ``file``...; None for a plain path."""
+    match = _SCHEME.match(url)
+    return match.group(1).lower() if match else None
+
+
+def is_local(url: str) -> bool:
+    return scheme(url) in (None, "file")
 
 
 def is_s3(url: str) -> bool:
-    return url.startswith(("s3://", "s3a://"))
+    return scheme(url) in ("s3", "s3a")
 
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def s3_anonymous() -> bool:
+    """``AWS_NO_SIGN_REQUEST=YES`` (the AWS CLI's and GDAL's setting): unsigned requests, no credentials."""
+    return os.environ.get("AWS_NO_SIGN_REQUEST", "").strip().lower() in ("yes", "true", "1")
 
 
 def _s3_region() -> str:
@@ -30,17 +67,27 @@ def _s3_region() -> str:
 
 
 def strip_scheme(url: str) -> str:
-    """``s3://bucket/key`` -> ``bucket/key``; local paths are made absolute."""
+    """The path a filesystem of ``url`` takes: ``s3://bucket/key`` -> ``bucket/key``, ``memory://a`` ->
+    ``/a`` (each fsspec scheme its own way); local paths are made absolute."""
     if is_s3(url):
         return url.split("://", 1)[1].rstrip("/")
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return os.path.abspath(os.path.expanduser(url))
+    if is_local(url):
+        if url.startswith("file://"):
+            url = url[len("file://") :]
+        return os.path.abspath(os.path.expanduser(url))
+    return _fsspec_class(url)._strip_protocol(url)
 
 
 def join(url: str, *parts: str) -> str:
     base = url.rstrip("/")
     return "/".join([base, *(p.strip("/") for p in parts)])
+
+
+def _fsspec_class(url: str) -> type[fsspec.AbstractFileSystem]:
+    try:
+        return fsspec.get_filesystem_class(scheme(url))
+    except (ImportError, ValueError) as exc:  # unknown scheme, or its package is not installed
+        raise StorageError(f"no filesystem for {scheme(url)}:// URLs ({url}): {exc}") from exc
 
 
 def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -52,18 +99,24 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
             client_kwargs["endpoint_url"] = endpoint
         # A fresh instance: fsspec caches instances, and a cached one may hold a stale event loop
         # after a fork (Ray workers) or a changed endpoint.
-        fs = fsspec.filesystem("s3", client_kwargs=client_kwargs, skip_instance_cache=True)
+        fs = fsspec.filesystem("s3", client_kwargs=client_kwargs, anon=s3_anonymous(), skip_instance_cache=True)
         return fs, strip_scheme(url)
-    return fsspec.filesystem("file"), strip_scheme(url)
+    if is_local(url):
+        return fsspec.filesystem("file"), strip_scheme(url)
+    return _fsspec_class(url)(), strip_scheme(url)
 
 
 def arrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem for ``url``: 2-2.5x faster than s3fs for many small object reads."""
+    """A pyarrow filesystem for ``url``: pyarrow's own for S3 and local paths, fsspec's behind it otherwise."""
     if is_s3(url):
         # Keyed on everything that configures the client, so a changed environment gets a new one.
-        settings = (os.getpid(), s3_endpoint(), _s3_region(), *(os.environ.get(k) for k in _AWS_CREDENTIAL_ENV))
+        env = (os.environ.get(k) for k in _AWS_CREDENTIAL_ENV)
+        settings = (os.getpid(), s3_endpoint(), _s3_region(), s3_anonymous(), *env)
         return _arrow_s3(settings), strip_scheme(url)
-    return pafs.LocalFileSystem(), strip_scheme(url)
+    if is_local(url):
+        return pafs.LocalFileSystem(), strip_scheme(url)
+    fs, path = filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 _AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
@@ -73,9 +126,9 @@ _AWS_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSIO
 def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
     # Building an S3FileSystem costs ~1.5 ms, about as much as reading a small object from it.
     # The pid in the key keeps a forked child from reusing its parent's client.
-    _, endpoint, region, *_ = settings
+    _, endpoint, region, anonymous, *_ = settings
     # allow_delayed_open: a small object is one PutObject instead of a three-request multipart upload.
-    kwargs: dict[str, object] = {"region": region, "allow_delayed_open": True}
+    kwargs: dict[str, object] = {"region": region, "allow_delayed_open": True, "anonymous": bool(anonymous)}
     if endpoint:
         parsed = urlparse(str(endpoint))
         kwargs["endpoint_override"] = parsed.netloc or endpoint
@@ -83,17 +136,101 @@ def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
+# --- transient failures -------------------------------------------------------------------------------
+
+# Exception class names (anywhere in the MRO) of network failures: botocore, aiohttp, urllib3, asyncio.
+_TRANSIENT_TYPES = frozenset(
+    {
+        "ConnectionError",
+        "EndpointConnectionError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ConnectionClosedError",
+        "ClientConnectionError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ServerDisconnectedError",
+        "ClientPayloadError",
+        "IncompleteRead",
+        "ProtocolError",
+        "TimeoutError",
+        "FSTimeoutError",
+    }
+)
+# pyarrow reports every S3 failure as OSError; these words in its text mark a transient one.
+_TRANSIENT_TEXT = re.compile(
+    r"network_connection|curlcode|could ?n[o']t connect|connection (refused|reset|aborted|closed)|broken pipe"
+    r"|timed? ?out|slow_?down|service_?unavailable|internal_?(failure|error)|throttl|http status 5\d\d"
+)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the connection or service that may pass: worth trying again."""
+    if isinstance(exc, (LensrayError, FileNotFoundError, PermissionError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if any(cls.__name__ in _TRANSIENT_TYPES for cls in type(exc).__mro__):
+        return True
+    return bool(_TRANSIENT_TEXT.search(str(exc).lower()))
+
+
+def _retrying(action: str, url: str, attempt: Callable[[], T]) -> T:
+    """``attempt()``; for remote URLs, again after each of RETRY_DELAYS_S while it fails transiently.
+
+    FileNotFoundError and lensray's own errors pass unchanged; any other OSError (and a transient
+    failure that outlasts the retries) becomes StorageError naming the URL.
+    """
+    delays = () if is_local(url) else RETRY_DELAYS_S
+    for tried, delay in enumerate((*delays, None), start=1):
+        try:
+            return attempt()
+        except (LensrayError, FileNotFoundError):
+            raise
+        except Exception as exc:
+            transient = _transient(exc)
+            if not transient and not isinstance(exc, OSError):
+                raise
+            if not transient:
+                raise StorageError(f"cannot {action} {url}: {exc}") from exc
+            if delay is None:
+                waited = sum(delays)
+                message = f"cannot {action} {url}: still unreachable after {tried} attempts over {waited:.0f} s: {exc}"
+                raise StorageError(message) from exc
+            if tried == 1:
+                log.warning(
+                    "%s unreachable (%s); retrying %d times over %.0f s",
+                    url,
+                    _first_line(exc),
+                    len(delays),
+                    sum(delays),
+                )
+            time.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+# --- reading and writing ------------------------------------------------------------------------------
+
+
 def _missing(url: str, fs: pafs.FileSystem) -> Exception:
     """FileNotFoundError for a missing object; StorageError when its whole S3 bucket is missing.
 
     pyarrow reports both as FileNotFoundError (a HEAD 404 has no body to tell them apart), but a
-    missing bucket is a configuration error for the whole run, not one absent object.
+    missing bucket is a configuration error for the whole run, not one absent object. A transient
+    failure of the bucket check is raised as it is, for the caller's retry.
     """
     if is_s3(url):
         bucket = strip_scheme(url).split("/", 1)[0]
         try:
             info = fs.get_file_info(bucket)
         except OSError as exc:
+            if _transient(exc):
+                raise
             return StorageError(f"cannot reach bucket {bucket!r} for {url}: {exc}")
         if info.type == pafs.FileType.NotFound:
             return StorageError(
@@ -104,76 +241,100 @@ def _missing(url: str, fs: pafs.FileSystem) -> Exception:
 
 def read_bytes(url: str) -> bytes:
     """Whole object at ``url``. FileNotFoundError names the URL when it does not exist; StorageError
-    when its bucket is missing, credentials are refused or the endpoint cannot be reached."""
+    when its bucket is missing, credentials are refused or the endpoint stays unreachable."""
     fs, path = arrow_filesystem(url)
-    try:
-        with fs.open_input_stream(path) as stream:
-            return stream.read()
-    except FileNotFoundError:
-        raise _missing(url, fs) from None
-    except OSError as exc:
-        if "not found" in str(exc).lower() or "no such" in str(exc).lower():
+
+    def attempt() -> bytes:
+        try:
+            with fs.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError:
             raise _missing(url, fs) from None
-        raise StorageError(f"cannot read {url}: {exc}") from exc
+        except OSError as exc:
+            if "not found" in str(exc).lower() or "no such" in str(exc).lower():
+                raise _missing(url, fs) from None
+            raise
+
+    return _retrying("read", url, attempt)
 
 
 def exists(url: str) -> bool:
     """Whether an object (or folder) exists at ``url``, without reading it. Like ``read_bytes``, a
     missing bucket, refused credentials or an unreachable endpoint raise StorageError, not False."""
     fs, path = arrow_filesystem(url)
-    try:
-        info = fs.get_file_info(path)
-    except OSError as exc:
-        raise StorageError(f"cannot reach {url}: {exc}") from exc
-    if info.type != pafs.FileType.NotFound:
-        return True
-    missing = _missing(url, fs)
-    if isinstance(missing, StorageError):
-        raise missing
-    return False
+
+    def attempt() -> bool:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            return True
+        missing = _missing(url, fs)
+        if isinstance(missing, StorageError):
+            raise missing
+        return False
+
+    return _retrying("reach", url, attempt)
 
 
 def list_folders(url: str) -> list[str]:
     """Names of the folders directly under ``url``, sorted; [] when ``url`` does not exist. StorageError
     (naming the URL) when it cannot be listed."""
     fs, path = arrow_filesystem(url)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
-    except OSError as exc:
-        raise StorageError(f"cannot list {url}: {exc}") from exc
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    entries = _retrying("list", url, lambda: fs.get_file_info(selector))
     return sorted(entry.base_name for entry in entries if entry.type == pafs.FileType.Directory)
 
 
 def write_bytes(url: str, data: bytes) -> None:
+    """Write the whole object at ``url``, or fail with StorageError: never a partial object under its name
+    (a local file is written aside and renamed; an object store publishes an object only once complete)."""
+    if is_local(url):
+        _write_local(url, data)
+        return
     fs, path = arrow_filesystem(url)
-    if not is_s3(url):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
+
+    def attempt() -> None:
         with fs.open_output_stream(path) as stream:
             stream.write(data)
+
+    _retrying("write", url, attempt)
+
+
+def _write_local(url: str, data: bytes) -> None:
+    path = strip_scheme(url)
+    # Written aside under a hidden name, then renamed: a killed writer leaves no partial file at ``path``.
+    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(partial, "xb") as stream:
+                stream.write(data)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
     except OSError as exc:
         raise StorageError(f"cannot write {url}: {exc}") from exc
 
 
 def check_reachable(url: str, *, must_exist: bool = True) -> None:
-    """Fail fast, naming the URL, when its bucket/folder is missing or credentials are refused."""
+    """Fail fast, naming the URL, when its bucket/folder is missing or credentials are refused (after
+    the retries when the endpoint does not answer)."""
     if is_s3(url):
-        bucket = strip_scheme(url).split("/", 1)[0]
-        fs, _ = arrow_filesystem(url)
-        try:
-            info = fs.get_file_info(bucket)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot reach bucket {bucket!r} for {url} (endpoint {s3_endpoint() or 'AWS default'}): {exc}"
-            ) from exc
-        if info.type == pafs.FileType.NotFound:
-            raise StorageError(f"bucket {bucket!r} does not exist (URL {url})")
-    target = url if must_exist else None
-    if target is not None:
-        fs, path = arrow_filesystem(target)
-        try:
-            info = fs.get_file_info(path)
-        except OSError as exc:
-            raise StorageError(f"cannot reach {url}: {exc}") from exc
-        if info.type == pafs.FileType.NotFound:
+        _retrying("reach", url, lambda: _check_bucket(url))
+    if must_exist:
+        fs, path = arrow_filesystem(url)
+        if _retrying("reach", url, lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
             raise StorageError(f"{url} does not exist")
+
+
+def _check_bucket(url: str) -> None:
+    bucket = strip_scheme(url).split("/", 1)[0]
+    fs, _ = arrow_filesystem(url)
+    try:
+        info = fs.get_file_info(bucket)
+    except OSError as exc:
+        if _transient(exc):
+            raise
+        endpoint = s3_endpoint() or "AWS default"
+        raise StorageError(f"cannot reach bucket {bucket!r} for {url} (endpoint {endpoint}): {exc}") from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {bucket!r} does not exist (URL {url})")

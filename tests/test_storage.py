@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import pytest
 
 from lensray import storage
@@ -52,3 +62,203 @@ def test_exists_without_reading_and_a_missing_bucket_is_an_error(s3_bucket: str,
         assert storage.exists(url) and storage.exists(storage.join(root, "run"))
     with pytest.raises(storage.StorageError, match="no-such-bucket-xyz"):
         storage.exists("s3://no-such-bucket-xyz/run/history.json")
+
+
+# --- other URL schemes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def memory_root() -> Iterator[str]:
+    """A fresh folder on fsspec's in-process memory filesystem, removed afterwards."""
+    root = f"memory://lensray-test-{uuid.uuid4().hex[:12]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(storage.strip_scheme(root)):
+        fs.rm(storage.strip_scheme(root), recursive=True)
+
+
+def test_url_schemes_other_than_s3_are_not_local_paths() -> None:
+    for url in ("memory://b/k", "gs://b/k", "https://example.org/x.fits", "s3a://b/k", "file:///tmp/x"):
+        assert storage.scheme(url) == url.split("://")[0]
+        assert storage.is_local(url) == url.startswith("file://")
+    assert storage.scheme("data/x.fits") is None and storage.is_local("data/x.fits")
+    assert storage.strip_scheme("memory://b/k") == "/b/k"
+    assert storage.strip_scheme("https://example.org/x.fits") == "https://example.org/x.fits"
+    with pytest.raises(storage.StorageError, match="nosuchscheme://b/k"):
+        storage.read_bytes("nosuchscheme://b/k")
+
+
+def test_memory_urls_read_write_list_through_fsspec(memory_root: str, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a URL taken for a relative path would land here
+    url = storage.join(memory_root, "run", "epoch_1", "history.json")
+    assert not storage.exists(url)
+    storage.write_bytes(url, b"[1]")
+    assert storage.read_bytes(url) == b"[1]"
+    assert storage.exists(url) and storage.exists(storage.join(memory_root, "run"))
+    assert storage.list_folders(storage.join(memory_root, "run")) == ["epoch_1"]
+    assert fsspec.filesystem("memory").cat_file(storage.strip_scheme(url)) == b"[1]"
+    fs, path = storage.filesystem(url)
+    assert fs.cat_file(path) == b"[1]"
+    storage.check_reachable(storage.join(memory_root, "run"))
+    with pytest.raises(FileNotFoundError, match="nope.bin"):
+        storage.read_bytes(storage.join(memory_root, "nope.bin"))
+    assert list(tmp_path.iterdir()) == [], "nothing may be written to a local folder named after the URL"
+
+
+# --- anonymous S3 -----------------------------------------------------------------------------------------
+
+
+def test_anonymous_s3_reads_public_objects_without_credentials(s3_bucket: str, s3_server: str, monkeypatch) -> None:
+    import boto3
+
+    bucket = storage.strip_scheme(s3_bucket)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key="public/x.fits", Body=b"open", ACL="public-read")
+    client.put_object(Bucket=bucket, Key="private/x.fits", Body=b"closed")
+    monkeypatch.setenv("AWS_NO_SIGN_REQUEST", "YES")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    public, private = storage.join(s3_bucket, "public", "x.fits"), storage.join(s3_bucket, "private", "x.fits")
+    assert storage.read_bytes(public) == b"open" and storage.exists(public)
+    fs, path = storage.filesystem(public)
+    assert fs.cat_file(path) == b"open"
+    # moto refuses an unsigned request for a private object: proof that these requests were unsigned.
+    with pytest.raises(storage.StorageError, match=re.escape(private)):
+        storage.read_bytes(private)
+
+
+# --- the endpoint going away ----------------------------------------------------------------------------
+
+
+class Outage:
+    """A moto S3 server of this test's own on a loopback port, to stop and restart (its data survives:
+    moto keeps it in this process)."""
+
+    def __init__(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.restarts: list[threading.Thread] = []
+
+    def down_for(self, seconds: float) -> threading.Thread:
+        """Stop the server now and start it again after ``seconds``, in the background."""
+        self.server.stop()
+
+        def restart() -> None:
+            time.sleep(seconds)
+            self.server.start()
+
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        self.restarts.append(thread)
+        return thread
+
+    def close(self) -> None:
+        for thread in self.restarts:  # a restart still pending would leave a server that stop() never joins
+            thread.join()
+        with contextlib.suppress(Exception):
+            self.server.stop()
+
+
+@pytest.fixture()
+def outage(s3_server: str, monkeypatch) -> Iterator[tuple[Outage, str]]:
+    """(the server, a fresh bucket on it as an s3:// URL), with lensray pointed at that server."""
+    import boto3
+
+    server = Outage()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    bucket = f"outage-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    try:
+        yield server, f"s3://{bucket}"
+    finally:
+        server.close()
+
+
+def _timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def test_each_storage_call_rides_out_an_endpoint_restart(outage: tuple[Outage, str]) -> None:
+    server, bucket = outage
+    url = storage.join(bucket, "run", "epoch_3", "history.json")
+    storage.write_bytes(url, b"[3]")
+    calls = {
+        "read_bytes": (lambda: storage.read_bytes(url), b"[3]"),
+        "exists": (lambda: storage.exists(url), True),
+        "list_folders": (lambda: storage.list_folders(storage.join(bucket, "run")), ["epoch_3"]),
+        "check_reachable": (lambda: storage.check_reachable(url), None),
+        "write_bytes": (lambda: storage.write_bytes(storage.join(bucket, "new.json"), b"{}"), None),
+    }
+    for name, (call, expected) in calls.items():
+        restart = server.down_for(2.0)
+        result, took = _timed(call)
+        restart.join()
+        assert result == expected, name
+        assert 1.5 < took < 15, f"{name}: {took:.1f} s (it must wait for the restart, and not much longer)"
+    assert storage.read_bytes(storage.join(bucket, "new.json")) == b"{}"
+
+
+def test_an_endpoint_that_stays_down_ends_in_one_storage_error_naming_the_url(outage: tuple[Outage, str]) -> None:
+    server, bucket = outage
+    url = storage.join(bucket, "store.zarr", "shard_reports", "shard-000000.json")
+    server.server.stop()
+    waited = sum(storage.RETRY_DELAYS_S)
+    expected = (
+        re.escape(url) + f".*still unreachable after {len(storage.RETRY_DELAYS_S) + 1} attempts over {waited:.0f} s"
+    )
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=expected) as info:
+        storage.write_bytes(url, b"{}")
+    took = time.monotonic() - started
+    assert waited <= took < waited + 15, f"gave up after {took:.1f} s"
+    assert "\n" not in str(info.value), "one line for the CLI"
+    server.server.start()
+    assert not storage.exists(url), "a write that failed leaves no object behind"
+
+
+def test_refusals_are_not_retried(outage: tuple[Outage, str]) -> None:
+    _, bucket = outage
+    for call, error in (
+        (lambda: storage.read_bytes(storage.join(bucket, "absent.fits")), FileNotFoundError),
+        (lambda: storage.read_bytes("s3://no-such-bucket-xyz/a.fits"), storage.StorageError),
+        (lambda: storage.check_reachable("s3://no-such-bucket-xyz/data"), storage.StorageError),
+    ):
+        started = time.monotonic()
+        with pytest.raises(error):
+            call()
+        assert time.monotonic() - started < 2, "a missing object or bucket is an answer, not an outage"
+
+
+def test_an_ingest_reads_its_cutouts_and_catalogue_through_an_endpoint_restart(outage: tuple[Outage, str]) -> None:
+    """End to end through an ingest's reading stage (sky.fits.read_cutouts, sky.catalog.read_catalog):
+    the server goes down just before, comes back 3 s later, and every cutout reads back bit for bit."""
+    from astropy.io import fits
+
+    from lensray.sky.bands import band_relpath
+    from lensray.sky.fits import read_cutouts
+
+    server, bucket = outage
+    root, rng = storage.join(bucket, "Public"), np.random.default_rng(7)
+    expected = {}
+    for object_id in range(200001, 200009):
+        for band, size in (("VIS", 200), ("H", 66)):  # the challenge sizes
+            image = rng.normal(1e-11, 3e-12, (size, size)).astype(np.float32)
+            buffer = io.BytesIO()
+            fits.PrimaryHDU(image).writeto(buffer)
+            storage.write_bytes(storage.join(root, band_relpath(band, object_id)), buffer.getvalue())
+            expected[object_id, band] = image
+    restart = server.down_for(3.0)
+    (cutouts, rejects), took = _timed(lambda: read_cutouts(root, list(range(200001, 200009)), ("VIS", "H")))
+    restart.join()
+    assert rejects == [] and took > 2.5
+    for cutout in cutouts:
+        for band, image in cutout.bands.items():
+            np.testing.assert_array_equal(image, expected[cutout.object_id, band])
