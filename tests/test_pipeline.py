@@ -107,6 +107,73 @@ def test_resume_skips_complete_shards_and_rebuilds_deleted_ones(raw_root: Path, 
     assert changed == [], f"objects differ after resume: {changed}"
 
 
+def _files(store_url: str) -> dict[str, bytes]:
+    """Every object of a local store by key, without the JSON metadata (it holds timestamps)."""
+    root = Path(store_url)
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and p.name != "zarr.json" and not p.name.endswith(".partial")
+    }
+
+
+def _leave_half_written_shard(store_url: str, shard: int) -> None:
+    """What a task killed while writing ``shard`` leaves: the store reopened by a rerun (state ready),
+    the shard's images object cut short with zarr's temporary file beside it, its valid chunk and report
+    not written yet, and no done mark (write_shard sets that last)."""
+    import zarr
+
+    from lensray.ingest.store import create_store
+
+    group = zarr.open_group(store_url, mode="r")
+    fingerprint, layout = group.attrs["fingerprint"], group.attrs["layout"]
+    create_store(  # the rerun's reopen: same parameters, so the finished shards are kept
+        store_url,
+        ids=group["ids"][:],
+        labels=group["labels"][:],
+        split=group["split"][:],
+        channels=layout["channels"],
+        size=(layout["height"], layout["width"]),
+        dtype=layout["dtype"],
+        shard_size=layout["shard_size"],
+        meta=fingerprint["meta"],
+    )
+    root = Path(store_url)
+    images = root / "images" / "c" / str(shard) / "0" / "0" / "0"
+    data = images.read_bytes()
+    images.write_bytes(data[: len(data) // 2])
+    images.with_suffix(".0123456789abcdef.partial").write_bytes(data[: len(data) // 3])
+    (root / "valid" / "c" / str(shard)).unlink()
+    (root / "shard_reports" / f"shard-{shard:06d}.json").unlink()
+    (root / "shard_done" / "c" / str(shard)).unlink()
+
+
+def test_half_written_shard_is_detected_never_read_and_rewritten(raw_root: Path, tmp_path: Path) -> None:
+    from lensray.ingest.store import StoreIncompleteError, completed_shards, finalize_store
+
+    data, reference = _configs(str(raw_root), str(tmp_path / "reference.zarr"))
+    ingest(data, reference, progress=False)  # uninterrupted
+    store_url = str(tmp_path / "store.zarr")
+    preprocess = reference.model_copy(update={"out": store_url})
+    ingest(data, preprocess, progress=False)
+    _leave_half_written_shard(store_url, 2)
+
+    assert completed_shards(store_url) == {0, 1, 3, 4}
+    store = LensStore.open(store_url)
+    assert "NOT FINALIZED: 4 of 5" in store.info()
+    with pytest.raises(StoreIncompleteError, match="not finalized"):
+        store.read(np.arange(store.n))  # never read as data
+    with pytest.raises(StoreIncompleteError, match=r"\[2\]"):
+        finalize_store(store_url)
+
+    resumed = ingest(data, preprocess, progress=False)
+    assert resumed.shards_written == 1 and resumed.shards_skipped == 4
+    assert _files(store_url) == _files(reference.out)
+    assert LensStore.open(store_url).read(np.arange(N_OBJECTS)).tobytes() == (
+        LensStore.open(reference.out).read(np.arange(N_OBJECTS)).tobytes()
+    )
+
+
 def test_other_config_against_existing_store_is_an_error(raw_root: Path, tmp_path: Path) -> None:
     store_url = str(tmp_path / "store.zarr")
     data, preprocess = _configs(str(raw_root), store_url, limit=10)

@@ -220,6 +220,27 @@ def test_interrupted_rewrite_leaves_shard_incomplete(tmp_path: Path) -> None:
         finalize_store(url)
 
 
+def test_shard_object_cut_short_by_a_killed_task_is_rewritten(store_url: str) -> None:
+    """A task killed while writing leaves the shard's images object cut short and no done mark (a
+    non-atomic filesystem; S3 puts are atomic, so there it is the old object): the rerun's write must
+    replace it, not merge into it (zarr reads the existing object first, and this one fails its checksum)."""
+    data = make_dataset()
+    create(store_url, data)
+    write(store_url, data, [0, 1, 2])
+    before = objects(store_url, "images/c")
+    key = "images/c/1/0/0/0"
+    storage.write_bytes(storage.join(store_url, key), before[key][: len(before[key]) // 2])
+    fs, root = storage.filesystem(store_url)
+    fs.rm(f"{root}/shard_done/c/1")  # the done mark, written last, was never set
+    with pytest.raises(StoreIncompleteError, match=r"\[1\]"):
+        finalize_store(store_url)
+    write(store_url, data, [1])
+    assert objects(store_url, "images/c") == before
+    finalize_store(store_url)
+    store = LensStore.open(store_url)
+    assert store.read(store.indices()).tobytes() == data.images[data.valid].astype(np.float16).tobytes()
+
+
 def test_finalize_counts_rejects_and_extra_meta(tmp_path: Path) -> None:
     data = make_dataset(n=30, seed=1, rejected_rows=(0, 9, 10, 29))
     url = str(tmp_path / "s.zarr")

@@ -399,10 +399,21 @@ def write_shard(
     done = group["shard_done"]
     if done[shard_index]:
         done[shard_index] = 0  # a rewrite is not complete until everything below is written again
+    _delete_shard_images(group["images"], shard_index)
     group["images"][start:stop] = block
     group["valid"][start:stop] = valid
     storage.write_bytes(_report_url(url, shard_index), json.dumps(report, indent=1).encode())
     done[shard_index] = 1
+
+
+def _delete_shard_images(images: zarr.Array, shard_index: int) -> None:
+    """Remove the shard's images object before it is written again.
+
+    zarr merges a write into the existing shard object (it reads it first), and an object cut short by
+    a killed task fails its checksum, so the rerun that should rewrite the shard would fail on it.
+    """
+    key = images.metadata.encode_chunk_key((shard_index, *(0,) * (images.ndim - 1)))
+    zarr_sync((images.store_path / key).delete())
 
 
 def _shard_images(images: npt.ArrayLike, valid: np.ndarray, ids: np.ndarray, layout: dict, where: str) -> np.ndarray:
