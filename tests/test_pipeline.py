@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +176,61 @@ def test_half_written_shard_is_detected_never_read_and_rewritten(raw_root: Path,
     assert LensStore.open(store_url).read(np.arange(N_OBJECTS)).tobytes() == (
         LensStore.open(reference.out).read(np.arange(N_OBJECTS)).tobytes()
     )
+
+
+_INGEST_SCRIPT = """
+import sys
+from lensray.config import DataConfig, PreprocessConfig
+from lensray.ingest.ingest import ingest
+ingest(DataConfig.model_validate_json(sys.argv[1]), PreprocessConfig.model_validate_json(sys.argv[2]), progress=False)
+"""
+
+
+def _done_shards(store_url: str) -> set[int]:
+    from lensray.ingest.store import StoreError, completed_shards
+
+    try:
+        return completed_shards(store_url)
+    except (FileNotFoundError, StoreError):  # not created yet, or still being created
+        return set()
+
+
+def _wait_until_still(store_url: str, quiet_s: float = 1.5, limit_s: float = 60.0) -> None:
+    """Until no object of the store changes for ``quiet_s``: the killed driver's tasks are gone."""
+    deadline = time.monotonic() + limit_s
+    last, still_since = _files(store_url), time.monotonic()
+    while time.monotonic() - still_since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _files(store_url)
+        if now != last:
+            last, still_since = now, time.monotonic()
+
+
+def test_ingest_killed_mid_way_then_rerun_equals_an_uninterrupted_run(raw_root: Path, tmp_path: Path) -> None:
+    """A real fault: the driver process SIGKILLed once some shards are done (it connects to the test's
+    cluster through RAY_ADDRESS, so Ray ends its tasks); the rerun writes the rest, bit for bit."""
+    data, reference = _configs(str(raw_root), str(tmp_path / "reference.zarr"), shard_size=1, workers=1)
+    ingest(data, reference, progress=False)
+    store_url = str(tmp_path / "killed.zarr")
+    preprocess = reference.model_copy(update={"out": store_url})
+    arguments = [data.model_dump_json(), preprocess.model_dump_json()]
+    process = subprocess.Popen([sys.executable, "-c", _INGEST_SCRIPT, *arguments])
+    try:
+        deadline, done = time.monotonic() + 180, set()
+        while not done and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            done = _done_shards(store_url)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the ingest ended before it was killed"
+    _wait_until_still(store_url)
+    done = _done_shards(store_url)
+    assert 0 < len(done) < N_OBJECTS, done
+
+    resumed = ingest(data, preprocess, progress=False)
+    assert resumed.shards_skipped == len(done) and resumed.shards_written == N_OBJECTS - len(done)
+    assert _files(store_url) == _files(reference.out)
 
 
 def test_other_config_against_existing_store_is_an_error(raw_root: Path, tmp_path: Path) -> None:
