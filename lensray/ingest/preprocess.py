@@ -405,9 +405,9 @@ def preprocess_batch(
 ) -> np.ndarray:
     """Many cutouts (band name -> native stamp) -> (N, C, S, S) of ``config.dtype``, channels in ``band_order``.
 
-    Bit-identical to ``preprocess_cutout`` on each cutout: every step is per stamp (order statistics,
-    per-stamp GEMMs, elementwise ops), stamps are only grouped by shape to vectorise. ``ids`` only
-    label error messages. Bands in a cutout but not in ``band_order`` are ignored.
+    Bit-identical to ``preprocess_cutout`` on each cutout, whatever the thread count: every step is per
+    stamp (order statistics, fixed-order tap sums, elementwise ops), stamps are only grouped by shape to
+    vectorise. ``ids`` only label error messages. Bands in a cutout but not in ``band_order`` are ignored.
     """
     bands = _check_band_order(band_order)
     if ids is not None and len(ids) != len(cutouts):

@@ -99,7 +99,7 @@ def decode_band(data: bytes, object_id: int, band: str, url: str, nan_policy: Na
     finite = image[~bad]
     if not np.any(finite):
         raise fail("empty", f"every finite pixel is 0 ({n_bad} NaN/inf, {image.size - n_bad} zero)")
-    if finite.min() == finite.max():  # a blank band: nothing to normalise, it would score like sky
+    if finite.min() == finite.max():  # a blank band (a filled gap, a dead read-out): no sky in it at all
         raise fail("constant", f"every finite pixel is {finite[0]:.6g} ({n_bad} NaN/inf): a blank band")
     if n_bad:
         if nan_policy == "reject":
