@@ -634,7 +634,7 @@ def build_trainer(
     ``progress``, its epochs and notes go to the driver's console. The workers continue from the
     run's latest complete checkpoint, if any (``resume_from``: the one the driver announced)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     root = runs_root(config)
     filesystem = storage.arrow_filesystem(root)[0] if storage.is_s3(root) else None
@@ -646,7 +646,7 @@ def build_trainer(
     loop_config = {"config": config.model_dump(mode="json"), "run_url": run_url, "resume_from": resume_from}
     if progress is not None:
         loop_config["progress"] = progress.queue
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
@@ -685,7 +685,7 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
     name, run_url = _check_run(config, resume)
     try:
         ensure_ray()
-        resume_from = announce_resume(name, run_url) if resume else None
+        resume_from = announce_resume(name, run_url, config.train.num_to_keep) if resume else None
         storage.write_bytes(storage.join(run_url, CONFIG_FILE), dump_config(config).encode())
         started = time.perf_counter()
         progress = None if quiet() else _Progress(config.train.epochs)
@@ -699,32 +699,44 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
     return run_outcome(run_url, time.perf_counter() - started)
 
 
+def _trainer_class() -> type:
+    """TorchTrainer, except that Ctrl-C stays a KeyboardInterrupt of the driver: in the main thread,
+    Ray Train's ``fit`` replaces the SIGINT handler with one that aborts the run and then exits the
+    process itself (status 1, no message, no way to say how to resume). ``_fit`` aborts instead."""
+    from ray.train.torch import TorchTrainer
+
+    class Trainer(TorchTrainer):
+        controller: Any = None  # Ray Train's controller actor, once fit() started it
+
+        def _register_sigint_handler(self, controller: Any) -> None:  # Ray 2.60's hook, main thread only
+            self.controller = controller
+
+    return Trainer
+
+
 def _fit(trainer: Any) -> None:
-    """``trainer.fit()`` in a thread. In the main thread Ray Train replaces the SIGINT handler with one
-    that aborts the run and exits on its own (status 1, no message); here Ctrl-C stays a
-    KeyboardInterrupt of the driver, whose job's actors (controller, workers) end with it, and
-    what the run persisted stays for --resume."""
-    failure: list[BaseException] = []
+    """``trainer.fit()``; on Ctrl-C, the run is aborted (Ray's own abort: workers stopped, controller
+    gone) before the KeyboardInterrupt goes on, so a notebook's kernel keeps no training running.
+    What the run persisted stays for --resume."""
+    import ray
 
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # handed to the main thread as it is
-            failure.append(exc)
-
-    thread = threading.Thread(target=fit, name="lensray-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)  # a timed wait, so a signal reaches the main thread at once
-    if failure:
-        raise failure[0]
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        if trainer.controller is not None:
+            with contextlib.suppress(Exception):  # the controller exits as it aborts: RayActorError
+                ray.get(trainer.controller.abort.remote(), timeout=60)
+        raise
 
 
-def announce_resume(name: str, run_url: str) -> str | None:
+def announce_resume(name: str, run_url: str, num_to_keep: int) -> str | None:
     """Tell the user which checkpoint ``--resume`` continues from (the run's latest complete one, by
-    lensray's record), with a warning when history.json records epochs that will run again."""
+    lensray's record), with a warning when history.json records epochs that will run again; delete
+    the folders an interruption left beyond ``num_to_keep`` (its workers ended with its driver)."""
+    history = _history(run_url)
+    prune_checkpoints(run_url, history, num_to_keep)
     complete = complete_checkpoints(run_url)
-    recorded = max((int(row["epoch"]) for row in _history(run_url)), default=0)
+    recorded = max((int(row["epoch"]) for row in history), default=0)
     if not complete:
         log.warning(f"warning: {run_url} has no complete checkpoint: run {name} starts again from epoch 1")
         return None
@@ -743,9 +755,13 @@ def _interrupted(root: str, name: str) -> Interrupted:
     """Ctrl-C: what was saved, and the command that continues the run (its own config.yaml holds
     every setting; --out and --name because a generated name or the default out are not in it)."""
     run_url = storage.join(root, name)
-    if not _run_exists(run_url):
+    try:
+        exists = _run_exists(run_url)
+        complete = complete_checkpoints(run_url) if exists else {}
+    except (OSError, CheckpointError):  # storage unreachable just now: the command is still the one to run
+        exists, complete = True, {}
+    if not exists:
         return Interrupted(f"interrupted before {run_url} finished an epoch: nothing to resume, start it again")
-    complete = complete_checkpoints(run_url)
     after = f" after epoch {max(complete)}" if complete else ""
     config = storage.join(run_url, CONFIG_FILE)
     command = shlex.join(["lensray", "train", "--config", config, "--out", root, "--name", name, "--resume"])
