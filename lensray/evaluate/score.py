@@ -78,8 +78,9 @@ def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
 def prepare_batch(
     batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig, nan_policy: str
 ) -> dict[str, np.ndarray]:
-    """CPU stage: read and preprocess a batch of IDs. Rejected IDs keep a NaN image and their reason."""
-    from lensray.ingest.preprocess import PreprocessError, output_shape, preprocess_batch
+    """CPU stage: read and preprocess a batch of IDs exactly as the ingest does (the same reader and
+    ``preprocess_cutouts``, so the same rejects and reasons). Rejected IDs keep a NaN image and their reason."""
+    from lensray.ingest.preprocess import output_shape, preprocess_cutouts
     from lensray.sky.fits import read_cutouts
 
     ids = np.asarray(batch["id"], dtype=np.int64)
@@ -87,27 +88,14 @@ def prepare_batch(
     images = np.full((len(ids), len(bands), size, size), np.nan, dtype=np.float32)
     reasons = np.full(len(ids), "", dtype=object)
     messages = np.full(len(ids), "", dtype=object)
-    cutouts, rejects = read_cutouts(images_url, ids.tolist(), bands, nan_policy)
+    cutouts, unread = read_cutouts(images_url, ids.tolist(), bands, nan_policy)
+    prepared = preprocess_cutouts(cutouts, preprocess, bands)
     position = {int(object_id): k for k, object_id in enumerate(ids)}
-    for reject in rejects:
-        reasons[position[reject.object_id]], messages[position[reject.object_id]] = reject.reason, reject.message
-    if not cutouts:
-        return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
-    try:
-        prepared = preprocess_batch([c.bands for c in cutouts], preprocess, bands, [c.object_id for c in cutouts])
-        for cutout, image in zip(cutouts, prepared, strict=False):
+    for cutout, image, accepted in zip(cutouts, prepared.images, prepared.accepted, strict=True):
+        if accepted:
             images[position[cutout.object_id]] = image
-    except PreprocessError:  # find which ones: one at a time
-        for cutout in cutouts:
-            try:
-                images[position[cutout.object_id]] = preprocess_batch(
-                    [cutout.bands], preprocess, bands, [cutout.object_id]
-                )[0]
-            except PreprocessError as exc:
-                reasons[position[cutout.object_id]], messages[position[cutout.object_id]] = "preprocess", str(exc)
-    nan_images = (reasons == "") & ~np.isfinite(images).all(axis=(1, 2, 3))
-    for k in np.flatnonzero(nan_images):  # cannot happen after the NaN policy; never feed it to the network
-        reasons[k], messages[k] = "non_finite", f"ID {ids[k]}: preprocessed image has non-finite pixels"
+    for reject in [*unread, *prepared.rejects]:
+        reasons[position[reject.object_id]], messages[position[reject.object_id]] = reject.reason, reject.message
     return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
 
 
