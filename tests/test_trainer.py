@@ -28,6 +28,7 @@ from lensray.train.trainer import (
     CheckpointError,
     EpochRecord,
     TrainError,
+    _forget_ray_snapshot,
     best_checkpoint,
     epoch_line,
     keep_epochs,
@@ -162,7 +163,8 @@ def _checkpoint_folders(run: Path) -> list[str]:
     return sorted(path.name for path in run.glob("checkpoint_*") if path.is_dir())
 
 
-def test_keep_rule_the_latest_and_the_best(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_keep_rule_the_latest_and_the_best(where: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     assert keep_epochs([], [], 2) == set()
     aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8}
     history = [{"epoch": e, "val_auc": a} for e, a in aucs.items()]
@@ -171,15 +173,22 @@ def test_keep_rule_the_latest_and_the_best(tmp_path: Path) -> None:
     assert keep_epochs(history, aucs, 3) == {6, 2, 4}
     assert keep_epochs(history, [3, 5], 2) == {3, 5} and keep_epochs(history, [1, 3, 5], 2) == {5, 1}
 
-    run_url = str(tmp_path / "hand")
+    root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
+    run_url = storage.join(root, "runs", "hand")
     urls = _hand_made_run(run_url, history, {1: "new", 2: "new", 3: "new", 4: "partial", 5: "new", 6: "new"})
     again = storage.join(run_url, "checkpoint_2025-01-01_00-01-00.000000")  # epoch 2 written again after a restart
-    storage.write_bytes(storage.join(again, "state.pt"), (Path(urls[2]) / "state.pt").read_bytes())
+    storage.write_bytes(storage.join(again, "state.pt"), storage.read_bytes(storage.join(urls[2], "state.pt")))
     storage.write_bytes(storage.join(again, "epoch.json"), json.dumps({"epoch": 2}).encode())
+    snapshot = storage.join(run_url, "checkpoint_manager_snapshot.json")  # Ray's, a file: not a checkpoint
+    storage.write_bytes(snapshot, b"{}")
     deleted = prune_checkpoints(run_url, history, 2)
     assert sorted(deleted) == sorted([urls[1], urls[2], urls[3], urls[4], urls[5]])
-    assert sorted(p.name for p in Path(run_url).glob("checkpoint_*")) == sorted([Path(again).name, Path(urls[6]).name])
-    assert prune_checkpoints(run_url, history, 2) == []
+    remaining = [name for name in storage.list_folders(run_url) if name.startswith("checkpoint_")]
+    assert remaining == sorted(url.rsplit("/", 1)[-1] for url in (again, urls[6]))
+    assert prune_checkpoints(run_url, history, 2) == [] and storage.exists(snapshot)
+    _forget_ray_snapshot(run_url)  # what every start of a TorchTrainer on the folder does first
+    assert not storage.exists(snapshot)
+    _forget_ray_snapshot(run_url)
 
 
 def test_epoch_line() -> None:
