@@ -396,7 +396,8 @@ def _resume(
     worker: _Worker, state: LoopState | None, url: str | None, *, announced: str | None
 ) -> tuple[int, list[dict[str, Any]]]:
     """(completed epochs, history) after loading ``state`` (from ``url``) into the worker; (0, [])
-    without one. A note unless the driver ``announced`` that checkpoint (a restart within the run)."""
+    without one. A note unless the driver ``announced`` that checkpoint: a restart within the run, a
+    restarted Tune trial, or a checkpoint passed over."""
     if state is None:
         return 0, []
     state.restore(
