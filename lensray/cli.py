@@ -11,32 +11,22 @@ object (exit 1), a config or usage error exit 2, Ctrl-C exit 130.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from lensray._version import __version__
 from lensray.config import (
     PATH_KEYS,
     LensrayConfig,
     absolute_path,
-    absolute_paths,
     config_from_tree,
-    is_url,
-    merge_trees,
-    parse_yaml,
-    relative_url,
+    read_yaml,
 )
 from lensray.errors import ConfigError, Interrupted, LensrayError
-
-if TYPE_CHECKING:
-    from lensray.train.tune import TuneSpec
 
 DEVICES = ("auto", "cpu", "cuda")
 # Missing or misplaced files and folders: reported like a lensray error, as one line naming the path.
@@ -98,39 +88,10 @@ def _flag_overrides(args: argparse.Namespace, flags: Sequence[Flag]) -> list[str
 def _resolve(args: argparse.Namespace, flags: Sequence[Flag]) -> LensrayConfig:
     # Flags after --set: an explicit flag on the command line is the most specific request.
     overrides = [*args.overrides, *_flag_overrides(args, flags)]
-    tree = read_config_file(args.config) if args.config is not None else {}
+    tree = read_yaml(args.config) if args.config is not None else {}
     config = config_from_tree(tree, args.config or "defaults", overrides)
     check_buckets(_values(config, [flag.key for flag in flags if flag.key in PATH_KEYS]))
     return config
-
-
-def read_config_file(url: str) -> dict[str, Any]:
-    """A YAML config from a local path or any URL ``lensray.storage`` reads (s3://...)."""
-    if is_url(url):
-        from lensray import storage
-
-        return parse_yaml(storage.read_bytes(url), url)
-    return parse_yaml(Path(url).read_bytes(), url)  # a plain read: Ctrl-C interrupts it (a FIFO, a slow mount)
-
-
-def load_tune_spec(url: str, overrides: list[str]) -> TuneSpec:
-    """A tune file from a local path or URL; its relative ``base:`` resolves against the tune file's own URL."""
-    from lensray.train.tune import tune_spec_from_dict
-
-    try:
-        tree = read_config_file(url)
-    except FileNotFoundError:
-        raise ConfigError(f"no tune config at {url}") from None
-    base, run = tree.get("base"), tree.get("run") or {}
-    if base is not None and isinstance(run, dict):  # else tune_spec_from_dict names the wrong key
-        base_url = relative_url(url, str(base))
-        try:
-            base_tree = read_config_file(base_url)
-        except FileNotFoundError:
-            raise ConfigError(f"{url}: base: no run config at {base_url}") from None
-        tree = {**tree, "base": None, "run": merge_trees(base_tree, run)}
-    spec = tune_spec_from_dict(tree, url, None, overrides)
-    return dataclasses.replace(spec, run=absolute_paths(spec.run))
 
 
 # Arguments that hold a path or URL; the config's own (PATH_KEYS) are resolved when it is loaded.
@@ -294,11 +255,11 @@ TUNE_FLAGS = (
 def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> int:
     from lensray import storage
     from lensray.config import dump_config
-    from lensray.train.tune import BEST_CONFIG_FILE, run_tune
+    from lensray.train.tune import BEST_CONFIG_FILE, load_tune_config, run_tune
 
     if config_path is None:
         raise ConfigError("--config is required: a tune file such as tune_configs/lastro_kernels_pools.yaml")
-    spec = load_tune_spec(config_path, overrides)
+    spec = load_tune_config(config_path, overrides)
     check_buckets(_values(spec.run, [flag.key for flag in TUNE_FLAGS if flag.key in PATH_KEYS] + ["train.out"]))
     outcome = run_tune(spec, resume=resume)
     print(outcome)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from lensray import storage
 from lensray.errors import ConfigError
 
 Band = Literal["VIS", "Y", "J", "H"]
@@ -178,7 +179,7 @@ class TrainConfig(Section):
     seed: int = 0
     out: str | None = None  # storage path for runs and checkpoints (local or s3://)
     name: str | None = None  # run name under `out`
-    num_to_keep: int = Field(2, ge=1)  # checkpoints kept (best by val AUC)
+    num_to_keep: int = Field(2, ge=1)  # checkpoint folders kept: the latest plus the best by val AUC
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts after a worker dies
 
 
@@ -274,9 +275,12 @@ def parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
     return tree
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A local YAML file as a mapping (the CLI reads ``--config`` URLs through ``lensray.storage``)."""
-    return parse_yaml(Path(path).read_text(), str(path))
+def read_yaml(url: str | Path) -> dict[str, Any]:
+    """A YAML config file as a mapping, from a local path or any URL ``lensray.storage`` reads (s3://...)."""
+    url = str(url)
+    if is_url(url):
+        return parse_yaml(storage.read_bytes(url), url)
+    return parse_yaml(Path(url).read_bytes(), url)  # a plain read: Ctrl-C interrupts it (a FIFO, a slow mount)
 
 
 def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -348,7 +352,7 @@ def config_from_tree(tree: dict[str, Any], source: str, overrides: list[str] | N
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LensrayConfig:
-    """Defaults <- local YAML file <- ``key.sub=value`` overrides (``config_from_tree``)."""
+    """Defaults <- YAML file (local path or URL) <- ``key.sub=value`` overrides (``config_from_tree``)."""
     tree = read_yaml(path) if path is not None else {}
     return config_from_tree(tree, str(path) if path is not None else "defaults", overrides)
 

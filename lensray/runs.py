@@ -153,7 +153,7 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
         raise CheckpointError(f"{run_url}/{HISTORY_FILE}: no epoch has a finite {metric}")
     sign = -1 if mode == "max" else 1
     ranked = sorted(rows, key=lambda epoch: (sign * rows[epoch][metric], epoch))  # best first; ties: earliest
-    kept = _kept_checkpoints(run_url)
+    kept = complete_checkpoints(run_url)
     for epoch in ranked:
         if epoch in kept:
             return BestCheckpoint(url=kept[epoch], metrics=rows[epoch], best_epoch=ranked[0])
@@ -179,7 +179,7 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _kept_checkpoints(run_url: str) -> dict[int, str]:
+def complete_checkpoints(run_url: str) -> dict[int, str]:
     """Epoch -> URL of each complete checkpoint folder, from one recursive listing of the run folder."""
     import pyarrow.fs as pafs
 

@@ -365,17 +365,17 @@ def _s3_tune_file(bucket: str, store: str) -> str:
 
 
 def test_a_tune_file_on_s3_resolves_its_base_against_its_own_url(s3_bucket: str, tmp_path: Path) -> None:
-    from lensray.cli import load_tune_spec
+    from lensray.train.tune import load_tune_config
 
     url = _s3_tune_file(s3_bucket, "store.zarr")
-    spec = load_tune_spec(url, ["search.num_samples=3"])
+    spec = load_tune_config(url, ["search.num_samples=3"])
     lastro = yaml.safe_load((REPO / "configs" / "lastro.yaml").read_text())
     assert spec.run.optim.lr == lastro["optim"]["lr"] and spec.run.train.balanced is lastro["train"]["balanced"]
     assert spec.run.train.epochs == 2 and spec.search.num_samples == 3 and list(spec.space) == ["optim.lr"]
     assert spec.run.data.store == os.path.abspath("store.zarr")  # the working folder's, as on the command line
     storage.write_bytes(url, yaml.safe_dump({"base": "nope.yaml", "space": {"optim.lr": {"grid": [1.0]}}}).encode())
     with pytest.raises(ConfigError, match=rf"base: no run config at {s3_bucket}/tune/nope.yaml"):
-        load_tune_spec(url, [])
+        load_tune_config(url, [])
 
 
 def test_train_and_tune_read_their_config_from_s3(

@@ -22,7 +22,7 @@ import pytest
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
 from lensray.ingest.store import LensStore
-from lensray.runs import _kept_checkpoints as complete_checkpoints
+from lensray.runs import complete_checkpoints
 from lensray.train.trainer import (
     PREDICTIONS_FILE,
     CheckpointError,

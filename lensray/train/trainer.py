@@ -58,8 +58,8 @@ from lensray.runs import (
     STATE_FILE,
     BestCheckpoint,
     best_checkpoint,
+    complete_checkpoints,  # epoch -> newest complete folder
 )
-from lensray.runs import _kept_checkpoints as complete_checkpoints  # epoch -> newest complete folder
 from lensray.runtime import ensure_ray, quiet
 from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
 from lensray.train.loop import (

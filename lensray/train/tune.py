@@ -51,10 +51,13 @@ from lensray.config import (
     LensrayConfig,
     SearchConfig,
     Section,
+    absolute_paths,
     apply_overrides,
     config_from_dict,
     dump_config,
+    merge_trees,
     read_yaml,
+    relative_url,
 )
 from lensray.errors import SearchError
 from lensray.runs import (
@@ -184,23 +187,6 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _absolute_local(url: str | None) -> str | None:
-    # Trials run with their own working folder: a relative local path would point elsewhere there.
-    if url is None or storage.is_s3(url):
-        return url
-    return storage.strip_scheme(url)
-
-
 @dataclass(frozen=True)
 class TuneSpec:
     """A validated search: the run config every trial starts from, and the searched keys."""
@@ -275,8 +261,8 @@ def _run_config(tree: dict[str, Any], source: str, base_dir: Path | None, overri
     for section in ("run", "search"):
         if not isinstance(tree.get(section) or {}, dict):
             raise ConfigError(f"{source}: {section} must be a mapping, got {tree[section]!r}")
-    run_tree = _merge(run_tree, tree.get("run") or {})
-    run_tree = _merge(run_tree, {"search": tree.get("search") or {}})
+    run_tree = merge_trees(run_tree, tree.get("run") or {})
+    run_tree = merge_trees(run_tree, {"search": tree.get("search") or {}})
     if overrides:
         run_tree = apply_overrides(run_tree, overrides)
     run = config_from_dict(run_tree, source)
@@ -284,13 +270,7 @@ def _run_config(tree: dict[str, Any], source: str, base_dir: Path | None, overri
         raise ConfigError(
             f"{source}: search.metric {run.search.metric!r} is not reported by training (one of {', '.join(METRICS)})"
         )
-    return run.model_copy(
-        update={
-            "data": run.data.model_copy(update={"store": _absolute_local(run.data.store)}),
-            "search": run.search.model_copy(update={"storage": _absolute_local(run.search.storage)}),
-            "train": run.train.model_copy(update={"out": _absolute_local(run.train.out)}),
-        }
-    )
+    return absolute_paths(run)
 
 
 def _reachable(dimension: Dimension, run: LensrayConfig, source: str) -> Dimension:
@@ -308,13 +288,24 @@ def _reachable(dimension: Dimension, run: LensrayConfig, source: str) -> Dimensi
     return dimension
 
 
-def load_tune_config(path: str | Path, overrides: list[str] | None = None) -> TuneSpec:
-    """Read and validate a tune file; ``overrides`` (``key.sub=value``) apply to its run config,
+def load_tune_config(url: str | Path, overrides: list[str] | None = None) -> TuneSpec:
+    """Read and validate a tune file from a local path or any URL storage reads; its relative ``base:``
+    resolves against the tune file's own URL. ``overrides`` (``key.sub=value``) apply to its run config,
     e.g. ``search.num_samples=4`` or ``data.store=s3://bucket/store.zarr``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"no tune config at {path}")
-    return tune_spec_from_dict(read_yaml(path), str(path), path.parent, overrides)
+    url = str(url)
+    try:
+        tree = read_yaml(url)
+    except FileNotFoundError:
+        raise ConfigError(f"no tune config at {url}") from None
+    base, run = tree.get("base"), tree.get("run") or {}
+    if base is not None and isinstance(run, dict):  # else tune_spec_from_dict names the wrong key
+        base_url = relative_url(url, str(base))
+        try:
+            base_tree = read_yaml(base_url)
+        except FileNotFoundError:
+            raise ConfigError(f"{url}: base: no run config at {base_url}") from None
+        tree = {**tree, "base": None, "run": merge_trees(base_tree, run)}
+    return tune_spec_from_dict(tree, url, None, overrides)
 
 
 # --- one trial ----------------------------------------------------------------------------------
