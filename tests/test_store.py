@@ -408,3 +408,14 @@ def test_ray_task_reads_s3_store(ray_cluster: None, s3_bucket: str) -> None:
     assert from_pickle == expected and from_url == expected
     assert json.loads(counts) == final["counts"]
     assert pickle.loads(pickle.dumps(store)).read(rows).tobytes() == expected
+
+
+def test_a_store_of_another_format_version_is_named_not_read(tmp_path: Path) -> None:
+    import zarr
+
+    url = str(tmp_path / "old.zarr")
+    create(url, make_dataset())
+    group = zarr.open_group(url, mode="r+")
+    group.attrs["layout"] = {**group.attrs["layout"], "format": 0}  # as a future or past lensray would write it
+    with pytest.raises(StoreError, match=rf"{url}: store format 0, this lensray reads 1"):
+        LensStore.open(url)
