@@ -149,6 +149,7 @@ def test_resume_follows_lensrays_record_not_rays_snapshot(
     partial.mkdir()
     (partial / "epoch.json").write_text(json.dumps({"epoch": 4}))
 
+    caplog.clear()  # the first run's lines, where an earlier test left the lensray logger at INFO
     with caplog.at_level(logging.INFO, logger="lensray"):
         resumed = train(_config(tiny_store, str(runs), "cut", "train.epochs=5", *knobs), resume=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "lensray.train.trainer"]

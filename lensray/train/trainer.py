@@ -739,14 +739,14 @@ def announce_resume(name: str, run_url: str, num_to_keep: int) -> str | None:
     complete = complete_checkpoints(run_url)
     recorded = max((int(row["epoch"]) for row in history), default=0)
     if not complete:
-        log.warning(f"warning: {run_url} has no complete checkpoint: run {name} starts again from epoch 1")
+        log.warning(f"{run_url} has no complete checkpoint: run {name} starts again from epoch 1")
         return None
     epoch = max(complete)
     log.info(f"resuming run {name} after epoch {epoch} from {complete[epoch]}")
     if recorded > epoch:
         again = f"epoch {recorded} runs" if recorded == epoch + 1 else f"epochs {epoch + 1}-{recorded} run"
         log.warning(
-            f"warning: {run_url}/{HISTORY_FILE} records epochs up to {recorded}, but the latest complete checkpoint "
+            f"{run_url}/{HISTORY_FILE} records epochs up to {recorded}, but the latest complete checkpoint "
             f"is of epoch {epoch} (a later one was cut short): {again} again"
         )
     return complete[epoch]
