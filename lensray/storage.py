@@ -9,17 +9,20 @@ botocore credential source); ``AWS_NO_SIGN_REQUEST=YES`` reads public buckets an
 
 Remote storage that fails transiently (connection refused or reset, timeouts, throttling, 5xx) is
 tried again after each delay of ``RETRY_DELAYS_S`` (6 attempts within about 20 s); then StorageError names the URL.
+``retrying`` and ``retrying_async`` (for async requests: the Zarr store's) apply that rule to any call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import itertools
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 from urllib.parse import urlparse
 
@@ -175,38 +178,61 @@ def _transient(exc: BaseException) -> bool:
     return bool(_TRANSIENT_TEXT.search(str(exc).lower()))
 
 
-def _retrying(action: str, url: str, attempt: Callable[[], T]) -> T:
+def retrying(action: str, url: str, attempt: Callable[[], T]) -> T:
     """``attempt()``; for remote URLs, again after each of RETRY_DELAYS_S while it fails transiently.
 
     FileNotFoundError and lensray's own errors pass unchanged; any other OSError (and a transient
     failure that outlasts the retries) becomes StorageError naming the URL.
     """
     delays = () if is_local(url) else RETRY_DELAYS_S
-    for tried, delay in enumerate((*delays, None), start=1):
+    for tried in itertools.count(1):
         try:
             return attempt()
-        except (LensrayError, FileNotFoundError):
-            raise
         except Exception as exc:
-            transient = _transient(exc)
-            if not transient and not isinstance(exc, OSError):
-                raise
-            if not transient:
-                raise StorageError(f"cannot {action} {url}: {exc}") from exc
+            delay = _next_delay(action, url, exc, tried, delays)
             if delay is None:
-                waited = sum(delays)
-                message = f"cannot {action} {url}: still unreachable after {tried} attempts over {waited:.0f} s: {exc}"
-                raise StorageError(message) from exc
-            if tried == 1:
-                log.warning(
-                    "%s unreachable (%s); retrying %d times over %.0f s",
-                    url,
-                    _first_line(exc),
-                    len(delays),
-                    sum(delays),
-                )
-            time.sleep(delay)
+                raise
+        time.sleep(delay)
     raise AssertionError("unreachable")  # the loop returns or raises
+
+
+async def retrying_async(action: str, url: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``retrying`` for a coroutine (an async filesystem's request, e.g. a Zarr store's): the same
+    schedule, the same errors, and the event loop stays free while it waits."""
+    delays = () if is_local(url) else RETRY_DELAYS_S
+    for tried in itertools.count(1):
+        try:
+            return await attempt()
+        except Exception as exc:
+            delay = _next_delay(action, url, exc, tried, delays)
+            if delay is None:
+                raise
+        await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def _next_delay(action: str, url: str, exc: Exception, tried: int, delays: tuple[float, ...]) -> float | None:
+    """Seconds to wait before attempt ``tried + 1`` after ``exc``; None when ``exc`` is to pass unchanged.
+
+    Raises StorageError naming the URL for an OSError that is no transient failure, and for a transient
+    one once every delay is spent.
+    """
+    if isinstance(exc, (LensrayError, FileNotFoundError)):
+        return None
+    transient = _transient(exc)
+    if not transient and not isinstance(exc, OSError):
+        return None
+    if not transient:
+        raise StorageError(f"cannot {action} {url}: {exc}") from exc
+    if tried > len(delays):
+        waited = sum(delays)
+        message = f"cannot {action} {url}: still unreachable after {tried} attempts over {waited:.0f} s: {exc}"
+        raise StorageError(message) from exc
+    if tried == 1:
+        log.warning(
+            "%s unreachable (%s); retrying %d times over %.0f s", url, _first_line(exc), len(delays), sum(delays)
+        )
+    return delays[tried - 1]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -255,7 +281,7 @@ def read_bytes(url: str) -> bytes:
                 raise _missing(url, fs) from None
             raise
 
-    return _retrying("read", url, attempt)
+    return retrying("read", url, attempt)
 
 
 def exists(url: str) -> bool:
@@ -271,7 +297,7 @@ def exists(url: str) -> bool:
             raise missing
         return False
 
-    return _retrying("reach", url, attempt)
+    return retrying("reach", url, attempt)
 
 
 def list_folders(url: str) -> list[str]:
@@ -279,7 +305,7 @@ def list_folders(url: str) -> list[str]:
     (naming the URL) when it cannot be listed."""
     fs, path = arrow_filesystem(url)
     selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    entries = _retrying("list", url, lambda: fs.get_file_info(selector))
+    entries = retrying("list", url, lambda: fs.get_file_info(selector))
     return sorted(entry.base_name for entry in entries if entry.type == pafs.FileType.Directory)
 
 
@@ -295,7 +321,7 @@ def write_bytes(url: str, data: bytes) -> None:
         with fs.open_output_stream(path) as stream:
             stream.write(data)
 
-    _retrying("write", url, attempt)
+    retrying("write", url, attempt)
 
 
 def _write_local(url: str, data: bytes) -> None:
@@ -319,10 +345,10 @@ def check_reachable(url: str, *, must_exist: bool = True) -> None:
     """Fail fast, naming the URL, when its bucket/folder is missing or credentials are refused (after
     the retries when the endpoint does not answer)."""
     if is_s3(url):
-        _retrying("reach", url, lambda: _check_bucket(url))
+        retrying("reach", url, lambda: _check_bucket(url))
     if must_exist:
         fs, path = arrow_filesystem(url)
-        if _retrying("reach", url, lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
+        if retrying("reach", url, lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:
             raise StorageError(f"{url} does not exist")
 
 

@@ -262,3 +262,82 @@ def test_an_ingest_reads_its_cutouts_and_catalogue_through_an_endpoint_restart(o
     for cutout in cutouts:
         for band, image in cutout.bands.items():
             np.testing.assert_array_equal(image, expected[cutout.object_id, band])
+
+
+# --- a Zarr store on an endpoint that goes away --------------------------------------------------------
+
+STORE_SHARD, STORE_SHAPE = 4, (2, 8, 8)
+
+
+def _store_images(n: int = 12) -> np.ndarray:
+    return np.random.default_rng(3).normal(0, 3, (n, *STORE_SHAPE)).astype(np.float32)
+
+
+def _create_store(url: str, n: int = 12) -> None:
+    from lensray.ingest.store import create_store
+
+    create_store(
+        url,
+        ids=np.arange(300001, 300001 + n),
+        labels=np.zeros(n, np.int8),
+        split=np.zeros(n, np.int8),
+        channels=STORE_SHAPE[0],
+        size=STORE_SHAPE[1],
+        shard_size=STORE_SHARD,
+        meta={"preprocess": {}, "label_rule": "paper", "bands": ["VIS", "H"], "source": {}},
+    )
+
+
+def _write_shard(url: str, images: np.ndarray, index: int) -> None:
+    from lensray.ingest.store import write_shard
+
+    rows = slice(index * STORE_SHARD, (index + 1) * STORE_SHARD)
+    write_shard(url, index, images[rows], np.ones(STORE_SHARD, bool), [])
+
+
+def test_a_store_write_and_read_ride_out_an_endpoint_restart(outage: tuple[Outage, str]) -> None:
+    """The Zarr store reaches S3 through s3fs, not through storage's calls: it must retry as they do.
+    (botocore's own retries alone gave up after 2-15 s, at random.)"""
+    from lensray.ingest.store import LensStore, completed_shards, finalize_store
+
+    server, bucket = outage
+    url, images = storage.join(bucket, "lenses.zarr"), _store_images()
+    _create_store(url)
+    _write_shard(url, images, 0)
+    restart = server.down_for(5.0)
+    _, took = _timed(lambda: _write_shard(url, images, 1))
+    restart.join()
+    assert took > 4.5, f"{took:.1f} s: the write cannot have finished while the server was down"
+    _write_shard(url, images, 2)
+    assert completed_shards(url) == {0, 1, 2}
+    finalize_store(url)
+    store = LensStore.open(url)
+    restart = server.down_for(5.0)
+    got, took = _timed(lambda: store.read(np.arange(12)))
+    restart.join()
+    assert took > 4.5
+    assert got.tobytes() == images.astype(np.float16).tobytes(), "every shard reads back bit for bit"
+
+
+def test_a_store_write_to_an_endpoint_that_stays_down_is_one_storage_error_and_no_done_shard(
+    outage: tuple[Outage, str],
+) -> None:
+    from lensray.ingest.store import completed_shards, finalize_store
+
+    server, bucket = outage
+    url, images = storage.join(bucket, "lenses.zarr"), _store_images()
+    _create_store(url)
+    _write_shard(url, images, 0)
+    server.server.stop()
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError, match=re.escape(url) + r".*shard 1\b") as info:
+        _write_shard(url, images, 1)
+    took = time.monotonic() - started
+    waited = sum(storage.RETRY_DELAYS_S)
+    assert waited <= took < waited + 15, f"gave up after {took:.1f} s"
+    assert "\n" not in str(info.value), "one line for the CLI"
+    server.server.start()
+    assert completed_shards(url) == {0}, "the shard whose write failed is not complete"
+    for index in (1, 2):  # the rerun after the endpoint is back
+        _write_shard(url, images, index)
+    assert finalize_store(url)["counts"]["valid"] == 12

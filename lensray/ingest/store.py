@@ -20,6 +20,10 @@ That is why each shard's rejects live in their own small JSON object rather than
 attributes; and because those objects stay beside the arrays, a resumed run that skips complete
 shards still reports every reject when it finalizes.
 
+On object storage every request is retried like ``lensray.storage``'s own (``RETRY_DELAYS_S``, about
+20 s); an endpoint that stays down ends in one StorageError naming the URL (and the shard, for a shard
+write), and a shard whose write failed keeps its done mark unset.
+
 After finalization ``meta["rejects"]`` lists exactly the rows whose ``valid`` is False (checked by
 ``finalize_store``), so readers derive ``valid`` from ``ids`` and ``meta`` without reading one
 object per shard.
@@ -35,29 +39,31 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow.fs as pafs
 import zarr
 import zarr.errors
-from zarr.abc.store import Store
+from zarr.abc.store import ByteRequest, Store
 from zarr.buffer.cpu import NDBuffer
 from zarr.codecs import BloscCodec
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync as zarr_sync
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from lensray import storage
 from lensray._version import __version__
-from lensray.errors import StoreError, StoreIncompleteError, StoreMismatchError
+from lensray.errors import StorageError, StoreError, StoreIncompleteError, StoreMismatchError
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 LABELS: dict[int, str] = {1: "lens", 0: "non-lens", -1: "unlabelled"}
 SplitName = Literal["train", "val", "test"]
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 # Provenance every store must carry; all of the caller's meta is part of the resume fingerprint.
@@ -95,15 +101,103 @@ def _close_async_s3() -> None:
     _ASYNC_S3.clear()
 
 
+# botocore's own retries for the store's client: standard mode's 2 attempts retry a dropped connection or a
+# 503 within ~2 s; _RetryingStore then retries the request on storage's schedule (RETRY_DELAYS_S). Against a
+# stopped endpoint a store call gives up after 16-22 s (storage's own calls: 19-20 s); botocore's default
+# alone (legacy mode, 5 attempts, random backoff) gave up after anywhere from ~2 to 15 s.
+_BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 2}
+
+
 def _zarr_store(url: str, *, read_only: bool) -> Store:
     if storage.is_s3(url):
         env = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
         key = (os.getpid(), storage.s3_endpoint(), *(os.environ.get(name) for name in env))
         if key not in _ASYNC_S3:
             fs, _ = storage.filesystem(url)
-            _ASYNC_S3[key] = type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
-        return FsspecStore(_ASYNC_S3[key], path=storage.strip_scheme(url), read_only=read_only)
+            options = {**fs.storage_options, "asynchronous": True, "skip_instance_cache": True}
+            _ASYNC_S3[key] = type(fs)(**options, config_kwargs={"retries": _BOTOCORE_RETRIES})
+        inner = FsspecStore(_ASYNC_S3[key], path=storage.strip_scheme(url), read_only=read_only)
+        return _RetryingStore(inner, url)
     return LocalStore(storage.strip_scheme(url), read_only=read_only)
+
+
+class _RetryingStore(WrapperStore[Store]):
+    """A remote store whose every request is tried again on storage's schedule while the endpoint fails
+    transiently (refused, reset, timed out, 5xx), then fails with StorageError naming the object's URL.
+
+    A missing object keeps zarr's meaning (None, False, nothing listed); no raw botocore or aiohttp error
+    reaches the caller. Each retried request is whole: a PUT is published complete or not at all.
+    """
+
+    def __init__(self, store: Store, url: str) -> None:
+        super().__init__(store)
+        self.url = url
+
+    def _with_store(self, store: Store) -> _RetryingStore:
+        return type(self)(store, self.url)
+
+    def _retry(self, action: str, key: str, attempt: Callable[[], Awaitable[T]]) -> Awaitable[T]:
+        return storage.retrying_async(action, storage.join(self.url, key) if key else self.url, attempt)
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        return await self._retry("read", key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        key_ranges = list(key_ranges)
+        key = key_ranges[0][0] if len(key_ranges) == 1 else ""
+        return await self._retry("read", key, lambda: self._store.get_partial_values(prototype, key_ranges))
+
+    async def exists(self, key: str) -> bool:
+        return await self._retry("reach", key, lambda: self._store.exists(key))
+
+    async def getsize(self, key: str) -> int:
+        return await self._retry("reach", key, lambda: self._store.getsize(key))
+
+    async def is_empty(self, prefix: str) -> bool:
+        return await self._retry("list", prefix, lambda: self._store.is_empty(prefix))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._retry("write", key, lambda: self._store.set(key, value))
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        await self._retry("write", key, lambda: self._store.set_if_not_exists(key, value))
+
+    async def delete(self, key: str) -> None:
+        await self._retry("delete", key, lambda: self._store.delete(key))
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self._retry("delete", prefix, lambda: self._store.delete_dir(prefix))
+
+    async def clear(self) -> None:
+        await self._retry("delete", "", self._store.clear)
+
+    # Many-key requests through this store's own get/set (WrapperStore hands them to the inner store whole).
+    def _get_many(
+        self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
+    ) -> AsyncGenerator[tuple[str, Buffer | None], None]:
+        return Store._get_many(self, requests)
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        await Store._set_many(self, values)
+
+    # A listing is read whole, then handed out: a retry never repeats names already yielded.
+    def list(self) -> AsyncIterator[str]:
+        return self._listing("", self._store.list)
+
+    def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        return self._listing(prefix, lambda: self._store.list_prefix(prefix))
+
+    def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        return self._listing(prefix, lambda: self._store.list_dir(prefix))
+
+    async def _listing(self, prefix: str, names: Callable[[], AsyncIterator[str]]) -> AsyncIterator[str]:
+        async def collect() -> list[str]:
+            return [name async for name in names()]
+
+        for name in await self._retry("list", prefix, collect):
+            yield name
 
 
 def _open_group(url: str, *, writable: bool) -> zarr.Group:
@@ -126,10 +220,14 @@ def _store_attrs(url: str, group: zarr.Group, states: Sequence[str]) -> dict[str
 
 def _has_objects(url: str) -> bool:
     fs, path = storage.arrow_filesystem(url)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
-    return info.type != pafs.FileType.NotFound
+
+    def attempt() -> bool:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+        return info.type != pafs.FileType.NotFound
+
+    return storage.retrying("list", url, attempt)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +473,24 @@ def write_shard(
     rows are never written, so they read back as NaN. ``rejects`` holds one record per invalid row,
     ``{"id": int, "reason": str, "message": str (optional)}``, and nothing else. ``stats`` are
     counters (e.g. ``{"nan_pixels": 12}``) that ``finalize_store`` sums over all shards.
+
+    StorageError, naming the store and the shard, when the store stays unreachable: the shard's done
+    mark is then not set, so the ingest's rerun writes it.
     """
+    try:
+        _write_shard(url, shard_index, images, valid, rejects, stats)
+    except StorageError as exc:
+        raise StorageError(f"{url}: shard {shard_index} not written (a rerun writes it): {exc}") from exc
+
+
+def _write_shard(
+    url: str,
+    shard_index: int,
+    images: npt.ArrayLike,
+    valid: npt.ArrayLike,
+    rejects: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, int | float] | None,
+) -> None:
     group = _open_group(url, writable=True)
     layout = _store_attrs(url, group, ("ready",))["layout"]
     if not 0 <= shard_index < layout["n_shards"]:
