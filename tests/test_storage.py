@@ -302,6 +302,10 @@ def test_a_store_write_and_read_ride_out_an_endpoint_restart(outage: tuple[Outag
 
     server, bucket = outage
     url, images = storage.join(bucket, "lenses.zarr"), _store_images()
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="no lensray store at"):
+        LensStore.open(url)
+    assert time.monotonic() - started < 2, "a missing store is an answer, not an outage"
     _create_store(url)
     _write_shard(url, images, 0)
     restart = server.down_for(5.0)
