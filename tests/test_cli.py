@@ -114,6 +114,16 @@ def test_demo_runs_end_to_end(tmp_path: Path, ray_cluster: None, capsys: pytest.
     assert printed.rstrip().splitlines()[-1] == f"HTML report: {report}"
     html = report.read_text()
     assert "Runs compared" in html and "demo-lastro (step 5)" in html and "Highest-scored non-lenses" in html
+    # Step 8 reports the demo's best model by validation AUC: step 5's run or a trial, whichever is higher.
+    histories = [
+        json.loads(h.read_text())
+        for h in [*(out / "runs").rglob("history.json"), *(out / "tune").rglob("history.json")]
+    ]
+    assert len(histories) >= 3, "step 5's run and at least two trials"
+    best_val_auc = max(epoch["val_auc"] for history in histories for epoch in history)
+    evaluated = json.loads((out / "evaluation" / "metrics.json").read_text())
+    assert evaluated["run_metrics"]["val_auc"] == pytest.approx(best_val_auc)
+    assert "Evaluate the best run by validation AUC" in printed
 
 
 def assert_one_error_line(capsys: pytest.CaptureFixture[str], command: str, path: str) -> str:
