@@ -454,7 +454,9 @@ HELP = {  # subcommand: (one-line help, description, examples)
         "Score every cutout of a catalogue with a trained run and write the ranked candidates (Parquet) with an "
         "HTML gallery of the top ones.",
         "lensray score --run runs/lastro-1 --images s3://b/raw --catalog s3://b/raw/ids.csv "
-        "--out s3://b/candidates.parquet",
+        "--out s3://b/candidates.parquet\n"
+        "lensray score --run runs/lastro-1 --images cutouts/ --catalog survey.fits --id-column objid "
+        "--coord-columns RA_deg,DEC_deg --keep-columns mag_r --out candidates.parquet",
     ),
     "demo": (
         "run the whole chain on a small simulated set, locally",

@@ -382,6 +382,11 @@ def load_catalog(url: str, data: DataConfig) -> Catalog:
         if best is not None and best[0] >= len(COLUMNS) // 2:  # the challenge file (or a broken one: say so)
             return _select(_parse_challenge(lines, url), data)
     table = _astropy_table(source, url, fmt)
+    if fmt == "csv" and data.id_column not in table.colnames:  # meant as either: say what each lacks
+        raise CatalogError(
+            f"catalogue {url}: no header row naming the challenge columns ({', '.join(COLUMNS[:3])}, ...), "
+            f"and no ID column {data.id_column!r} (columns: {', '.join(table.colnames[:20])})"
+        )
     names = _wanted_columns(data)
     _check_present(url, table.colnames, data)
     frame = pd.DataFrame({name: _column_values(table, name, url, data) for name in names})
