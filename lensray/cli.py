@@ -11,6 +11,7 @@ object (exit 1), a config or usage error exit 2, Ctrl-C exit 130.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -182,9 +183,46 @@ def cmd_simulate(config: LensrayConfig) -> int:
     return 0
 
 
+def _yaml_text(value: str) -> str:
+    """A flag's text as a YAML string, never read as a number, boolean or null (a column named ``1`` or ``no``)."""
+    return json.dumps(value)
+
+
+def _yaml_texts(value: str) -> str:
+    """Comma-separated texts, each a YAML string (see ``_yaml_text``)."""
+    return ",".join(json.dumps(item.strip()) for item in value.split(",") if item.strip())
+
+
+# How the catalogue is read: by `preprocess` (labels for the store) and `score` (IDs and the candidates' columns).
+CATALOG_FLAGS = (
+    Flag("--catalog-format", "data.catalog_format", "table format", choices=("auto", "csv", "fits", "ecsv", "parquet")),
+    Flag("--id-column", "data.id_column", "catalogue column of integer object IDs (default ID)", to_value=_yaml_text),
+    Flag(
+        "--label-column",
+        "data.label_column",
+        "catalogue column of labels, 1/0 or true/false (default: the challenge label rule, else unlabelled)",
+        to_value=_yaml_text,
+    ),
+    Flag(
+        "--coord-columns",
+        "data.coord_columns",
+        "RA,Dec columns (degrees), kept as ra, dec",
+        is_list=True,
+        to_value=_yaml_texts,
+    ),
+    Flag(
+        "--keep-columns",
+        "data.keep_columns",
+        "comma-separated columns carried to the candidates",
+        is_list=True,
+        to_value=_yaml_texts,
+    ),
+)
+
 PREPROCESS_FLAGS = (
     Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
-    Flag("--catalog", "data.catalog", "URL of the challenge catalogue CSV"),
+    Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV, or a CSV/FITS/ECSV/Parquet table"),
+    *CATALOG_FLAGS,
     Flag("--out", "preprocess.out", "URL of the Zarr store to write (path or s3://)"),
     Flag("--mode", "preprocess.mode", "asinh (default) | log | clip"),
     Flag("--bands", "data.bands", "comma-separated subset of VIS,Y,J,H", is_list=True),
@@ -319,7 +357,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 SCORE_FLAGS = (
     Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
-    Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV or any CSV with an ID column"),
+    Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV, or a CSV/FITS/ECSV/Parquet table"),
+    *CATALOG_FLAGS,
 )
 
 
@@ -338,6 +377,7 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
         actors=args.actors,
         batch_size=args.batch_size,
         gallery=args.gallery,
+        data=config.data,
     )
     print(candidates)
     return 0
@@ -414,7 +454,9 @@ HELP = {  # subcommand: (one-line help, description, examples)
         "Score every cutout of a catalogue with a trained run and write the ranked candidates (Parquet) with an "
         "HTML gallery of the top ones.",
         "lensray score --run runs/lastro-1 --images s3://b/raw --catalog s3://b/raw/ids.csv "
-        "--out s3://b/candidates.parquet",
+        "--out s3://b/candidates.parquet\n"
+        "lensray score --run runs/lastro-1 --images cutouts/ --catalog survey.fits --id-column objid "
+        "--coord-columns RA_deg,DEC_deg --keep-columns mag_r --out candidates.parquet",
     ),
     "demo": (
         "run the whole chain on a small simulated set, locally",

@@ -24,6 +24,9 @@ from lensray.errors import ConfigError
 Band = Literal["VIS", "Y", "J", "H"]
 BAND_ORDER: tuple[str, ...] = get_args(Band)  # canonical order; sky.bands holds each band's grid
 LabelRule = Literal["paper", "official", "challenge"]
+CatalogFormat = Literal["auto", "csv", "fits", "ecsv", "parquet"]
+# Columns every candidates table has already: a kept catalogue column may not take one of these names.
+CANDIDATE_COLUMNS: tuple[str, ...] = ("rank", "id", "score", "ra", "dec")
 PreprocessMode = Literal["asinh", "log", "clip"]
 
 
@@ -68,14 +71,38 @@ class SimulateConfig(Section):
 
 
 class DataConfig(Section):
-    """Where the raw challenge-format data lives and how it is labelled."""
+    """Where the raw challenge-format data lives, which catalogue columns to read, and how it is labelled."""
 
     images: str | None = None  # root URL holding EUC_VIS/, EUC_Y/, EUC_J/, EUC_H/
-    catalog: str | None = None  # URL of the catalogue CSV
+    catalog: str | None = None  # URL of the catalogue: CSV, FITS, ECSV or Parquet table
     store: str | None = None  # URL of a preprocessed Zarr store to train / evaluate on
-    labels: LabelRule = "paper"
+    labels: LabelRule = "paper"  # the challenge catalogue's label rule (used when label_column is None)
     bands: tuple[Band, ...] = BAND_ORDER
     nan: Literal["zero", "reject"] = "zero"
+    catalog_format: CatalogFormat = "auto"  # auto: from the extension (.fits/.fit/.fts, .ecsv, .parquet; else CSV)
+    id_column: str = "ID"  # integer object IDs: the number in each cutout's file name
+    # None: the challenge catalogue is labelled by `labels`, any other table is unlabelled (scoring only).
+    # A column name: labels from it (1/0 or true/false, nothing else).
+    label_column: str | None = None
+    coord_columns: tuple[str, str] | None = None  # (ra, dec) columns in degrees, carried to candidates as ra, dec
+    keep_columns: tuple[str, ...] = ()  # further catalogue columns carried to candidates under their own names
+
+    @field_validator("id_column", "label_column")
+    @classmethod
+    def _column_named(cls, name: str | None) -> str | None:
+        if name is not None and not name.strip():
+            raise ValueError("a column name cannot be empty")
+        return name
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _keep_columns_distinct(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"column repeated in {list(names)}")
+        taken = [n for n in names if n in CANDIDATE_COLUMNS or re.fullmatch(r"score_d4_\d+", n)]
+        if taken:
+            raise ValueError(f"{taken} would overwrite candidate columns ({', '.join(CANDIDATE_COLUMNS)}, score_d4_k)")
+        return names
 
     @field_validator("bands")
     @classmethod

@@ -1,4 +1,4 @@
-"""Catalogue reading (header by content, typed columns, clear errors, duplicates) and the label rules."""
+"""Catalogue reading (header by content, typed columns, clear errors, duplicates), the label rules, and any\ntable (CSV, FITS, ECSV, Parquet) with its ID, label, coordinate and kept columns named in DataConfig."""
 
 from __future__ import annotations
 
@@ -6,17 +6,24 @@ import logging
 import math
 from pathlib import Path
 
+import astropy.units as u
 import numpy as np
 import pytest
+from astropy.table import Table
 
 from lensray import storage
+from lensray.config import ConfigError, DataConfig, config_from_dict
+from lensray.errors import LensrayError
 from lensray.sky.catalog import (
     CATALOG_NAME,
     COLUMNS,
     INT_COLUMNS,
     CatalogError,
     apply_label_rule,
+    catalog_format,
     label_counts,
+    label_ids,
+    load_catalog,
     parse_catalog,
     read_catalog,
 )
@@ -194,3 +201,153 @@ def test_official_exclusions_say_why(label_catalog) -> None:
 def test_unknown_rule_is_refused(label_catalog) -> None:
     with pytest.raises(ValueError, match="unknown label rule 'kaggle'"):
         apply_label_rule(label_catalog, "kaggle")  # type: ignore[arg-type]
+
+
+# --- any catalogue (CSV, FITS, ECSV, Parquet) with the columns DataConfig names ----------------------
+
+CUSTOM = DataConfig(
+    id_column="objid",
+    label_column="is_lens",
+    coord_columns=("RA_deg", "DEC_deg"),
+    keep_columns=("mag_r", "field"),
+)
+ASTROPY_FORMAT = {"csv": "ascii.csv", "fits": "fits", "ecsv": "ascii.ecsv", "parquet": "parquet"}
+
+
+def survey_table(**columns: object) -> Table:
+    """Four objects as a survey keeps them (objid 1237... does not fit a float64); the last repeats objid 12."""
+    table = Table(
+        {
+            "objid": np.array([1237648720693755918, 12, 7, 12], dtype=np.int64),
+            "is_lens": [True, False, True, False],
+            "RA_deg": np.array([150.1, 0.0, 359.5, 10.0]) * u.deg,
+            "DEC_deg": [2.2, -89.9, 30.0, 1.0],
+            "mag_r": [21.5, 22.25, 19.0, 23.0],
+            "field": ["COSMOS", "XMM", "COSMOS", "XMM"],
+        }
+    )
+    for name, values in columns.items():
+        table[name] = values
+    return table
+
+
+def write_table(table: Table, path: Path) -> str:
+    fmt = ASTROPY_FORMAT.get(path.suffix.lstrip("."), "ascii.csv")
+    table.write(path, format=fmt, overwrite=True)
+    return str(path)
+
+
+@pytest.mark.parametrize("ext", ["csv", "fits", "ecsv", "parquet"])
+def test_every_format_reads_identically(ext: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    url = write_table(survey_table(), tmp_path / f"survey.{ext}")
+    with caplog.at_level(logging.WARNING, logger="lensray.sky.catalog"):
+        catalog = load_catalog(url, CUSTOM)
+    assert catalog.ids.tolist() == [1237648720693755918, 12, 7]  # file order, exact, the repeat dropped
+    assert [(d.object_id, d.line, d.kept_line) for d in catalog.duplicates] == [(12, 4, 2)]
+    assert "12 (data row 4, kept data row 2)" in caplog.text
+    labelled = label_ids(catalog, CUSTOM)
+    assert labelled.rule == "column:is_lens" and labelled.excluded == ()
+    assert labelled.ids.tolist() == [7, 12, 1237648720693755918] and labelled.labels.tolist() == [1, 0, 1]
+    columns = catalog.candidate_columns()
+    assert list(columns.columns) == ["id", "ra", "dec", "mag_r", "field"]
+    assert columns["ra"].tolist() == [150.1, 0.0, 359.5] and columns["dec"].tolist() == [2.2, -89.9, 30.0]
+    assert columns["mag_r"].tolist() == [21.5, 22.25, 19.0] and columns["field"].tolist() == ["COSMOS", "XMM", "COSMOS"]
+
+
+def test_format_from_the_option_and_angle_units(tmp_path: Path) -> None:
+    table = survey_table(RA_deg=np.array([0.5, 0.0, 1.0, 0.1]) * u.rad, DEC_deg=np.array([60.0, 0, -30, 0]) * u.arcmin)
+    url = write_table(table, tmp_path / "survey.fits")
+    renamed = tmp_path / "survey.dat"  # an extension that says nothing: the option decides
+    renamed.write_bytes(Path(url).read_bytes())
+    assert catalog_format(str(renamed)) == "csv" and catalog_format("s3://b/x.fits.gz") == "fits"
+    catalog = load_catalog(str(renamed), CUSTOM.model_copy(update={"catalog_format": "fits"}))
+    np.testing.assert_allclose(catalog.candidate_columns()["ra"], np.degrees([0.5, 0.0, 1.0]))
+    np.testing.assert_allclose(catalog.candidate_columns()["dec"], [1.0, 0.0, -0.5])
+
+
+def test_label_text_and_numbers(tmp_path: Path) -> None:
+    for values in (["1", "0", "TRUE", "false"], [1, 0, 1, 0], [1.0, 0.0, 1.0, 0.0]):
+        url = write_table(survey_table(is_lens=values), tmp_path / "labels.ecsv")
+        assert label_ids(load_catalog(url, CUSTOM), CUSTOM).labels.tolist() == [1, 0, 1]
+
+
+def test_the_challenge_csv_reads_as_before(tmp_path: Path) -> None:
+    rows = [row_values(200001 + k, n_sources=k % 2) for k in range(6)] + [row_values(200002)]
+    url = str(tmp_path / CATALOG_NAME)
+    storage.write_bytes(url, catalog_text(rows, comment_block(5)).encode())
+    before = read_catalog(url)
+    for rule in ("paper", "official", "challenge"):
+        data = DataConfig(labels=rule)
+        catalog = load_catalog(url, data)
+        assert catalog.challenge and catalog.duplicates == before.duplicates
+        assert catalog.lines.tolist() == before.lines.tolist()
+        assert catalog.table.equals(before.table)
+        labelled, expected = label_ids(catalog, data), apply_label_rule(before, rule)
+        assert labelled.rule == rule and labelled.excluded == expected.excluded
+        assert labelled.ids.tolist() == expected.ids.tolist() and labelled.labels.tolist() == expected.labels.tolist()
+
+
+def test_an_unlabelled_catalogue_is_all_minus_one(tmp_path: Path) -> None:
+    url = write_table(survey_table(), tmp_path / "survey.parquet")
+    data = DataConfig(id_column="objid")
+    labelled = label_ids(load_catalog(url, data), data)
+    assert labelled.rule == "unlabelled" and labelled.labels.tolist() == [-1, -1, -1]
+    assert label_counts(labelled) == {"lens": 0, "non_lens": 0, "excluded": 0, "unlabelled": 3}
+
+
+@pytest.mark.parametrize(
+    ("table_columns", "data", "pattern"),
+    [
+        ({}, {"id_column": "ID"}, r"survey\.fits: no ID column 'ID' \(columns: objid, is_lens,"),
+        ({}, {"coord_columns": ("ra", "DEC_deg")}, r"survey\.fits: no RA column 'ra'"),
+        ({}, {"keep_columns": ("mag_r", "z_phot")}, r"survey\.fits: no kept column 'z_phot'"),
+        ({}, {"label_column": "lens"}, r"survey\.fits: no label column 'lens'"),
+        (
+            {"objid": [1.0, 2.5, 3.0, 4.0]},
+            {},
+            r"survey\.fits, column objid: data row 2 is 2\.5, not an integer",
+        ),
+        (
+            {"is_lens": [1, 0, 2, 0]},
+            {},
+            r"survey\.fits, column is_lens: ID 7 \(data row 3\) has label 2; labels must be 1/0 or true/false",
+        ),
+        (
+            {"DEC_deg": [2.2, -91.0, 0.0, 0.0]},
+            {},
+            r"survey\.fits, column DEC_deg: ID 12 \(data row 2\) has Dec -91\.0; degrees in \[-90, 90\]",
+        ),
+        ({"objid": [[1, 2]] * 4}, {}, r"survey\.fits, column objid: 2-D values"),
+    ],
+)
+def test_column_errors_name_the_file_and_column(
+    table_columns: dict[str, object], data: dict[str, object], pattern: str, tmp_path: Path
+) -> None:
+    url = write_table(survey_table(**table_columns), tmp_path / "survey.fits")
+    with pytest.raises(LensrayError, match=pattern):
+        load_catalog(url, CUSTOM.model_copy(update=data))
+
+
+def test_missing_values_are_named(tmp_path: Path) -> None:
+    text = "objid,is_lens\n5,1\n,0\n"
+    (tmp_path / "ids.csv").write_text(text)
+    with pytest.raises(CatalogError, match=r"ids\.csv, column objid: data row 2 is empty, not an integer"):
+        load_catalog(str(tmp_path / "ids.csv"), DataConfig(id_column="objid"))
+    (tmp_path / "labels.csv").write_text("objid,is_lens\n5,1\n6,\n")
+    with pytest.raises(CatalogError, match=r"labels\.csv, column is_lens: ID 6 \(data row 2\) has label"):
+        load_catalog(str(tmp_path / "labels.csv"), DataConfig(id_column="objid", label_column="is_lens"))
+
+
+@pytest.mark.parametrize("ext", ["fits", "parquet", "ecsv", "csv"])
+def test_an_unreadable_table_is_one_error_naming_the_file(ext: str, tmp_path: Path) -> None:
+    path = tmp_path / f"broken.{ext}"
+    path.write_bytes(b"objid,is_lens\n1,2,3\n" if ext == "csv" else b"\x00\x01 not a table at all")
+    with pytest.raises(CatalogError, match=rf"catalogue {path}: not a readable {ext} table"):
+        load_catalog(str(path), DataConfig(id_column="objid"))
+
+
+def test_kept_columns_cannot_take_candidate_names() -> None:
+    with pytest.raises(ConfigError, match="data.keep_columns.*would overwrite candidate columns"):
+        config_from_dict({"data": {"keep_columns": ["mag", "score"]}})
+    with pytest.raises(ConfigError, match="data.coord_columns"):
+        config_from_dict({"data": {"coord_columns": ["ra"]}})

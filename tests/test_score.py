@@ -1,5 +1,6 @@
 """Scoring a catalogue of raw cutouts with Ray Data: the run's own transform, ranked candidates, rejects
-listed (never scored), D4 views, local and S3, the checkpoint's transform record checked."""
+listed (never scored), D4 views, local and S3, the checkpoint's transform record checked; catalogues with
+custom columns (labels as the challenge rule gives them; unlabelled ones ingest and score, with RA/Dec)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from astropy.table import Table
 from tiny_run import tiny_run_config
 
 from lensray import storage
 from lensray.cli import main
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.errors import CheckpointError
+from lensray.errors import CheckpointError, EvaluateError, FeedError
 from lensray.evaluate.score import ScoreError, read_ids, score_catalog
 from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
 from lensray.runs import model_input
 from lensray.simulate.writer import simulate_dataset
 from lensray.sky.bands import band_relpath
-from lensray.sky.catalog import CATALOG_NAME
+from lensray.sky.catalog import CATALOG_NAME, apply_label_rule, read_catalog
+from lensray.train.feed import sanity_set
 from lensray.train.trainer import MODEL_INPUT_FILE, train
 
 N = 16
@@ -183,3 +186,98 @@ def test_checkpoint_without_a_transform_record_is_refused(trained: tuple[str, st
     (copy / MODEL_INPUT_FILE).write_text(json.dumps(record))
     with pytest.raises(CheckpointError, match="recorded no transform"):
         model_input(str(copy))
+
+
+# --- catalogues as astronomers keep them ----------------------------------------------------------
+
+
+def _survey_columns(raw: str, ids: list[int]) -> Table:
+    """The simulated objects as a survey table: ``objid``, ``RA_deg``/``DEC_deg`` and a text column."""
+    return Table(
+        {
+            "objid": np.asarray(ids, dtype=np.int64),
+            "RA_deg": [150.0 + 0.001 * (i % 1000) for i in ids],
+            "DEC_deg": [2.0 - 0.001 * (i % 1000) for i in ids],
+            "field": [f"tile-{i % 3}" for i in ids],
+        }
+    )
+
+
+def test_a_custom_fits_catalogue_gives_the_challenge_labels(
+    raw: str, trained: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    challenge = read_catalog(storage.join(raw, CATALOG_NAME))
+    paper = apply_label_rule(challenge, "paper")
+    table = _survey_columns(raw, paper.ids.tolist())
+    table["is_lens"] = paper.labels.astype(bool)
+    fits_url = str(tmp_path / "lenses.fits")
+    table[::-1].write(fits_url)  # another row order: the store sorts by ID
+    store_url = str(tmp_path / "custom.zarr")
+    flags = ["--id-column", "objid", "--label-column", "is_lens", "--coord-columns", "RA_deg,DEC_deg"]
+    geometry = ["--bands", "VIS,J", "--crop", "40", "--bin", "2", "--shard-size", "8"]
+    splits = ["--set", "preprocess.val_fraction=0.3", "--set", "preprocess.test_fraction=0.2"]
+    argv = ["preprocess", "--images", raw, "--catalog", fits_url, "--out", store_url, *flags, *geometry, *splits]
+    assert main([*argv, "--set", "preprocess.split_seed=3"]) == 0
+    custom, reference = LensStore.open(store_url), LensStore.open(trained[1])
+    assert custom.ids.tolist() == reference.ids.tolist()
+    assert custom.labels.tolist() == reference.labels.tolist() and custom.split.tolist() == reference.split.tolist()
+    assert custom.meta["label_rule"] == "column:is_lens" and custom.meta["catalog"]["id_column"] == "objid"
+    assert "catalog" not in reference.meta and reference.meta["label_rule"] == "paper"  # the challenge meta as before
+    capsys.readouterr()
+
+
+def test_an_unlabelled_parquet_catalogue_ingests_and_scores(
+    raw: str, trained: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lensray.evaluate.inference import predict_split
+    from lensray.runs import load_run
+
+    ids = [200001, 200002, CORRUPT_ID, 200005, 200006, 200002]  # 200002 twice: scored once
+    parquet_url = str(tmp_path / "survey.parquet")
+    _survey_columns(raw, ids).write(parquet_url)
+
+    data = DataConfig(images=raw, catalog=parquet_url, id_column="objid", bands=("VIS", "J"))
+    store_url = str(tmp_path / "unlabelled.zarr")
+    preprocess = PreprocessConfig(out=store_url, crop=40, bin=2, val_fraction=0.0, test_fraction=0.0)
+    summary = ingest(data, preprocess, progress=False)
+    assert summary.unlabelled == 5 and "5 IDs unlabelled (label -1)" in str(summary)
+    store = LensStore.open(store_url)
+    assert store.ids.tolist() == sorted(set(ids)) and set(store.labels.tolist()) == {-1}
+    assert store.meta["label_rule"] == "unlabelled"
+    with pytest.raises(FeedError, match=r"no labelled objects \(4 unlabelled: .*--label-column"):
+        sanity_set(store, 4, 0)
+    with pytest.raises(EvaluateError, match="holds no labelled objects"):
+        predict_split(load_run(trained[0]), store, "train")
+
+    out = str(tmp_path / "candidates.parquet")
+    columns = ["--id-column", "objid", "--coord-columns", "RA_deg,DEC_deg", "--keep-columns", "field"]
+    argv = ["score", "--run", trained[0], "--images", raw, "--catalog", parquet_url, "--out", out, *columns]
+    assert main([*argv, "--device", "cpu", "--gallery", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored 4 of 5 IDs" in printed and "RA 150.00" in printed
+    candidates = _read_parquet(out)
+    assert list(candidates.columns) == ["rank", "id", "score", "ra", "dec", "field"]
+    expected = _survey_columns(raw, sorted(set(ids) - {CORRUPT_ID})).to_pandas().set_index("objid")
+    got = candidates.set_index("id").loc[expected.index]
+    np.testing.assert_allclose(got["ra"], expected["RA_deg"])
+    np.testing.assert_allclose(got["dec"], expected["DEC_deg"])
+    assert got["field"].tolist() == expected["field"].tolist()
+    saved = json.loads((tmp_path / "candidates_summary.json").read_text())
+    assert saved["catalog_columns"] == ["ra", "dec", "field"] and {"ra", "dec"} <= set(saved["top"][0])
+    assert "<th>ra</th>" in (tmp_path / "candidates_gallery.html").read_text()
+
+
+def test_catalogue_column_errors_are_one_line(
+    raw: str, trained: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parquet_url = str(tmp_path / "survey.parquet")
+    _survey_columns(raw, [200001, 200002]).write(parquet_url)
+    with pytest.raises(ScoreError, match=r"survey\.parquet: no ID column 'ID' \(columns: objid, RA_deg"):
+        read_ids(parquet_url)
+    with pytest.raises(ScoreError, match=r"survey\.parquet: no kept column 'z_phot'"):
+        read_ids(parquet_url, DataConfig(id_column="objid", keep_columns=("z_phot",)))
+    base = ["score", "--run", trained[0], "--images", raw, "--catalog", parquet_url, "--out", str(tmp_path / "c.pq")]
+    assert main([*base, "--id-column", "objid", "--coord-columns", "ra,dec"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.startswith("lensray score: catalogue ")
+    assert f"{parquet_url}: no RA column 'ra'" in error

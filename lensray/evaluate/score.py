@@ -8,12 +8,13 @@ listed with its reason in the rejects file, never scored (a zero image would get
 
 ``prepare_scoring`` checks the inputs, ``compute_scores`` returns a ``ScoreResult`` (ranked candidates,
 rejects, the gallery's images, timings) and ``write_scores`` writes the files; ``score_catalog`` does all three.
+The catalogue is any table ``sky.catalog.load_catalog`` reads (CSV, FITS, ECSV, Parquet; the ID column
+``DataConfig.id_column``); candidates carry its ``coord_columns`` as ``ra``/``dec`` and its ``keep_columns``.
 """
 
 from __future__ import annotations
 
 import html
-import io
 import json
 import time
 from collections.abc import Sequence
@@ -25,8 +26,8 @@ import pandas as pd
 import torch
 
 from lensray import storage
-from lensray.config import PreprocessConfig
-from lensray.errors import ScoreError
+from lensray.config import DataConfig, PreprocessConfig
+from lensray.errors import CatalogError, ScoreError
 from lensray.evaluate.inference import check_tta, predict_tta
 from lensray.runs import ModelInput, model_input
 from lensray.runtime import ensure_ray, progress
@@ -34,42 +35,29 @@ from lensray.sky.symmetry import D4_ELEMENTS
 
 DEFAULT_BATCH = 64
 DEFAULT_GALLERY = 24
-ID_COLUMN = "ID"
 
 
 # --- catalogue IDs --------------------------------------------------------------------------------
 
 
-def read_ids(url: str) -> tuple[np.ndarray, list[int]]:
-    """``(unique IDs in file order, repeated IDs)`` of a catalogue: the challenge CSV, or any CSV with
-    an ``ID`` column (``#`` comments allowed) -- a survey list needs no labels."""
-    from lensray.sky.catalog import CatalogError, read_catalog
+def read_catalog_columns(url: str, data: DataConfig | None = None) -> tuple[np.ndarray, list[int], pd.DataFrame]:
+    """``(unique IDs in file order, repeated IDs, candidate columns)`` of a catalogue: the challenge CSV or
+    any CSV/FITS/ECSV/Parquet table with ``data.id_column`` (default ``ID``; ``#`` comments allowed in CSV)
+    -- a survey list needs no labels. The candidate columns are ``id``, ``ra``/``dec`` (with
+    ``data.coord_columns``) and ``data.keep_columns``, one row per unique ID."""
+    from lensray.sky.catalog import load_catalog
 
     try:
-        catalog = read_catalog(url)
-        return catalog.ids, sorted({d.object_id for d in catalog.duplicates})
-    except CatalogError as challenge_error:
-        try:
-            table = pd.read_csv(io.BytesIO(storage.read_bytes(url)), comment="#", skipinitialspace=True)
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise ScoreError(
-                f"catalogue {url}: neither the challenge format ({challenge_error}) nor CSV ({exc})"
-            ) from None
-        if ID_COLUMN not in table.columns:
-            raise ScoreError(
-                f"catalogue {url}: no {ID_COLUMN!r} column (columns: {list(table.columns)[:12]})"
-            ) from None
-        raw = pd.to_numeric(table[ID_COLUMN], errors="coerce")
-        bad = np.flatnonzero(raw.isna().to_numpy() | (raw.to_numpy() % 1 != 0))
-        if bad.size:
-            value = table[ID_COLUMN].iloc[bad[0]]
-            raise ScoreError(
-                f"catalogue {url}: {ID_COLUMN} on data row {bad[0] + 1} is {value!r}, not an integer"
-            ) from None
-        ids = raw.to_numpy().astype(np.int64)
-        _, first = np.unique(ids, return_index=True)
-        repeated = sorted(set(ids[np.setdiff1d(np.arange(ids.size), first)].tolist()))
-        return ids[np.sort(first)], repeated
+        catalog = load_catalog(url, data or DataConfig())
+    except CatalogError as exc:
+        raise ScoreError(str(exc)) from None
+    return catalog.ids, sorted({d.object_id for d in catalog.duplicates}), catalog.candidate_columns()
+
+
+def read_ids(url: str, data: DataConfig | None = None) -> tuple[np.ndarray, list[int]]:
+    """``(unique IDs in file order, repeated IDs)`` of a catalogue (see ``read_catalog_columns``)."""
+    ids, repeated, _ = read_catalog_columns(url, data)
+    return ids, repeated
 
 
 # --- Ray Data stages ------------------------------------------------------------------------------
@@ -141,6 +129,7 @@ class ScoreInputs:
     ids: np.ndarray  # unique, in catalogue order
     repeated: tuple[int, ...]  # IDs listed more than once (scored once)
     started: float  # perf_counter when the job began: wall times count from it
+    columns: pd.DataFrame | None = None  # id + ra/dec + kept catalogue columns, joined to the candidates
 
 
 @dataclass(frozen=True, eq=False)
@@ -149,7 +138,7 @@ class ScoreResult:
 
     inputs: ScoreInputs
     tta: str | None
-    candidates: pd.DataFrame  # rank, id, score (and score_d4_0..7 with tta), best first
+    candidates: pd.DataFrame  # rank, id, score (score_d4_0..7 with tta; ra, dec, kept columns), best first
     rejects: pd.DataFrame  # id, reason, message, by id
     top: pd.DataFrame  # the gallery's candidates (the first rows of ``candidates``)
     gallery_images: np.ndarray | None  # ``top`` as the network saw them; None without a gallery
@@ -164,8 +153,10 @@ def prepare_scoring(
     catalog_url: str,
     out_url: str | None = None,
     nan_policy: str | None = None,
+    data: DataConfig | None = None,
 ) -> ScoreInputs:
-    """Check everything that can fail before any Ray work: the checkpoint, the URLs, the catalogue."""
+    """Check everything that can fail before any Ray work: the checkpoint, the URLs, the catalogue (read
+    with ``data``'s catalogue options: id, coordinate and kept columns, format)."""
     from lensray.runs import load_run, resolve_checkpoint
 
     started = time.perf_counter()
@@ -175,7 +166,7 @@ def prepare_scoring(
     storage.check_reachable(images_url)
     if out_url is not None:
         storage.check_reachable(out_url, must_exist=False)
-    ids, repeated = read_ids(catalog_url)
+    ids, repeated, columns = read_catalog_columns(catalog_url, data)
     if ids.size == 0:
         raise ScoreError(f"catalogue {catalog_url} lists no IDs")
     return ScoreInputs(
@@ -187,6 +178,7 @@ def prepare_scoring(
         ids=ids,
         repeated=tuple(repeated),
         started=started,
+        columns=columns if columns.shape[1] > 1 else None,
     )
 
 
@@ -232,8 +224,10 @@ def _collect(dataset: Any, total: int) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"id": np.empty(0, np.int64)})
 
 
-def _rank(table: pd.DataFrame, tta: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(candidates best first with their rank, rejects by ID)``."""
+def _rank(
+    table: pd.DataFrame, tta: str | None, columns: pd.DataFrame | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(candidates best first with their rank and the catalogue ``columns``, rejects by ID)``."""
     rejected = table["reason"] != ""
     rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
     score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
@@ -243,6 +237,8 @@ def _rank(table: pd.DataFrame, tta: str | None) -> tuple[pd.DataFrame, pd.DataFr
         .reset_index(drop=True)
     )
     candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
+    if columns is not None:
+        candidates = candidates.merge(columns, on="id", how="left", validate="one_to_one")
     return candidates, rejects
 
 
@@ -269,7 +265,7 @@ def compute_scores(
         raise ScoreError(
             f"scoring returned {len(table)} rows for {len(inputs.ids)} IDs; rerun (a worker may have died)"
         )
-    candidates, rejects = _rank(table, tta)
+    candidates, rejects = _rank(table, tta, inputs.columns)
     top = candidates.head(gallery)
     return ScoreResult(
         inputs=inputs,
@@ -329,7 +325,8 @@ class ScoreSummary:
         if self.gallery_path:
             lines.append(f"  gallery of the top {len(self.top)}: {self.gallery_path}")
         for row in self.top.head(5).itertuples():
-            lines.append(f"    #{row.rank:<4d} ID {row.id}  score {row.score:.4f}")
+            where = f"  RA {row.ra:.5f} Dec {row.dec:+.5f}" if hasattr(row, "ra") else ""
+            lines.append(f"    #{row.rank:<4d} ID {row.id}  score {row.score:.4f}{where}")
         for row in self.rejects.head(5).itertuples():
             lines.append(f"    rejected {row.id}: {row.message}")
         if self.repeated_ids:
@@ -394,16 +391,19 @@ def score_catalog(
     batch_size: int = DEFAULT_BATCH,
     gallery: int = DEFAULT_GALLERY,
     nan_policy: str | None = None,
+    data: DataConfig | None = None,
 ) -> ScoreSummary:
     """Score every catalogue ID from raw cutouts; write ranked candidates, rejects and a gallery.
 
-    Outputs (local or s3://): ``out_url`` (Parquet: rank, id, score, and with ``tta`` the 8 per-view
-    scores ``score_d4_0..7``, best first), ``<stem>_rejects.csv`` (id, reason, message of every
+    ``data``: how the catalogue is read (``catalog_format``, ``id_column``, ``coord_columns``,
+    ``keep_columns``; its URLs are not used). Outputs (local or s3://): ``out_url`` (Parquet: rank, id,
+    score, with ``tta`` the 8 per-view scores ``score_d4_0..7``, then ``ra``, ``dec`` and the kept
+    columns, best first), ``<stem>_rejects.csv`` (id, reason, message of every
     cutout that could not be scored), ``<stem>_summary.json`` and ``<stem>_gallery.html`` (the top
     ``gallery`` candidates, every band, the network's input stretch, ID and score under each).
     """
     tta = check_tta(tta)
-    inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy)
+    inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy, data)
     result = compute_scores(inputs, tta=tta, device=device, actors=actors, batch_size=batch_size, gallery=gallery)
     return write_scores(result, out_url)
 
@@ -458,8 +458,14 @@ def summary_json(result: ScoreResult, wall_s: float) -> dict[str, Any]:
         "device": result.device,
         "actors": result.actors,
         "wall_s": round(wall_s, 3),
-        "top": result.top[["rank", "id", "score"]].to_dict(orient="records"),
+        "catalog_columns": [] if inputs.columns is None else list(inputs.columns.columns[1:]),
+        "top": result.top[_shown_columns(result.top)].to_dict(orient="records"),
     }
+
+
+def _shown_columns(top: pd.DataFrame) -> list[str]:
+    """The candidate columns a summary shows: rank, id, score and, when the catalogue gave them, ra and dec."""
+    return [name for name in ("rank", "id", "score", "ra", "dec") if name in top.columns]
 
 
 def candidate_gallery_html(result: ScoreResult) -> str:
@@ -476,7 +482,7 @@ def candidate_gallery_html(result: ScoreResult) -> str:
         f"{', '.join(prepared.bands)} as the network sees them ({prepared.preprocess.mode} mode), one fixed "
         "display range per band.</p>",
         ("Top candidates", picture),
-        html_table(top[["rank", "id", "score"]].to_dict(orient="records"), ["rank", "id", "score"]),
+        html_table(top[_shown_columns(top)].to_dict(orient="records"), _shown_columns(top)),
         f"<h2>Rejected cutouts ({len(rejects)})</h2>",
         html_table(rejects.to_dict(orient="records"), ["id", "reason", "message"]) if len(rejects) else "<p>none</p>",
     ]

@@ -1,6 +1,7 @@
 """Ray Data ingest: raw challenge-format FITS (local or object storage) -> one preprocessed Zarr store.
 
-The driver reads the catalogue, labels it, sorts the IDs, assigns each a split from a hash of (seed, ID)
+The driver reads the catalogue (any table ``sky.catalog.load_catalog`` reads), labels it (an unlabelled
+catalogue is stored with label -1: it can be scored, not trained on), sorts the IDs, assigns each a split from a hash of (seed, ID)
 (so growing the catalogue never moves an ID between splits) and cuts the sorted IDs into shards. One Ray
 task per shard reads that shard's cutouts, preprocesses them as a batch and writes the whole Zarr shard
 (concurrent writes into one shard lose data on S3). The driver only ever holds IDs and summaries, so its
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,8 +26,12 @@ from lensray.errors import IngestError
 from lensray.ingest.preprocess import describe, output_shape, preprocess_cutouts
 from lensray.ingest.store import SPLITS, completed_shards, create_store, finalize_store, shard_ranges, write_shard
 from lensray.runtime import ensure_ray
-from lensray.sky.catalog import Catalog, LabelledIDs, apply_label_rule, read_catalog
+from lensray.sky.catalog import Catalog, LabelledIDs, label_ids, load_catalog
 from lensray.sky.fits import read_cutouts
+
+log = logging.getLogger(__name__)
+# DataConfig keys that say how the catalogue is read; recorded in the store's meta when not the defaults.
+CATALOG_KEYS: tuple[str, ...] = ("catalog_format", "id_column", "label_column", "coord_columns", "keep_columns")
 
 
 def assign_splits(ids: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
@@ -55,6 +61,7 @@ class IngestSummary:
     excluded_by_label_rule: int = 0
     duplicate_ids: int = 0
     wall_s: float = 0.0
+    unlabelled: int = 0  # IDs stored with label -1 (a catalogue without labels)
 
     def __str__(self) -> str:
         lines = [
@@ -64,6 +71,8 @@ class IngestSummary:
             f"  {self.n_written} cutouts written, {len(self.rejects)} rejected, "
             f"{self.excluded_by_label_rule} excluded by the label rule, {self.duplicate_ids} duplicate catalogue rows dropped",
         ]
+        if self.unlabelled:
+            lines.append(f"  {self.unlabelled} IDs unlabelled (label -1): the store can be scored, not trained on")
         by_reason: dict[str, int] = {}
         for reject in self.rejects:
             by_reason[reject["reason"]] = by_reason.get(reject["reason"], 0) + 1
@@ -145,6 +154,7 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
         excluded_by_label_rule=len(labelled.excluded),
         duplicate_ids=len(catalog.duplicates),
         wall_s=time.perf_counter() - started,
+        unlabelled=int((labels == -1).sum()),
     )
     if summary.n_written == 0:
         raise IngestError(f"every cutout was rejected: is {data.images} the right root?\n{summary}")
@@ -158,30 +168,42 @@ def _ids_to_ingest(
 ) -> tuple[Catalog, LabelledIDs, np.ndarray, np.ndarray]:
     """The catalogue, its labelling, and the sorted IDs and labels to ingest (the first ``limit``)."""
     assert data.catalog is not None
-    catalog = read_catalog(data.catalog)
-    labelled = apply_label_rule(catalog, data.labels)
+    catalog = load_catalog(data.catalog, data)
+    labelled = label_ids(catalog, data)
     ids, labels = labelled.ids, labelled.labels
     if preprocess.limit is not None:
         ids, labels = ids[: preprocess.limit], labels[: preprocess.limit]
     if len(ids) == 0:
-        raise IngestError(f"no IDs to ingest from {data.catalog} under label rule {data.labels!r}")
+        raise IngestError(f"no IDs to ingest from {data.catalog} under label rule {labelled.rule!r}")
+    if labelled.rule == "unlabelled":
+        log.warning(
+            "catalogue %s has no label column (--label-column) and is not the challenge catalogue: its %d IDs are "
+            "stored unlabelled (-1), for scoring; training and evaluation will refuse them",
+            data.catalog,
+            len(ids),
+        )
     return catalog, labelled, ids, labels
 
 
 def _store_meta(
     data: DataConfig, preprocess: PreprocessConfig, catalog: Catalog, labelled: LabelledIDs
 ) -> dict[str, Any]:
-    """The store's provenance: all of it is part of the resume fingerprint."""
-    return {
+    """The store's provenance: all of it is part of the resume fingerprint. The challenge catalogue read
+    with the default columns gives exactly the meta it always did (so older stores still resume)."""
+    meta = {
         "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
         "transform": describe(preprocess),
-        "label_rule": data.labels,
+        "label_rule": labelled.rule,  # a challenge rule, "column:<name>" or "unlabelled"
         "bands": list(data.bands),
         "nan_policy": data.nan,
         "source": {"images": data.images, "catalog": data.catalog},
         "excluded_by_label_rule": len(labelled.excluded),
         "duplicate_catalog_rows": len(catalog.duplicates),
     }
+    columns = data.model_dump(mode="json", include=set(CATALOG_KEYS))
+    if columns != DataConfig().model_dump(mode="json", include=set(CATALOG_KEYS)):
+        meta["catalog"] = columns
+    return meta
 
 
 def _pending_shards(store_url: str, ids: np.ndarray, shard_size: int) -> tuple[list[dict[str, Any]], int]:

@@ -16,6 +16,7 @@ No Ray here: ``trainer.py`` passes the rank and world size.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import deque
@@ -283,10 +284,21 @@ def _open(store: str | LensStore) -> LensStore:
 
 
 def _labelled_rows(store: LensStore, split: SplitName) -> np.ndarray:
-    """Sorted store rows of the split's valid lenses and non-lenses (unlabelled rows cannot be fed)."""
+    """Sorted store rows of the split's valid lenses and non-lenses: unlabelled rows (-1) are never fed."""
     rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
+    unlabelled = store.indices(split, label=-1).size
+    if unlabelled and rows.size:
+        logging.getLogger(__name__).warning(
+            "%s: %d unlabelled object(s) of the %s split skipped", store.url, unlabelled, split
+        )
     if rows.size == 0:
-        raise FeedError(f"{store.url}: the {split} split holds no labelled objects")
+        why = (
+            f" ({unlabelled} unlabelled: its catalogue had no labels; such a store can only be scored -- "
+            "ingest a catalogue with --label-column to train or evaluate)"
+            if unlabelled
+            else ""
+        )
+        raise FeedError(f"{store.url}: the {split} split holds no labelled objects{why}")
     return rows
 
 
