@@ -4,6 +4,7 @@ and nothing in the exported folder that could run code."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -200,3 +201,12 @@ def test_a_search_stands_for_its_best_trial_on_s3(tune_search: Any, s3_bucket: s
     with pytest.raises(CheckpointError, match="recorded no transform"):
         export_model(tune_search.experiment_url, storage.join(s3_bucket, "model"))
     assert not storage.exists(storage.join(s3_bucket, "model", MODEL_FILE))
+
+
+def test_an_array_becomes_the_fits_file_astropy_writes() -> None:
+    from lensray.evaluate.export import _fits_bytes
+
+    for image in (np.arange(12.0).reshape(3, 4), np.ones((66, 67), np.float32), np.zeros(0, np.int16)):
+        written = io.BytesIO()
+        fits.PrimaryHDU(np.asarray(image, np.float32)).writeto(written)
+        assert _fits_bytes(image) == written.getvalue()

@@ -18,7 +18,6 @@ scores raw FITS files or raw flux arrays through the same reader checks (``sky.f
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -58,6 +57,7 @@ FORMAT_VERSION = 1  # bump when model.json changes in a way an older reader woul
 PREPROCESS_KEYS = ("mode", "upsample", "asinh_softening", "border", "crop", "bin", "dtype")
 VAL_METRICS = ("val_auc", "val_acc", "val_tpr0", "val_tpr10", "val_loss")
 DEFAULT_BATCH = 64
+FITS_RECORD = 2880  # bytes: FITS files are made of records of this size
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -279,13 +279,15 @@ def _is_path(value: Any) -> bool:
 
 
 def _fits_bytes(image: Any) -> bytes:
-    """An in-memory array as FITS bytes: arrays then pass ``decode_band``'s checks exactly as files do
-    (the same NaN policy, blank-band and shape rules), with no second copy of them here."""
+    """An in-memory array as the bytes of a one-HDU FITS file, so that arrays pass ``decode_band``'s checks
+    (NaN policy, blank band, 2-D) exactly as files do, with no second copy of them. float32, as ``decode_band``
+    reads every image; astropy writes the header, the data block is the big-endian array padded to FITS's
+    2880-byte records (the bytes astropy's ``writeto`` gives, at a third of its time)."""
     from astropy.io import fits
 
-    buffer = io.BytesIO()
-    fits.PrimaryHDU(np.asarray(image)).writeto(buffer)
-    return buffer.getvalue()
+    data = np.ascontiguousarray(image, dtype=">f4")
+    block = data.tobytes()
+    return fits.PrimaryHDU(data).header.tostring().encode("ascii") + block + b"\0" * (-len(block) % FITS_RECORD)
 
 
 def _per_object(items: Any, bands: Sequence[str]) -> list[Mapping[str, Any]]:
