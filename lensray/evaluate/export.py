@@ -209,7 +209,8 @@ def _input_contract(record: dict[str, Any], url: str) -> tuple[tuple[str, ...], 
         raise CheckpointError(f"{url}: no usable input contract ({type(exc).__name__}: {exc})") from None
     for band in bands:
         spec = BANDS.get(band)
-        scale, stamp = contract.get("pixel_scales", {}).get(band), contract.get("stamp_sizes", {}).get(band)
+        scale = (contract.get("pixel_scales") or {}).get(band)
+        stamp = (contract.get("stamp_sizes") or {}).get(band)
         if spec is None or (scale, stamp) != (spec.pixel_scale, spec.size):
             known = "unknown here" if spec is None else f"{spec.size} px at {spec.pixel_scale}″/px here"
             raise CheckpointError(f"{url}: band {band} is {stamp} px at {scale}″/px in the export, {known}")
