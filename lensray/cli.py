@@ -383,6 +383,13 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lensray.evaluate.export import export_model
+
+    print(export_model(args.run, args.out, evaluation=args.evaluation))
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -457,6 +464,14 @@ HELP = {  # subcommand: (one-line help, description, examples)
         "--out s3://b/candidates.parquet\n"
         "lensray score --run runs/lastro-1 --images cutouts/ --catalog survey.fits --id-column objid "
         "--coord-columns RA_deg,DEC_deg --keep-columns mag_r --out candidates.parquet",
+    ),
+    "export": (
+        "export a trained model (safetensors + its input contract) for use without a cluster",
+        "Write a run's best checkpoint (or a checkpoint, or a search's best trial) as model.safetensors, model.json "
+        "(network, bands, pixel scales, preprocessing, source and AUC) and config.yaml; "
+        "lensray.load_model(DIR).predict_cutouts(...) then scores raw FITS in a notebook, with no store and no Ray.",
+        "lensray export runs/lastro-1 --out models/lastro-1\n"
+        "lensray export s3://b/experiments/lastro-search --out s3://b/models/lastro-best --evaluation eval/",
     ),
     "demo": (
         "run the whole chain on a small simulated set, locally",
@@ -545,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(_subparser(sub, "evaluate", common))
     _add_compare(_subparser(sub, "compare", common))
     _add_score(_subparser(sub, "score", common))
+    _add_export(_subparser(sub, "export", common))
 
     demo = _subparser(sub, "demo", common)
     _add_flags(demo, DEMO_FLAGS)
@@ -598,6 +614,17 @@ def _add_score(score: argparse.ArgumentParser) -> None:
     score.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default 64)")
     score.add_argument("--gallery", type=int, default=24, help="top candidates in the HTML gallery (default 24)")
     score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
+
+
+def _add_export(export: argparse.ArgumentParser) -> None:
+    export.add_argument(
+        "run", metavar="RUN", help="run folder (its best checkpoint), checkpoint, or search (best trial)"
+    )
+    export.add_argument("--out", required=True, help="folder (local path or URL) for the exported model")
+    export.add_argument(
+        "--evaluation", help="a `lensray evaluate` folder of the same checkpoint: its AUC is recorded (test_auc)"
+    )
+    export.set_defaults(handler=cmd_export)
 
 
 # -- logging and the one error path ----------------------------------------------------------------------

@@ -146,11 +146,14 @@ def wrong_path_cases(nope: Path, afile: Path) -> dict[str, tuple[list[str], str]
         "evaluate": (["evaluate", "--run", str(nope), "--store", str(nope), "--out", out], str(nope)),
         "compare": (["compare", str(nope), "--out", out], str(nope)),
         "score": (["score", "--run", str(nope), "--images", out, "--catalog", f"{out}/c.csv", "--out", out], str(nope)),
+        "export": (["export", str(nope), "--out", out], str(nope)),
         "demo": (["demo", "--out", str(afile / "demo")], str(afile / "demo")),
     }
 
 
-@pytest.mark.parametrize("command", ["preprocess", "store info", "train", "evaluate", "compare", "score", "demo"])
+@pytest.mark.parametrize(
+    "command", ["preprocess", "store info", "train", "evaluate", "compare", "score", "export", "demo"]
+)
 def test_a_wrong_path_is_one_line_naming_it_and_exit_1(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -244,6 +247,7 @@ def test_every_subcommand_has_a_description_and_examples() -> None:
         "evaluate",
         "compare",
         "score",
+        "export",
         "demo",
     }
     for name, sub in subcommands.items():
