@@ -14,6 +14,19 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+# Test files that share the session's finished Tune search (the `tune_search` fixture, ~2 min to build):
+# under `pytest -n N` (pytest-xdist, `make test`) they run on one worker, so the search is built once.
+SHARES_THE_SEARCH = {"test_export", "test_job_submit", "test_notebook", "test_runs", "test_tuning"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist's ``--dist loadgroup``: one group per test file (its module fixtures are built once),
+    and one for the files that share the search. Without xdist the marks change nothing."""
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("search" if stem in SHARES_THE_SEARCH else stem))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

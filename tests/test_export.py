@@ -4,7 +4,6 @@ and nothing in the exported folder that could run code."""
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 from pathlib import Path
@@ -122,6 +121,8 @@ def test_bad_inputs_raise_the_errors_score_names(trained: tuple[str, str], tmp_p
     assert model.predict_cutouts([{"VIS": holed, "J": j}]).shape == (1,)  # the run's policy: zero
     with pytest.raises(CutoutError, match="constant: every finite pixel is 0.5"):
         model.predict_cutouts([{"VIS": np.full_like(vis, 0.5), "J": j}])
+    with pytest.raises(CutoutError, match=r"ID 0 band VIS .*shape: .*3-D \(2, 200, 200\), expected 2-D"):
+        model.predict_cutouts([{"VIS": np.stack([vis, vis]), "J": j}])
 
 
 def _tampered(source: Path, target: Path, edit: Any) -> str:
@@ -201,12 +202,3 @@ def test_a_search_stands_for_its_best_trial_on_s3(tune_search: Any, s3_bucket: s
     with pytest.raises(CheckpointError, match="recorded no transform"):
         export_model(tune_search.experiment_url, storage.join(s3_bucket, "model"))
     assert not storage.exists(storage.join(s3_bucket, "model", MODEL_FILE))
-
-
-def test_an_array_becomes_the_fits_file_astropy_writes() -> None:
-    from lensray.evaluate.export import _fits_bytes
-
-    for image in (np.arange(12.0).reshape(3, 4), np.ones((66, 67), np.float32), np.zeros(0, np.int16)):
-        written = io.BytesIO()
-        fits.PrimaryHDU(np.asarray(image, np.float32)).writeto(written)
-        assert _fits_bytes(image) == written.getvalue()

@@ -48,7 +48,7 @@ from lensray.runs import (
     summarise_experiment,
 )
 from lensray.sky.bands import BANDS, shape_problem
-from lensray.sky.fits import NAN_POLICIES, Cutout, CutoutError, decode_band
+from lensray.sky.fits import NAN_POLICIES, Cutout, CutoutError, check_image, decode_band
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILE = "model.json"
@@ -57,7 +57,6 @@ FORMAT_VERSION = 1  # bump when model.json changes in a way an older reader woul
 PREPROCESS_KEYS = ("mode", "upsample", "asinh_softening", "border", "crop", "bin", "dtype")
 VAL_METRICS = ("val_auc", "val_acc", "val_tpr0", "val_tpr10", "val_loss")
 DEFAULT_BATCH = 64
-FITS_RECORD = 2880  # bytes: FITS files are made of records of this size
 
 
 # --- export -----------------------------------------------------------------------------------------
@@ -279,18 +278,6 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
-def _fits_bytes(image: Any) -> bytes:
-    """An in-memory array as the bytes of a one-HDU FITS file, so that arrays pass ``decode_band``'s checks
-    (NaN policy, blank band, 2-D) exactly as files do, with no second copy of them. float32, as ``decode_band``
-    reads every image; astropy writes the header, the data block is the big-endian array padded to FITS's
-    2880-byte records (the bytes astropy's ``writeto`` gives, at a third of its time)."""
-    from astropy.io import fits
-
-    data = np.ascontiguousarray(image, dtype=">f4")
-    block = data.tobytes()
-    return fits.PrimaryHDU(data).header.tostring().encode("ascii") + block + b"\0" * (-len(block) % FITS_RECORD)
-
-
 def _per_object(items: Any, bands: Sequence[str]) -> list[Mapping[str, Any]]:
     """``items`` as one ``{band: path, URL or 2-D array}`` per object."""
     if isinstance(items, (np.ndarray, torch.Tensor)):
@@ -366,9 +353,10 @@ class ExportedModel:
                     data = storage.read_bytes(url)
                 except FileNotFoundError:
                     raise CutoutError(object_id, band, url, "missing", "no such file") from None
-            else:
-                url, data = f"<array of object {object_id}>", _fits_bytes(value)
-            images[band], nan_pixels[band] = decode_band(data, object_id, band, url, nan_policy)
+                images[band], nan_pixels[band] = decode_band(data, object_id, band, url, nan_policy)
+            else:  # the same checks as a file's pixels
+                url = f"<array of object {object_id}>"
+                images[band], nan_pixels[band] = check_image(np.asarray(value), object_id, band, url, nan_policy)
             problem = shape_problem(band, images[band].shape)
             if problem:  # as sky.fits.read_band: a wrong-size stamp is refused, never resampled
                 raise CutoutError(object_id, band, url, "shape", f"stamp is {images[band].shape}, {problem}")

@@ -84,12 +84,28 @@ def decode_band(data: bytes, object_id: int, band: str, url: str, nan_policy: Na
             needed = hdul.fileinfo(0)["datLoc"] + hdu.size
             if len(data) < needed:
                 raise fail("corrupt", f"truncated: {len(data)} bytes, the header needs {needed}")
-            image = np.array(hdu.data, dtype=np.float32)  # native byte order, a copy
+            image = np.asarray(hdu.data, dtype=np.float32)  # native byte order
     except CutoutError:
         raise
     except Exception as exc:  # any parse failure of these bytes means the file is not usable FITS
         raise fail("corrupt", f"not a readable FITS file ({type(exc).__name__}: {exc})") from exc
 
+    return check_image(image, object_id, band, url, nan_policy)
+
+
+def check_image(
+    image: np.ndarray, object_id: int, band: str, url: str, nan_policy: NanPolicy
+) -> tuple[np.ndarray, int]:
+    """A decoded image -> (2-D float32 image with NaNs handled by the policy, number of NaN pixels), or the
+    CutoutError that rejects it (not 2-D, all NaN, all zero, blank, NaN under ``reject``). ``url`` names
+    where the pixels came from in the message."""
+    if nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+
+    def fail(reason: RejectReason, detail: str) -> CutoutError:
+        return CutoutError(object_id, band, url, reason, detail)
+
+    image = np.array(image, dtype=np.float32)  # a copy: NaNs are zeroed in place below
     if image.ndim != 2:
         raise fail("shape", f"HDU 0 image is {image.ndim}-D {image.shape}, expected 2-D")
     bad = ~np.isfinite(image)  # +-inf is as unusable as NaN
