@@ -284,15 +284,6 @@ def test_restore_names_a_missing_component(tmp_path: Path) -> None:
 # --- the stronger networks and the recipe: sanity, cosine with warmup, EMA --------------------------
 
 
-@pytest.mark.parametrize("name", ["twobranch", "vit"])
-def test_new_nets_pass_the_sanity_check(name: str, simulated_cutouts: tuple[np.ndarray, np.ndarray]) -> None:
-    # The path every run takes first, with the default recipe (Adam 3e-4, 64 images, 60 steps).
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name), 4, 50, 0.2)
-    result = loop.sanity_check(model, *simulated_cutouts, lambda m: loop.make_optimizer(m, OptimConfig()), steps=60)
-    assert result.passed and result.end < result.start
-
-
 def test_cosine_schedule_with_warmup() -> None:
     model = small_lastro()
     config = OptimConfig(lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_epochs=2)
