@@ -172,12 +172,45 @@ class ResNetConfig(Section):
     init: Literal["kaiming", "default"] = "kaiming"
 
 
+class TwoBranchConfig(Section):
+    """Two-branch VIS/NIR CNN: VIS at its own pixel scale, the NIR bands pooled back to their native
+    (3x coarser) sampling, each through its own conv stack, merged late (challenge-2.0 winners' layout)."""
+
+    filters: int = Field(16, ge=1)  # width of each branch's first block; doubled for each later block
+    blocks: int = Field(3, ge=1)  # conv-BN-ReLU pairs per branch, each followed by a 2x2 max-pool
+    nir_blocks: int | None = Field(2, ge=1)  # NIR branch depth (its maps start 3x smaller); None: blocks
+    kernel: int = Field(3, ge=1)  # odd: "same" padding
+    dense: int = Field(64, ge=1)  # hidden width after the merge
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)  # before the output layer
+    init: Literal["kaiming", "default"] = "kaiming"
+
+
+class ViTConfig(Section):
+    """A small vision transformer: patch-embedding conv, class token, learned positions, pre-norm
+    ``nn.TransformerEncoder`` layers, a linear head on the class token."""
+
+    patch: int = Field(5, ge=1)  # patch side in input pixels (50 px -> 10x10 tokens)
+    width: int = Field(64, ge=8)  # token width; a multiple of heads
+    depth: int = Field(4, ge=1)  # encoder layers
+    heads: int = Field(4, ge=1)
+    mlp_ratio: float = Field(2.0, gt=0.0)  # feed-forward width = mlp_ratio * width
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # in the encoder layers and before the head
+
+    @model_validator(mode="after")
+    def _width_splits_into_heads(self) -> ViTConfig:
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not a multiple of heads={self.heads}")
+        return self
+
+
 class ModelConfig(Section):
     """Which network; each network reads only its own section."""
 
-    name: Literal["resnet", "lastro"] = "lastro"
+    name: Literal["resnet", "lastro", "twobranch", "vit"] = "lastro"
     lastro: LastroConfig = LastroConfig()
     resnet: ResNetConfig = ResNetConfig()
+    twobranch: TwoBranchConfig = TwoBranchConfig()
+    vit: ViTConfig = ViTConfig()
 
 
 class OptimConfig(Section):
@@ -188,6 +221,12 @@ class OptimConfig(Section):
     plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
     plateau_patience: int = Field(3, ge=0)
     min_lr: float = Field(1e-6, ge=0.0)
+    # "plateau": the above on val AUC; "cosine": cosine decay from lr to min_lr over train.epochs, per epoch.
+    schedule: Literal["plateau", "cosine"] = "plateau"
+    warmup_epochs: int = Field(0, ge=0)  # cosine only: linear ramp to lr over these first epochs
+    # Exponential moving average of the weights (per step), used for validation and saved as the
+    # checkpoint's model; None: off. 0.999 averages over ~1000 steps.
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
 
 
 class TrainConfig(Section):
@@ -196,6 +235,12 @@ class TrainConfig(Section):
     steps_per_epoch: int | None = Field(None, ge=1)  # None: one pass over the training split
     balanced: bool = True  # half lenses in every batch
     augment: Literal["none", "flips", "d4"] = "d4"
+    # Beyond D4, per sample at train time (0: off): a random sub-pixel shift of up to shift_px pixels
+    # (bilinear, edges repeated), flux scaled by a factor in [1 - flux_jitter, 1 + flux_jitter] per
+    # band, and added Gaussian noise of a std drawn in [0, noise_jitter] (input units) per sample.
+    shift_px: float = Field(0.0, ge=0.0, le=4.0)
+    flux_jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    noise_jitter: float = Field(0.0, ge=0.0)
     val_subset: int | None = Field(None, ge=2)  # fixed balanced validation subset; None: all of val
     early_stopping_patience: int | None = Field(5, ge=1)  # epochs without val AUC gain; None: off
     sanity: bool = True  # overfit a small fixed batch first and fail fast if the loss does not fall

@@ -28,7 +28,7 @@ from lensray import storage
 from lensray.config import LensrayConfig, PreprocessConfig, config_from_dict, parse_yaml
 from lensray.errors import CheckpointError, ConfigError, SearchError
 from lensray.ingest.preprocess import describe
-from lensray.models import build_model
+from lensray.models import build_model, input_pixel_scale
 from lensray.models.inference import predict
 
 STATE_FILE = "state.pt"
@@ -282,7 +282,8 @@ def load_run(checkpoint_url: str, device: str | torch.device = "cpu") -> Run:
     geometry_url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
     geometry = read_json(geometry_url, dict)
     try:
-        model = build_model(config.model, int(geometry["channels"]), int(geometry["size"]))
+        scale = input_pixel_scale(geometry.get("transform"))  # the two-branch net pools NIR by it
+        model = build_model(config.model, int(geometry["channels"]), int(geometry["size"]), scale)
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{geometry_url}: no input channels and size to build the network for") from None
     try:

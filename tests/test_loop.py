@@ -279,3 +279,97 @@ def test_restore_names_a_missing_component(tmp_path: Path) -> None:
     state = loop.LoopState.capture(epoch=1, model=model, optimizer=optimizer, scheduler=scheduler)
     with pytest.raises(ValueError, match="scheduler was saved"):
         state.restore(model=model, optimizer=optimizer)
+
+
+# --- the stronger networks and the recipe: sanity, cosine with warmup, EMA --------------------------
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    model = small_lastro()
+    config = OptimConfig(lr=1e-3, min_lr=1e-5, schedule="cosine", warmup_epochs=2)
+    optimizer = loop.make_optimizer(model, config)
+    scheduler = loop.make_scheduler(optimizer, config, epochs=7)
+    lrs = [optimizer.param_groups[0]["lr"]]
+    for auc in (0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6):  # the AUC does not matter
+        scheduler.step(auc)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # Warmup 1/3, 2/3 of lr; then cosine from lr (epoch 2) to min_lr (epoch 6, the last), held after.
+    half = 1e-5 + (1e-3 - 1e-5) / 2
+    assert lrs == pytest.approx(
+        [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-5 + (1e-3 - 1e-5) * 0.8535534, half, 1e-5 + 0.1464466 * (1e-3 - 1e-5), 1e-5, 1e-5]
+    )
+    assert [scheduler.lr_at(e) for e in range(7)] == pytest.approx(lrs[:7])
+    # No warmup: the first epoch runs at lr. A cosine needs the epoch count.
+    plain = loop.make_scheduler(optimizer, OptimConfig(lr=1e-3, schedule="cosine"), epochs=3)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3) and plain.lr_at(2) == pytest.approx(1e-6)
+    with pytest.raises(ValueError, match="needs the number of epochs"):
+        loop.make_scheduler(optimizer, config)
+
+
+def test_cosine_schedule_restores_its_epoch() -> None:
+    config = OptimConfig(lr=1e-3, schedule="cosine", warmup_epochs=1)
+    optimizer = loop.make_optimizer(small_lastro(), config)
+    scheduler = loop.make_scheduler(optimizer, config, epochs=5)
+    for _ in range(3):
+        scheduler.step(0.5)
+    fresh_optimizer = loop.make_optimizer(small_lastro(), config)
+    fresh = loop.make_scheduler(fresh_optimizer, config, epochs=5)
+    fresh.load_state_dict(scheduler.state_dict())
+    assert fresh.epoch == 3 and fresh_optimizer.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+    plateau = loop.make_scheduler(fresh_optimizer, OptimConfig())
+    with pytest.raises(ValueError, match="not a cosine schedule"):
+        fresh.load_state_dict(plateau.state_dict())
+
+
+def test_ema_follows_the_training_and_round_trips_through_loop_state(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    data = separable_set(64, seed=7)
+    config = OptimConfig(lr=1e-3, ema_decay=0.9, schedule="cosine")
+    assert loop.make_ema(small_lastro(), OptimConfig()) is None  # off by default
+    model = small_lastro()
+    optimizer = loop.make_optimizer(model, config)
+    scheduler = loop.make_scheduler(optimizer, config, epochs=4)
+    ema = loop.make_ema(model, config)
+    loop.train_one_epoch(model, batches_of(*data, 16), optimizer, device="cpu", ema=ema)
+    assert int(ema.n_averaged) == 4  # one update per step
+    averaged, trained = ema.module.state_dict(), model.state_dict()
+    assert not torch.equal(averaged["features.0.weight"], trained["features.0.weight"])
+    scheduler.step(0.5)
+
+    state = loop.LoopState.capture(epoch=1, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+    assert all(torch.equal(state.model[k], v) for k, v in averaged.items())  # what load_run predicts with
+    path = tmp_path / "state.pt"
+    state.save(path)
+
+    model2 = small_lastro()
+    optimizer2 = loop.make_optimizer(model2, config)
+    scheduler2 = loop.make_scheduler(optimizer2, config, epochs=4)
+    ema2 = loop.make_ema(model2, config)
+    loop.LoopState.load(path).restore(model=model2, optimizer=optimizer2, scheduler=scheduler2, ema=ema2)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in trained.items())
+    assert all(torch.equal(ema2.module.state_dict()[k], v) for k, v in averaged.items())
+    assert int(ema2.n_averaged) == 4 and scheduler2.epoch == 1
+    assert optimizer2.param_groups[0]["lr"] == pytest.approx(optimizer.param_groups[0]["lr"])
+    # Both continue alike: the next epoch's EMA is the same.
+    torch.manual_seed(1)
+    loop.train_one_epoch(model, batches_of(*data, 16, epoch=1), optimizer, device="cpu", ema=ema)
+    torch.manual_seed(1)
+    loop.train_one_epoch(model2, batches_of(*data, 16, epoch=1), optimizer2, device="cpu", ema=ema2)
+    assert all(
+        torch.allclose(ema2.module.state_dict()[k].float(), v.float()) for k, v in ema.module.state_dict().items()
+    )
+    with pytest.raises(ValueError, match="weight average"):
+        loop.LoopState.load(path).restore(model=model2, optimizer=optimizer2, scheduler=scheduler2)
+
+
+def test_a_checkpoint_from_before_the_ema_fields_still_loads(tmp_path: Path) -> None:
+    model, optimizer, scheduler, _ = _fresh(OptimConfig())
+    state = loop.LoopState.capture(epoch=2, model=model, optimizer=optimizer, scheduler=scheduler)
+    old = state.to_dict()
+    del old["trained"], old["ema_steps"]  # the keys an older lensray wrote
+    torch.save(old, tmp_path / "old.pt")
+    loaded = loop.LoopState.load(tmp_path / "old.pt")
+    assert loaded.trained is None and loaded.ema_steps is None and loaded.epoch == 2
+    model2, optimizer2, scheduler2, _ = _fresh(OptimConfig())
+    loaded.restore(model=model2, optimizer=optimizer2, scheduler=scheduler2)
+    assert all(torch.equal(model2.state_dict()[k], v) for k, v in model.state_dict().items())

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from lensray.config import LastroConfig, ModelConfig, ResNetConfig
-from lensray.models import MODELS, Lastro, ResNet, build_model
+from lensray.config import LastroConfig, ModelConfig, ResNetConfig, TwoBranchConfig, ViTConfig
+from lensray.models import MODELS, Lastro, ResNet, TwoBranch, ViT, build_model, describe_model, model_recipe
 from lensray.models.resnet import BasicBlock
 
 
@@ -278,3 +279,68 @@ def test_bn_relu_networks_learn_a_separable_batch(name: str) -> None:
     with torch.no_grad():
         accuracy = ((model(images) > 0).float() == labels).float().mean().item()
     assert accuracy >= 0.9, f"{name}: eval accuracy {accuracy:.2f} on its own training batch"
+
+
+# ---- the stronger networks: two-branch VIS/NIR and the vision transformer -----------------------
+
+NEW_NETS = ("twobranch", "vit")
+
+
+@pytest.mark.parametrize("size, scale", [(50, 0.2), (200, 0.1)])  # demo (crop 100, bin 2) and full size
+@pytest.mark.parametrize("bands", [1, 4])
+@pytest.mark.parametrize("name", NEW_NETS)
+def test_new_nets_build_at_demo_and_full_size(name: str, bands: int, size: int, scale: float) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(name=name)
+    model = build_model(config, bands, size, scale)
+    batch = 2 if size == 50 else 1  # a transformer over 40x40 patches is slow on CPU
+    logits = model(torch.randn(batch, bands, size, size))
+    assert logits.shape == (batch,)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert 10_000 < param_count(model) < 1_000_000  # small nets, sized for cutouts
+    assert MODELS[name].summary and describe_model(config) and model_recipe(config)
+
+
+@pytest.mark.parametrize(
+    "size, scale, side",
+    [(50, 0.2, 33), (200, 0.1, 67), (100, 0.1, 33), (100, 0.3, 100)],  # bin 2, bin 1, crop 100 bin 1, NIR grid
+)
+def test_twobranch_sees_nir_at_native_sampling(size: int, scale: float, side: int) -> None:
+    model = TwoBranch(TwoBranchConfig(), 4, size, scale)
+    assert model.nir_side == side == round(size * scale / 0.3)
+    images = torch.randn(2, 4, size, size)
+    vis, nir = model.split(images)
+    assert vis.shape == (2, 1, size, size) and torch.equal(vis, images[:, :1])  # VIS at full resolution
+    assert nir.shape == (2, 3, side, side)
+    if size == 50:  # 50 -> 33 px: pooling a constant image keeps it, and it is a mean, not a pick
+        assert torch.allclose(model.split(torch.ones(1, 4, size, size))[1], torch.ones(1, 3, side, side))
+        assert nir.abs().mean() < images[:, 1:].abs().mean()
+
+
+def test_twobranch_with_vis_only_is_one_branch() -> None:
+    single, both = TwoBranch(TwoBranchConfig(), 1, 50, 0.2), TwoBranch(TwoBranchConfig(), 4, 50, 0.2)
+    assert single.nir is None and single.split(torch.randn(1, 1, 50, 50))[1] is None
+    assert param_count(single) < param_count(both)
+    assert len(layers_of(both, nn.MaxPool2d)) == TwoBranchConfig().blocks + TwoBranchConfig().nir_blocks
+
+
+def test_registry_passes_the_pixel_scale_and_build_model_reads_the_store_binning() -> None:
+    from lensray.models import input_pixel_scale
+
+    assert input_pixel_scale({"bin": 2}) == pytest.approx(0.2)
+    assert input_pixel_scale(None) == pytest.approx(0.1)
+    assert build_model(ModelConfig(name="twobranch"), 4, 50, input_pixel_scale({"bin": 2})).nir_side == 33
+    assert build_model(ModelConfig(name="twobranch"), 4, 50).nir_side == 17  # bin 1: 50 px = 5" = 17 NIR px
+
+
+def test_vit_tokens_and_config_errors() -> None:
+    model = ViT(ViTConfig(patch=5, width=32, heads=4, depth=2), 4, 52)
+    assert model.tokens_per_side == 10 and model.positions.shape == (1, 101, 32)
+    assert len(model.encoder.layers) == 2
+    with pytest.raises(ValueError, match="vit: patch=60 is larger"):
+        ViT(ViTConfig(patch=60), 4, 50)
+    with pytest.raises(ValidationError, match="not a multiple of heads"):
+        ViTConfig(width=30, heads=4)
+    with pytest.raises(ValueError, match="twobranch: kernel=4 must be odd"):
+        TwoBranch(TwoBranchConfig(kernel=4), 4, 50)

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from astropy.visualization import LogStretch
 from scipy import ndimage
 
@@ -23,6 +24,7 @@ from lensray.ingest.preprocess import (
     robust_sigma,
 )
 from lensray.sky.bands import BAND_NAMES
+from lensray.train.feed import Jitter, apply_jitter, photometric_jitter, random_shift
 
 NOISE = 1e-12  # raw fluxes are ~1e-12..1e-10
 
@@ -380,3 +382,63 @@ def test_preprocessing_is_independent_of_the_blas_kernel_threading(tmp_path):
     assert done.returncode == 0, done.stderr
     digests = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(set(digests.values())) == 1, digests
+
+
+# --- train-time jitter beyond D4 (lensray.train.feed): shifts, flux scaling, noise ----------------
+
+
+def _jitter_batch() -> torch.Tensor:
+    grid = torch.arange(20.0) - 9.5
+    blob = torch.exp(-(grid[:, None] ** 2 + (grid[None, :] - 2) ** 2) / 8)  # off-centre along x
+    return torch.asinh(torch.stack([blob * 40, blob * 10]))[None].repeat(6, 1, 1, 1)  # (6, 2, 20, 20)
+
+
+@pytest.mark.parametrize("softening", [None, 3.0])
+def test_jitter_keeps_shape_dtype_and_is_deterministic_from_the_seed(softening):
+    jitter = Jitter(shift_px=1.5, flux_jitter=0.2, noise_jitter=0.5, softening=softening)
+    x = _jitter_batch()
+    first = apply_jitter(x, jitter, torch.Generator().manual_seed(5))
+    again = apply_jitter(x, jitter, torch.Generator().manual_seed(5))
+    other = apply_jitter(x, jitter, torch.Generator().manual_seed(6))
+    assert first.shape == x.shape and first.dtype == x.dtype and torch.isfinite(first).all()
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert not torch.equal(first[0], first[1])  # each sample its own draw
+    assert apply_jitter(x, Jitter(), torch.Generator()) is x  # off: untouched
+
+
+def test_shift_moves_the_light_by_at_most_shift_px():
+    x = _jitter_batch()
+    shifted = random_shift(x, 1.5, torch.Generator().manual_seed(0))
+    grid = torch.arange(20.0) - 9.5
+
+    def centroid(img):
+        weights = torch.sinh(img[:, 0])
+        return (
+            torch.stack([(weights * grid[None, None, :]).sum((1, 2)), (weights * grid[None, :, None]).sum((1, 2))], 1)
+            / weights.sum((1, 2))[:, None]
+        )
+
+    moved = centroid(shifted) - centroid(x)
+    assert (moved.abs() <= 1.5 + 0.05).all() and (moved.abs() > 0.01).any()
+    assert torch.allclose(random_shift(x, 1e-9, torch.Generator()), x, atol=1e-5)  # a zero shift is the identity
+
+
+def test_flux_scaling_stays_within_bounds_and_is_exact_for_asinh_inputs():
+    x = _jitter_batch()
+    for softening in (None, 3.0):
+        out = photometric_jitter(x, Jitter(flux_jitter=0.25, softening=softening), torch.Generator().manual_seed(1))
+        # min-max scaled inputs: the values themselves are scaled; asinh: the linear flux, then the stretch redone
+        ratio = out / x if softening is None else torch.sinh(out) / torch.sinh(x)
+        mask = x.abs() > 1e-3
+        per_band = ratio[mask].reshape(-1)
+        assert (per_band >= 0.75 - 1e-4).all() and (per_band <= 1.25 + 1e-4).all()
+        # One factor per sample and band: the morphology (what tells a lens) is untouched.
+        band_ratio = ratio[0, 0][mask[0, 0]]
+        assert torch.allclose(band_ratio, band_ratio[0].expand_as(band_ratio), rtol=1e-3)
+
+
+def test_noise_jitter_adds_noise_of_at_most_the_given_std():
+    x = torch.zeros(64, 1, 30, 30)
+    out = photometric_jitter(x, Jitter(noise_jitter=0.5), torch.Generator().manual_seed(2))
+    stds = out.std(dim=(1, 2, 3))
+    assert stds.max() < 0.5 * 1.1 and stds.min() < 0.2 and stds.mean() == pytest.approx(0.25, abs=0.06)

@@ -2,8 +2,10 @@
 config section (whose fields are its tunable options, ``model.<name>.<field>`` in a tune file).
 
 Every model maps (N, in_channels, image_size, image_size) images to one lens logit per image, shape
-(N,) (apply a sigmoid for a probability; train with ``BCEWithLogitsLoss``). Adding a network touches
-its own file, this registry and its config section.
+(N,) (apply a sigmoid for a probability; train with ``BCEWithLogitsLoss``). Builders also get the input
+``pixel_scale`` (arcsec per pixel: the VIS scale times the store's binning), which the two-branch
+network needs to pool the NIR bands back to their native sampling. Adding a network touches its own
+file, this registry and its config section.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from torch import nn
 from lensray.config import ModelConfig
 from lensray.models.lastro import Lastro, build_lastro, describe_lastro, lastro_recipe
 from lensray.models.resnet import ResNet, build_resnet, describe_resnet, resnet_recipe
+from lensray.models.twobranch import TwoBranch, build_twobranch, describe_twobranch, twobranch_recipe
+from lensray.models.vit import ViT, build_vit, describe_vit, vit_recipe
+from lensray.sky.bands import VIS_PIXEL_SCALE
 
-ModelBuilder = Callable[[Any, int, int], nn.Module]
+ModelBuilder = Callable[..., nn.Module]  # (section, in_channels, image_size[, pixel_scale]) -> nn.Module
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class ModelSpec:
     """One registered network. ``section`` is the field of ``ModelConfig`` holding its options."""
 
     name: str
-    build: ModelBuilder  # (section, in_channels, image_size) -> nn.Module
+    build: ModelBuilder  # (section, in_channels, image_size, pixel_scale=VIS scale) -> nn.Module
     describe: Callable[[Any], str]  # section -> a short name, e.g. "ResNet-20"
     recipe: Callable[[Any], list[str]]  # section -> the choices that matter in a comparison
     summary: str  # one line for help texts and docs
@@ -41,6 +46,14 @@ MODELS: dict[str, ModelSpec] = {
     for spec in (
         ModelSpec("lastro", build_lastro, describe_lastro, lastro_recipe, "the LASTRO CNN (Schaefer et al. 2018)"),
         ModelSpec("resnet", build_resnet, describe_resnet, resnet_recipe, "a Keras-CIFAR-style ResNet (6n+2 layers)"),
+        ModelSpec(
+            "twobranch",
+            build_twobranch,
+            describe_twobranch,
+            twobranch_recipe,
+            "a two-branch CNN: VIS at full resolution, NIR at its native sampling, merged late",
+        ),
+        ModelSpec("vit", build_vit, describe_vit, vit_recipe, "a small vision transformer (patch tokens, class token)"),
     )
 }
 
@@ -56,9 +69,18 @@ def model_section(config: ModelConfig) -> Any:
     return getattr(config, model_spec(config.name).section)
 
 
-def build_model(config: ModelConfig, in_channels: int, image_size: int) -> nn.Module:
-    """The network ``config.name``, built from its own section (``config.lastro`` or ``config.resnet``)."""
-    return model_spec(config.name).build(model_section(config), in_channels, image_size)
+def build_model(
+    config: ModelConfig, in_channels: int, image_size: int, pixel_scale: float = VIS_PIXEL_SCALE
+) -> nn.Module:
+    """The network ``config.name``, built from its own section (``config.lastro``, ``config.resnet`` ...)
+    for inputs of ``pixel_scale`` arcsec per pixel (``input_pixel_scale`` of the store's transform)."""
+    return model_spec(config.name).build(model_section(config), in_channels, image_size, pixel_scale)
+
+
+def input_pixel_scale(transform: dict[str, Any] | None) -> float:
+    """Arcsec per network input pixel for a store's recorded ``transform`` (its ``bin``): the VIS
+    scale times the binning; the VIS scale for a store that recorded none."""
+    return VIS_PIXEL_SCALE * int((transform or {}).get("bin") or 1)
 
 
 def describe_model(config: ModelConfig) -> str:
@@ -82,8 +104,11 @@ __all__ = [
     "ModelBuilder",
     "ModelSpec",
     "ResNet",
+    "TwoBranch",
+    "ViT",
     "build_model",
     "describe_model",
+    "input_pixel_scale",
     "model_recipe",
     "model_section",
     "model_spec",

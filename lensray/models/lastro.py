@@ -18,6 +18,7 @@ from torch import nn
 
 from lensray.config import LastroConfig
 from lensray.models.init_weights import kaiming_init
+from lensray.sky.bands import VIS_PIXEL_SCALE
 
 
 def _conv(in_channels: int, out_channels: int, kernel: int, bias: bool) -> nn.Conv2d:
@@ -97,8 +98,11 @@ class Lastro(nn.Module):
         return self.head(self.features(images)).squeeze(1)
 
 
-def build_lastro(config: LastroConfig, in_channels: int, image_size: int) -> Lastro:
-    """Registry entry: the LASTRO CNN of ``config`` for ``in_channels`` bands of ``image_size`` px."""
+def build_lastro(
+    config: LastroConfig, in_channels: int, image_size: int, pixel_scale: float = VIS_PIXEL_SCALE
+) -> Lastro:
+    """Registry entry: the LASTRO CNN of ``config`` for ``in_channels`` bands of ``image_size`` px
+    (``pixel_scale`` is not used)."""
     return Lastro(config, in_channels, image_size)
 
 

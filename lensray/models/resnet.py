@@ -19,6 +19,7 @@ from torch import nn
 
 from lensray.config import ResNetConfig
 from lensray.models.init_weights import kaiming_init
+from lensray.sky.bands import VIS_PIXEL_SCALE
 
 
 def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int) -> list[nn.Module]:
@@ -96,8 +97,11 @@ class ResNet(nn.Module):
         return self.head(features).squeeze(1)
 
 
-def build_resnet(config: ResNetConfig, in_channels: int, image_size: int) -> ResNet:
-    """Registry entry: the ResNet of ``config`` for ``in_channels`` bands of ``image_size`` px."""
+def build_resnet(
+    config: ResNetConfig, in_channels: int, image_size: int, pixel_scale: float = VIS_PIXEL_SCALE
+) -> ResNet:
+    """Registry entry: the ResNet of ``config`` for ``in_channels`` bands of ``image_size`` px
+    (``pixel_scale`` is not used)."""
     return ResNet(config, in_channels, image_size)
 
 

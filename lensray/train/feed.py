@@ -1,4 +1,5 @@
-"""Feeding the networks from a store: D4 augmentation, balanced and sharded sampling, per-worker feeds.
+"""Feeding the networks from a store: D4 augmentation and jitter (sub-pixel shifts, flux scaling, noise),
+balanced and sharded sampling, per-worker feeds.
 
 Design for the full data set (100k x 4 x 200 x 200 float16 = 32 GB): a node's RAM may hold the store
 once, but not once per worker. So each worker (rank) owns a contiguous block of the split's rows --
@@ -22,6 +23,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -86,6 +88,70 @@ def augment(
     if kind == "d4":
         return random_d4(x, generator, dtype)
     raise ValueError(f"unknown augmentation {kind!r}; choose none, flips or d4")
+
+
+# --- augmentation beyond D4: sub-pixel shifts, flux scaling, noise -----------------------------
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """Per-sample photometric and astrometric jitter at train time (``train.shift_px``,
+    ``flux_jitter``, ``noise_jitter``). ``softening`` set: the inputs are ``asinh(x / softening)`` of
+    x in noise-sigma units (``preprocess.mode=asinh``), and the flux scale and noise act on x, exactly;
+    None: they act on the input values (the min-max scaled ``log`` / ``clip`` modes).
+    """
+
+    shift_px: float = 0.0
+    flux_jitter: float = 0.0
+    noise_jitter: float = 0.0
+    softening: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.shift_px > 0 or self.flux_jitter > 0 or self.noise_jitter > 0
+
+    @classmethod
+    def from_config(cls, train: TrainConfig, transform: dict | None = None) -> Jitter:
+        """The jitter of ``train`` for a store whose recorded ``transform`` (its mode) is given."""
+        transform = transform or {}
+        softening = transform.get("asinh_softening") if transform.get("mode") == "asinh" else None
+        return cls(train.shift_px, train.flux_jitter, train.noise_jitter, softening)
+
+
+def random_shift(x: torch.Tensor, max_px: float, generator: torch.Generator) -> torch.Tensor:
+    """Each (C, H, W) sample of the float batch moved by its own (dx, dy), uniform in [-max_px, max_px]
+    pixels, bilinearly interpolated with the edge pixels repeated."""
+    n, _, height, width = x.shape
+    shifts = (torch.rand(n, 2, generator=generator) * 2 - 1) * max_px
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    # affine_grid's coordinates span 2 units over the image: a shift of d px is 2 d / side.
+    theta[:, 0, 2] = -2 * shifts[:, 0] / width
+    theta[:, 1, 2] = -2 * shifts[:, 1] / height
+    grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def photometric_jitter(x: torch.Tensor, jitter: Jitter, generator: torch.Generator) -> torch.Tensor:
+    """Each band of each sample scaled by a factor in [1 - flux_jitter, 1 + flux_jitter], then Gaussian
+    noise of a per-sample std in [0, noise_jitter] added (in noise-sigma units for asinh inputs)."""
+    n, channels = x.shape[:2]
+    scale = 1 + (torch.rand(n, channels, 1, 1, generator=generator) * 2 - 1) * jitter.flux_jitter
+    sigma = torch.rand(n, 1, 1, 1, generator=generator) * jitter.noise_jitter
+    noise = torch.randn(x.shape, generator=generator) * sigma
+    if jitter.softening is None:
+        return x * scale.to(x.dtype) + noise.to(x.dtype)
+    linear = torch.sinh(x) * jitter.softening  # back to units of the noise sigma
+    return torch.asinh((linear * scale + noise) / jitter.softening).to(x.dtype)
+
+
+def apply_jitter(x: torch.Tensor, jitter: Jitter, generator: torch.Generator) -> torch.Tensor:
+    """``x`` (float) under ``jitter``'s shift, then flux scaling and noise; ``x`` itself when off."""
+    if jitter.shift_px > 0:
+        x = random_shift(x, jitter.shift_px, generator)
+    if jitter.flux_jitter > 0 or jitter.noise_jitter > 0:
+        x = photometric_jitter(x, jitter, generator)
+    return x
 
 
 # --- sampling ----------------------------------------------------------------------------------
@@ -370,6 +436,7 @@ class WorkerFeed:
     ) -> None:
         self.store = _open(store)
         self.augment: Augment = train.augment
+        self.jitter = Jitter.from_config(train, self.store.meta.get("transform"))
         self.seed = train.seed
         self.rank = rank
         self.pin_memory = pin_memory
@@ -403,6 +470,8 @@ class WorkerFeed:
         local_batches = (positions - self._offset for positions in self.sampler)
         for local, images in _take_all(self.images, local_batches):
             images = augment(images, self.augment, generator, dtype=torch.float32)
+            if self.jitter.active:
+                images = apply_jitter(images, self.jitter, generator)
             labels = torch.from_numpy(self.labels[local + self._offset].astype(np.float32))
             if self.pin_memory:
                 images, labels = images.pin_memory(), labels.pin_memory()

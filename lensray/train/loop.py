@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lensray.config import OptimConfig
 from lensray.errors import SanityCheckError
@@ -45,13 +46,66 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimiz
     raise ValueError(f"unknown optimiser {config.name!r}; choose adam, adamw or sgd")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> ReduceLROnPlateau:
-    """Multiply the LR by ``plateau_factor`` once more than ``plateau_patience`` epochs in a row
-    bring no val AUC gain (patience 3: on the 4th), never below ``min_lr``.
+class WarmupCosine:
+    """Per-epoch LR: a linear ramp over ``warmup`` epochs (epoch e < warmup runs at lr * (e + 1) /
+    (warmup + 1)), then a cosine from ``lr`` down to ``min_lr`` at the last of ``epochs``.
 
-    Step it once per epoch with the validation AUC: ``scheduler.step(val_auc)`` (a NaN AUC counts as
-    no gain).
+    Stepped once per epoch like the plateau schedule (``step(val_auc)``, the AUC unused); its state
+    is the number of epochs stepped, so a restored schedule sets the LR it would have reached.
     """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, min_lr: float, epochs: int, warmup: int) -> None:
+        if epochs < 1 or warmup < 0:
+            raise ValueError(f"a cosine schedule needs epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
+        self.optimizer = optimizer
+        self.base_lr, self.min_lr = lr, min(min_lr, lr)
+        self.epochs, self.warmup = epochs, warmup
+        self.epoch = 0
+        self._apply()
+
+    def lr_at(self, epoch: int) -> float:
+        """The LR of epoch ``epoch`` (0-based)."""
+        if epoch < self.warmup:
+            return self.base_lr * (epoch + 1) / (self.warmup + 1)
+        span = max(1, self.epochs - 1 - self.warmup)
+        progress = min(1.0, (epoch - self.warmup) / span)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.epoch)
+
+    def step(self, metric: float | None = None) -> None:
+        """End of an epoch: set the next epoch's LR."""
+        self.epoch += 1
+        self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "cosine", "epoch": self.epoch, "warmup": self.warmup, "epochs": self.epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "cosine":
+            raise ValueError("cannot restore: the checkpoint's LR schedule is not a cosine schedule (optim.schedule)")
+        self.epoch = int(state["epoch"])
+        self._apply()
+
+
+Scheduler = ReduceLROnPlateau | WarmupCosine
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, epochs: int | None = None) -> Scheduler:
+    """The LR schedule of ``config.schedule``, stepped once per epoch with the validation AUC:
+    ``scheduler.step(val_auc)``.
+
+    ``plateau``: multiply the LR by ``plateau_factor`` once more than ``plateau_patience`` epochs in
+    a row bring no val AUC gain (patience 3: on the 4th), never below ``min_lr`` (a NaN AUC counts
+    as no gain). ``cosine``: ``WarmupCosine`` over ``epochs`` (``train.epochs``) with
+    ``warmup_epochs``.
+    """
+    if config.schedule == "cosine":
+        if epochs is None:
+            raise ValueError("a cosine schedule needs the number of epochs (train.epochs)")
+        return WarmupCosine(optimizer, config.lr, config.min_lr, epochs, config.warmup_epochs)
     return ReduceLROnPlateau(
         optimizer,
         mode="max",
@@ -59,6 +113,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig) -> Red
         patience=config.plateau_patience,
         min_lr=config.min_lr,
     )
+
+
+def make_ema(model: nn.Module, config: OptimConfig) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights (``optim.ema_decay``), batch-norm
+    statistics included; None when off. Build it from the bare model, before DDP wraps it, and call
+    ``update_parameters(model)`` after every optimiser step (``train_one_epoch(ema=...)``)."""
+    if config.ema_decay is None:
+        return None
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
 
 
 def amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
@@ -92,13 +155,15 @@ def train_one_epoch(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     grad_sync_context: contextlib.AbstractContextManager | None = None,
+    ema: AveragedModel | None = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` with binary cross-entropy on the logits.
 
     ``amp_dtype`` (bf16 / fp16) runs the forward pass under ``torch.autocast``; fp16 needs ``scaler``.
     ``grad_sync_context`` is entered around the whole epoch, e.g. DDP's ``model.join()`` when ranks
-    may get different numbers of batches. Returns this process's ``{"loss"`` (mean per sample),
-    ``"samples", "seconds", "samples_per_s"}``; raises ``FloatingPointError`` when the loss diverged.
+    may get different numbers of batches. ``ema`` (``make_ema``) is updated after every step.
+    Returns this process's ``{"loss"`` (mean per sample), ``"samples", "seconds", "samples_per_s"}``;
+    raises ``FloatingPointError`` when the loss diverged.
     """
     device = torch.device(device)
     if amp_dtype == torch.float16 and scaler is None:
@@ -115,6 +180,8 @@ def train_one_epoch(
             loss = _train_step(
                 model, images.to(device, non_blocking=True), labels, optimizer, loss_fn, amp_dtype, scaler
             )
+            if ema is not None:
+                ema.update_parameters(unwrap(model))
             loss_sum += loss.detach().double() * labels.numel()
             samples += labels.numel()
     if samples == 0:
@@ -375,9 +442,12 @@ def restore_rng(state: dict[str, Any]) -> None:
 @dataclass
 class LoopState:
     """Everything needed to continue a run exactly: weights, optimiser, LR schedule, early stopping,
-    grad scaler, RNG streams, the epoch count and the metrics history.
+    grad scaler, weight average, RNG streams, the epoch count and the metrics history.
 
     ``epoch`` is the number of completed epochs: a resumed run's next epoch is ``state.epoch``.
+    ``model`` holds the weights to predict with (what ``runs.load_run`` loads): the EMA of the
+    weights when ``optim.ema_decay`` is set, else the trained weights. With an EMA, ``trained``
+    holds the trained weights a resumed run continues from and ``ema_steps`` the steps averaged.
     The feed needs no state: its sampling and augmentation are seeded from (seed, epoch, rank).
     """
 
@@ -389,6 +459,8 @@ class LoopState:
     scaler: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=capture_rng)
+    trained: dict[str, Any] | None = None  # with an EMA: the trained (not averaged) weights
+    ema_steps: int | None = None  # with an EMA: its n_averaged
 
     @classmethod
     def capture(
@@ -397,16 +469,20 @@ class LoopState:
         epoch: int,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: ReduceLROnPlateau | None = None,
+        scheduler: Scheduler | None = None,
         early_stopping: EarlyStopping | None = None,
         scaler: torch.amp.GradScaler | None = None,
         history: Iterable[dict[str, Any]] = (),
+        ema: AveragedModel | None = None,
     ) -> LoopState:
         """A snapshot (deep copies: later training does not change it); call after an epoch ends."""
+        # state_dict() tensors share storage with the live parameters: copy them.
+        trained = copy.deepcopy(unwrap(model).state_dict())
         return cls(
             epoch=epoch,
-            # state_dict() tensors share storage with the live parameters: copy them.
-            model=copy.deepcopy(unwrap(model).state_dict()),
+            model=copy.deepcopy(ema.module.state_dict()) if ema is not None else trained,
+            trained=trained if ema is not None else None,
+            ema_steps=int(ema.n_averaged.item()) if ema is not None else None,
             optimizer=copy.deepcopy(optimizer.state_dict()),
             scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
             early_stopping=early_stopping.state_dict() if early_stopping is not None else None,
@@ -420,14 +496,16 @@ class LoopState:
         *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: ReduceLROnPlateau | None = None,
+        scheduler: Scheduler | None = None,
         early_stopping: EarlyStopping | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        ema: AveragedModel | None = None,
     ) -> None:
         """Load the snapshot into freshly built objects (of the same config) and the RNG streams."""
         for name, target, saved in (
             ("scheduler", scheduler, self.scheduler),
             ("early_stopping", early_stopping, self.early_stopping),
+            ("weight average (optim.ema_decay)", ema, self.trained),
         ):
             if (target is None) != (saved is None):
                 have = "was" if saved is not None else "was not"
@@ -435,7 +513,10 @@ class LoopState:
                     f"cannot restore: the checkpoint's {name} {have} saved, "
                     f"but one {'was not' if target is None else 'was'} given"
                 )
-        unwrap(model).load_state_dict(self.model)
+        unwrap(model).load_state_dict(self.trained if ema is not None else self.model)
+        if ema is not None:
+            ema.module.load_state_dict(self.model)
+            ema.n_averaged.fill_(self.ema_steps or 0)
         optimizer.load_state_dict(self.optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(self.scheduler)
@@ -455,11 +536,13 @@ class LoopState:
             "scaler": self.scaler,
             "history": self.history,
             "rng": self.rng,
+            "trained": self.trained,
+            "ema_steps": self.ema_steps,
         }
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> LoopState:
-        return cls(**state)
+        return cls(**state)  # a checkpoint from before the EMA fields gets their defaults (None)
 
     def save(self, path: str | Path) -> None:
         """Write to a local file (a Ray Train checkpoint folder, say)."""

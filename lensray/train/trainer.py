@@ -40,14 +40,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.swa_utils import AveragedModel
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
 from lensray.errors import CheckpointError, Interrupted, TrainError
 from lensray.evaluate.metrics import summarise
 from lensray.ingest.store import LensStore
-from lensray.models import build_model
+from lensray.models import build_model, input_pixel_scale
 from lensray.models.inference import unwrap, validate
 from lensray.runs import (
     CONFIG_FILE,
@@ -66,7 +66,9 @@ from lensray.train.loop import (
     EarlyStopping,
     LoopState,
     SanityResult,
+    Scheduler,
     amp_settings,
+    make_ema,
     make_optimizer,
     make_scheduler,
     sanity_check,
@@ -115,11 +117,17 @@ def runs_root(config: LensrayConfig) -> str:
 # --- the sanity check, alone (``lensray train --sanity``) ---------------------------------------
 
 
+def _build(config: LensrayConfig, store: LensStore) -> torch.nn.Module:
+    """The configured network for the store's inputs (bands, side, pixel scale after its binning)."""
+    scale = input_pixel_scale(store.meta.get("transform"))
+    return build_model(config.model, store.sample_shape[0], store.sample_shape[1], scale)
+
+
 def run_sanity_check(config: LensrayConfig, device: torch.device | str = "cpu") -> SanityResult:
     """Overfit a small fixed batch with the configured model and optimiser; raises SanityCheckError."""
     store = LensStore.open(_store_url(config))
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, store.sample_shape[0], store.sample_shape[1]).to(device)
+    model = _build(config, store).to(device)
     return _sanity(model, store, config, device)
 
 
@@ -273,13 +281,14 @@ class _Worker:
     store: LensStore
     model: torch.nn.Module  # DDP-wrapped when there are several workers
     optimizer: torch.optim.Optimizer
-    scheduler: ReduceLROnPlateau
+    scheduler: Scheduler
     stopper: EarlyStopping
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     feed: WorkerFeed
     val_feed: EvalFeed
     progress: Any  # the driver's progress queue, or None
+    ema: AveragedModel | None = None  # optim.ema_decay: the weights validated and saved
 
     def tell(self, text: str) -> None:
         _tell(self.progress, self.rank, text)
@@ -322,9 +331,10 @@ def _start_worker(loop_config: dict[str, Any], *, fresh: bool) -> _Worker:
     device = ray.train.torch.get_device()
     store = LensStore.open(_store_url(config))
     torch.manual_seed(config.train.seed)
-    model = build_model(config.model, store.sample_shape[0], store.sample_shape[1]).to(device)
+    model = _build(config, store).to(device)
     if config.train.sanity and fresh:
         _tell(progress, rank, describe_sanity(_sanity(model, store, config, device)))
+    ema = make_ema(model, config.optim)  # of the bare model, before DDP wraps it
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, config.optim)
     amp_dtype, scaler = amp_settings(config.train.amp, device)
@@ -338,7 +348,8 @@ def _start_worker(loop_config: dict[str, Any], *, fresh: bool) -> _Worker:
         store=store,
         model=model,
         optimizer=optimizer,
-        scheduler=make_scheduler(optimizer, config.optim),
+        scheduler=make_scheduler(optimizer, config.optim, config.train.epochs),
+        ema=ema,
         stopper=EarlyStopping(config.train.early_stopping_patience, mode="max"),
         amp_dtype=amp_dtype,
         scaler=scaler,
@@ -406,6 +417,7 @@ def _resume(
         scheduler=worker.scheduler,
         early_stopping=worker.stopper,
         scaler=worker.scaler,
+        ema=worker.ema,
     )
     if url != announced:
         worker.tell(f"resumed after epoch {state.epoch} from {url}")
@@ -419,9 +431,10 @@ def _run_epoch(worker: _Worker, epoch: int, *, resumed_from: int) -> tuple[Epoch
     started = time.perf_counter()
     model, device, amp_dtype = worker.model, worker.device, worker.amp_dtype
     stats = train_one_epoch(
-        model, worker.feed, worker.optimizer, device=device, amp_dtype=amp_dtype, scaler=worker.scaler
+        model, worker.feed, worker.optimizer, device=device, amp_dtype=amp_dtype, scaler=worker.scaler, ema=worker.ema
     )
-    labels, scores = validate(unwrap(model), worker.val_feed, device=device, amp_dtype=amp_dtype)
+    judged = worker.ema.module if worker.ema is not None else unwrap(model)
+    labels, scores = validate(judged, worker.val_feed, device=device, amp_dtype=amp_dtype)
     # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
     gathered = gather_epoch(worker.world_size, worker.val_feed.ids, labels, scores, stats, _weights_checksum(model))
     metrics = summarise(gathered.labels, gathered.scores)
@@ -518,6 +531,7 @@ def _write_checkpoint(
         early_stopping=worker.stopper,
         scaler=worker.scaler,
         history=history,
+        ema=worker.ema,
     )
     state.save(folder / STATE_FILE)
     (folder / EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))

@@ -1,0 +1,111 @@
+"""A two-branch VIS/NIR network, after the Euclid strong-lensing challenge 2.0 winners (VIS and NIR each
+at native resolution, merged late).
+
+The store puts every band on the VIS grid (VIS first, the NIR bands upsampled onto it, then cropped and
+binned), so the NIR channels carry 3x (bin 1) or 1.5x (bin 2) more pixels than they were observed with.
+The NIR branch first average-pools them back to their native sampling: ``round(H * s_in / s_NIR)`` pixels
+a side, ``s_in`` the input pixel scale (VIS scale x bin) and ``s_NIR`` = 0.3". Each branch is its own
+stack of conv-BN-ReLU pairs with 2x2 max-pools; the branches are globally average-pooled, concatenated,
+and a dense layer gives one logit. With one band (VIS only) the network is the VIS branch alone.
+
+Channel 0 is taken to be VIS (the store's band order puts VIS first when it is among the bands).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lensray.config import TwoBranchConfig
+from lensray.models.init_weights import kaiming_init
+from lensray.sky.bands import BANDS, NIR_BANDS, VIS_PIXEL_SCALE
+
+NIR_PIXEL_SCALE = BANDS[NIR_BANDS[0]].pixel_scale
+
+
+def nir_side(image_size: int, pixel_scale: float = VIS_PIXEL_SCALE) -> int:
+    """NIR pixels a side of an ``image_size`` input of ``pixel_scale`` arcsec per pixel (>= 1)."""
+    return max(1, round(image_size * pixel_scale / NIR_PIXEL_SCALE))
+
+
+def _branch(config: TwoBranchConfig, in_channels: int, blocks: int) -> tuple[nn.Sequential, int]:
+    """conv-BN-ReLU x 2 then a 2x2 max-pool, ``blocks`` times; (stack, output channels)."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for block in range(blocks):
+        width = config.filters * 2**block
+        for conv_in in (channels, width):
+            # The BN shift makes a conv bias redundant.
+            layers += [
+                nn.Conv2d(conv_in, width, config.kernel, padding=config.kernel // 2, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+        # ceil_mode: a map of 1 px stays 1 px, so small cutouts never pool to nothing.
+        layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        channels = width
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    return nn.Sequential(*layers), channels
+
+
+class TwoBranch(nn.Module):
+    """Two-branch CNN for ``in_channels`` x ``image_size`` x ``image_size`` inputs of ``pixel_scale``
+    arcsec per pixel. ``forward`` returns one logit per image, shape (N,)."""
+
+    def __init__(
+        self, config: TwoBranchConfig, in_channels: int, image_size: int, pixel_scale: float = VIS_PIXEL_SCALE
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or image_size < 1:
+            raise ValueError(
+                f"twobranch: need in_channels >= 1 and image_size >= 1, got {in_channels} and {image_size}"
+            )
+        if config.kernel % 2 == 0:
+            raise ValueError(f"twobranch: kernel={config.kernel} must be odd")
+        self.config = config
+        self.nir_side = nir_side(image_size, pixel_scale)
+        self.vis, features = _branch(config, 1, config.blocks)
+        self.nir: nn.Module | None = None
+        if in_channels > 1:
+            self.nir_pool = nn.AdaptiveAvgPool2d(self.nir_side)
+            self.nir, nir_features = _branch(config, in_channels - 1, config.nir_blocks or config.blocks)
+            features += nir_features
+        self.head = nn.Sequential(
+            nn.Linear(features, config.dense),
+            nn.ReLU(inplace=True),
+            nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity(),
+            nn.Linear(config.dense, 1),
+        )
+        if config.init == "kaiming":
+            kaiming_init(self)
+
+    def split(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(VIS (N, 1, H, W), NIR at native sampling (N, C - 1, h, h) or None): what each branch sees."""
+        vis = images[:, :1]
+        if self.nir is None:
+            return vis, None
+        return vis, self.nir_pool(images[:, 1:])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        vis, nir = self.split(images)
+        features = self.vis(vis).flatten(1)
+        if nir is not None:
+            features = torch.cat([features, self.nir(nir).flatten(1)], dim=1)
+        return self.head(features).squeeze(1)
+
+
+def build_twobranch(
+    config: TwoBranchConfig, in_channels: int, image_size: int, pixel_scale: float = VIS_PIXEL_SCALE
+) -> TwoBranch:
+    """Registry entry: the two-branch network of ``config`` for ``in_channels`` bands of ``image_size`` px."""
+    return TwoBranch(config, in_channels, image_size, pixel_scale)
+
+
+def describe_twobranch(config: TwoBranchConfig) -> str:
+    """The network in a table cell, e.g. ``two-branch VIS/NIR 3+2 blocks, 16 filters``."""
+    return f"two-branch VIS/NIR {config.blocks}+{config.nir_blocks or config.blocks} blocks, {config.filters} filters"
+
+
+def twobranch_recipe(config: TwoBranchConfig) -> list[str]:
+    """The choices that set this network apart in a comparison."""
+    return ["NIR at native sampling", "late merge", f"dropout {config.dropout:g}", f"{config.init} init"]
