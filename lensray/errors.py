@@ -74,3 +74,49 @@ class ScoreError(LensrayError, ValueError):
 
 class Interrupted(LensrayError):
     """A long job was stopped (Ctrl-C); the message says how to continue it. The CLI exits with 130."""
+
+
+# --- finding lensray's error inside the wrappers of Ray (and of ``raise ... from``) -------------------
+
+
+def is_ray_wrapper(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of Ray's wrappers (RayTaskError, TrainingFailedError, WorkerGroupError...).
+
+    Decided by the classes' module, so this layer needs no Ray import: a RayTaskError is also an
+    instance of its cause's class (e.g. StorageError), yet it is the wrapper, never the error to report.
+    """
+    return any(cls.__module__.split(".", 1)[0] == "ray" for cls in type(exc).__mro__)
+
+
+def _carried(exc: BaseException) -> BaseException | None:
+    """What ``exc`` carries: a failed Train worker's error (the lowest rank), the Train controller's, a
+    task's or actor's cause, or the exception it was raised from."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return failures[min(failures)]
+    for attribute in ("controller_failure", "cause"):
+        inner = getattr(exc, attribute, None)
+        if isinstance(inner, BaseException):
+            return inner
+    return exc.__cause__
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, then what it carries, then what that carries..., each once."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = _carried(current)
+    return chain
+
+
+def find_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = (LensrayError,)) -> BaseException | None:
+    """The first error of ``kinds`` in ``causes(exc)`` that is not a Ray wrapper; None when there is none."""
+    return next((e for e in causes(exc) if isinstance(e, kinds) and not is_ray_wrapper(e)), None)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error to tell the user about ``exc``: lensray's own error inside it if there is one, else the
+    first that is not a Ray wrapper (the user code's exception), else ``exc``."""
+    return find_cause(exc) or find_cause(exc, (BaseException,)) or exc

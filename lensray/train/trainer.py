@@ -44,7 +44,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
-from lensray.errors import CheckpointError, Interrupted, TrainError
+from lensray.errors import CheckpointError, Interrupted, TrainError, root_cause
 from lensray.evaluate.metrics import summarise
 from lensray.ingest.store import LensStore
 from lensray.models import build_model
@@ -638,7 +638,9 @@ def build_trainer(
     from ray.train.torch import TorchConfig
 
     root = runs_root(config)
-    filesystem = storage.arrow_filesystem(root)[0] if storage.is_s3(root) else None
+    # Remote run folders through a filesystem that retries every request on storage's rule (Ray's own
+    # retry covers only its checkpoint upload, briefly).
+    filesystem = None if storage.is_local(root) else storage.retrying_filesystem(root)
     resources = {"CPU": config.resources.cpus_per_worker}
     if config.resources.use_gpu:
         resources["GPU"] = 1
@@ -694,7 +696,7 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
             _fit(build_trainer(config, name, progress=progress, resume_from=resume_from))
     except ray.train.WorkerGroupError as exc:
         rank, failure = sorted(exc.worker_failures.items())[0]
-        raise TrainError(f"worker {rank} failed: {_root_cause(failure)}\n(run folder: {run_url})") from exc
+        raise TrainError(f"worker {rank} failed: {root_cause(failure)}\n(run folder: {run_url})") from exc
     except KeyboardInterrupt:
         raise _interrupted(runs_root(config), name) from None
     return run_outcome(run_url, time.perf_counter() - started)
@@ -791,18 +793,6 @@ def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
     if resume and not exists:
         raise TrainError(f"nothing to resume at {run_url}")
     return name, run_url
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The user-code exception inside Ray's wrappers (RayTaskError keeps it as ``cause``)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
 
 
 def _run_exists(run_url: str) -> bool:
