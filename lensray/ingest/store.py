@@ -437,7 +437,8 @@ def _reopen(url: str, zstore: Store, existing: dict[str, Any], fingerprint: dict
         )
     created = existing.get("meta", {}).get("created", _now())
     group = zarr.open_group(zstore, mode="r+", zarr_format=3)
-    _remove_partials(url, ["zarr.json", *(f"{name}/zarr.json" for name in group.array_keys())])
+    arrays = ("images", "ids", "labels", "split", "valid", "shard_done")
+    _remove_partials(url, ["zarr.json", *(f"{name}/zarr.json" for name in arrays)])
     group.attrs.put({**existing, "state": "ready", "meta": _base_meta(fingerprint["meta"], created)})
 
 
