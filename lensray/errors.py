@@ -7,6 +7,8 @@ that could not finish), so code that catches those keeps working.
 
 from __future__ import annotations
 
+import re
+
 
 class LensrayError(Exception):
     """Base of every lensray error; the message names the file, URL, key or ID at fault."""
@@ -112,8 +114,30 @@ def causes(exc: BaseException) -> list[BaseException]:
 
 
 def find_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = (LensrayError,)) -> BaseException | None:
-    """The first error of ``kinds`` in ``causes(exc)`` that is not a Ray wrapper; None when there is none."""
-    return next((e for e in causes(exc) if isinstance(e, kinds) and not is_ray_wrapper(e)), None)
+    """The first error of ``kinds`` in ``causes(exc)`` that is not a Ray wrapper, else a lensray error that
+    a wrapper holds only as text (``from_worker_text``); None when there is none."""
+    chain = causes(exc)
+    found = next((e for e in chain if isinstance(e, kinds) and not is_ray_wrapper(e)), None)
+    if found is None:
+        rebuilt = (from_worker_text(e) for e in chain if is_ray_wrapper(e))
+        found = next((e for e in rebuilt if e is not None and isinstance(e, kinds)), None)
+    return found
+
+
+# ``lensray.errors.StorageError: cannot read s3://...``: the last line of a Python traceback's exception.
+_WORKER_ERROR_LINE = re.compile(r"^lensray\.errors\.([A-Za-z]+): (.+)$", re.MULTILINE)
+
+
+def from_worker_text(wrapper: BaseException) -> LensrayError | None:
+    """The lensray error a Ray wrapper names only in its text: Ray Data wraps a failed UDF's exception in
+    UserCodeException and sends the driver its traceback as text, the exception object itself is lost.
+    The last (outermost) one is rebuilt from its class name (looked up among this module's errors only)
+    and its message."""
+    for name, message in reversed(_WORKER_ERROR_LINE.findall(str(wrapper))):
+        kind = globals().get(name)
+        if isinstance(kind, type) and issubclass(kind, LensrayError):
+            return kind(message.strip())
+    return None
 
 
 def root_cause(exc: BaseException) -> BaseException:

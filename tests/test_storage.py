@@ -454,3 +454,40 @@ def test_one_warning_per_retried_request(outage: tuple[Outage, str], caplog: pyt
         warned = [r.getMessage().split(" unreachable", 1)[0] for r in caplog.records if "retrying" in r.getMessage()]
         assert warned and len(warned) == len(set(warned)), warned
         assert all(name.startswith(bucket + "/") for name in warned), warned
+
+
+# --- the lensray error inside Ray's wrappers (errors.find_cause: cli.reportable and the trainer) ------------
+
+
+def test_the_lensray_error_is_found_inside_rays_wrappers_also_when_only_its_text_came_back() -> None:
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from lensray.cli import reportable
+    from lensray.errors import StorageError, find_cause, is_ray_wrapper, root_cause
+
+    try:
+        try:
+            raise OSError("curlCode: 7, Could not connect")
+        except OSError as exc:
+            raise StorageError("cannot read s3://b/raw/x.fits: still unreachable") from exc
+    except StorageError as exc:
+        error = exc
+    # A task's error: Ray keeps the object (RayTaskError(StorageError) is a wrapper, its cause the error).
+    wrapped = RayTaskError("read", "Traceback ...", error).as_instanceof_cause()
+    assert is_ray_wrapper(wrapped) and not is_ray_wrapper(error)
+    assert reportable(wrapped) is error and root_cause(wrapped) is error
+    # Ray Data's UDF error: the driver gets UserCodeException and the worker's traceback as text only.
+    text = (
+        "Traceback (most recent call last):\n  ...\nOSError: curlCode: 7\n\nThe above exception was the direct "
+        "cause of the following exception:\n\nTraceback (most recent call last):\n  ...\n"
+        "lensray.errors.StorageError: cannot read s3://b/raw/x.fits: still unreachable\n"
+    )
+    udf = RayTaskError("MapWorker.submit", text, UserCodeException("UDF failed")).as_instanceof_cause()
+    found = reportable(udf)
+    assert type(found) is StorageError and str(found) == "cannot read s3://b/raw/x.fits: still unreachable"
+    assert find_cause(udf, (FileNotFoundError,)) is None
+    # Only lensray's own classes are rebuilt from text; anything else stays a bug with its traceback.
+    for name in ("ValueError", "Interrupted_", "re"):
+        other = RayTaskError("f", f"lensray.errors.{name}: x\n", UserCodeException("UDF failed"))
+        assert reportable(other.as_instanceof_cause()) is None, name
+    assert type(root_cause(RayTaskError("f", "ValueError: bug", ValueError("bug")).as_instanceof_cause())) is ValueError

@@ -22,6 +22,7 @@ The driver logs one line per epoch and rank 0's notes (sanity check, resume, ear
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -501,7 +502,7 @@ def prune_checkpoints(run_url: str, history: list[dict[str, Any]], num_to_keep: 
     for url in doomed:
         fs, path = storage.arrow_filesystem(url)
         with contextlib.suppress(FileNotFoundError):
-            fs.delete_dir(path)
+            storage.retrying("delete", url, functools.partial(fs.delete_dir, path))
     return doomed
 
 
@@ -677,7 +678,7 @@ def _forget_ray_snapshot(run_url: str) -> None:
     url = storage.join(run_url, RAY_SNAPSHOT_FILE)
     if storage.exists(url):
         fs, path = storage.arrow_filesystem(url)
-        fs.delete_file(path)
+        storage.retrying("delete", url, functools.partial(fs.delete_file, path))
 
 
 def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
