@@ -27,7 +27,7 @@ from lensray.config import (
     config_from_tree,
     read_yaml,
 )
-from lensray.errors import ConfigError, Interrupted, LensrayError
+from lensray.errors import ConfigError, Interrupted, LensrayError, find_cause
 
 DEVICES = ("auto", "cpu", "cuda")
 # Missing or misplaced files and folders: reported like a lensray error, as one line naming the path.
@@ -122,15 +122,16 @@ def _arg_urls(args: argparse.Namespace) -> list[str]:
 
 
 def check_buckets(urls: Iterable[str]) -> None:
-    """Fail fast, in one line naming the URL, when the S3 bucket of any URL the command uses is missing
-    or its endpoint cannot be reached (before a cluster starts, and before a library deep down
-    reports it as a traceback)."""
+    """Fail fast, in one line naming the URL, when the bucket of any remote URL the command uses is
+    missing, its endpoint cannot be reached or no filesystem reads its scheme (before a cluster
+    starts, and before a library deep down reports it as a traceback)."""
     from lensray import storage
 
     buckets: dict[str, str] = {}
     for url in urls:
-        if storage.is_s3(url):
-            buckets.setdefault(storage.strip_scheme(url).split("/", 1)[0], url)
+        if not storage.is_local(url):
+            kind, rest = url.split("://", 1)
+            buckets.setdefault(f"{kind}://{rest.split('/', 1)[0]}", url)  # once per bucket (or host)
     for url in buckets.values():
         storage.check_reachable(url, must_exist=False)
 
@@ -664,37 +665,9 @@ def configure_logging(verbose: bool, quiet: bool) -> None:
         logger.addHandler(_HANDLER)
 
 
-def _is_ray_wrapper(exc: BaseException) -> bool:
-    if "ray" not in sys.modules:  # nothing came from Ray if Ray was never imported
-        return False
-    import ray.exceptions
-
-    # RayTaskError instances are also of the cause's class: the wrapper, never the error to report.
-    return isinstance(exc, ray.exceptions.RayError)
-
-
-def _inner(exc: BaseException) -> BaseException | None:
-    """What a Ray wrapper carries: a failed worker's error (Train), the controller's, a task's or actor's cause."""
-    failures = getattr(exc, "worker_failures", None)
-    if isinstance(failures, dict) and failures:
-        return failures[min(failures)]
-    for attribute in ("controller_failure", "cause"):
-        inner = getattr(exc, attribute, None)
-        if isinstance(inner, BaseException):
-            return inner
-    return exc.__cause__
-
-
 def reportable(exc: BaseException) -> BaseException | None:
     """The lensray error or missing-file error behind ``exc`` (through Ray's wrappers), or None for a bug."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, (LensrayError, *FILE_ERRORS)) and not _is_ray_wrapper(current):
-            return current
-        current = _inner(current)
-    return None
+    return find_cause(exc, (LensrayError, *FILE_ERRORS))
 
 
 def one_line(exc: BaseException) -> str:

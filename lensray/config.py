@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -350,9 +349,10 @@ def parse_yaml(text: str | bytes, source: str) -> dict[str, Any]:
 def read_yaml(url: str | Path) -> dict[str, Any]:
     """A YAML config file as a mapping, from a local path or any URL ``lensray.storage`` reads (s3://...)."""
     url = str(url)
-    if is_url(url):
+    if not storage.is_local(url):
         return parse_yaml(storage.read_bytes(url), url)
-    return parse_yaml(Path(url).read_bytes(), url)  # a plain read: Ctrl-C interrupts it (a FIFO, a slow mount)
+    # A plain read: Ctrl-C interrupts it (a FIFO, a slow mount).
+    return parse_yaml(Path(storage.strip_scheme(url)).read_bytes(), url)
 
 
 def merge_trees(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -377,17 +377,10 @@ PATH_KEYS: tuple[str, ...] = (
     "train.out",
     "search.storage",
 )
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_url(value: str) -> bool:
-    """Whether ``value`` names a URL (``s3://``, ``gs://``, ``https://``, ``file://``, ...), not a local path."""
-    return bool(_URL_SCHEME.match(value))
-
-
-def absolute_path(value: str) -> str:
-    """A local path made absolute against the working folder (``~`` expanded); a URL as given."""
-    return value if is_url(value) else os.path.abspath(os.path.expanduser(value))
+# One rule for what is a URL and what a local path: storage's (a scheme, ``file://`` too, makes a URL;
+# ``file://`` URLs and plain paths are both this machine's files).
+is_url = storage.is_url
+absolute_path = storage.absolute_path
 
 
 def relative_url(url: str, reference: str) -> str:

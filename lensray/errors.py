@@ -7,6 +7,8 @@ that could not finish), so code that catches those keeps working.
 
 from __future__ import annotations
 
+import re
+
 
 class LensrayError(Exception):
     """Base of every lensray error; the message names the file, URL, key or ID at fault."""
@@ -74,3 +76,71 @@ class ScoreError(LensrayError, ValueError):
 
 class Interrupted(LensrayError):
     """A long job was stopped (Ctrl-C); the message says how to continue it. The CLI exits with 130."""
+
+
+# --- finding lensray's error inside the wrappers of Ray (and of ``raise ... from``) -------------------
+
+
+def is_ray_wrapper(exc: BaseException) -> bool:
+    """Whether ``exc`` is one of Ray's wrappers (RayTaskError, TrainingFailedError, WorkerGroupError...).
+
+    Decided by the classes' module, so this layer needs no Ray import: a RayTaskError is also an
+    instance of its cause's class (e.g. StorageError), yet it is the wrapper, never the error to report.
+    """
+    return any(cls.__module__.split(".", 1)[0] == "ray" for cls in type(exc).__mro__)
+
+
+def _carried(exc: BaseException) -> BaseException | None:
+    """What ``exc`` carries: a failed Train worker's error (the lowest rank), the Train controller's, a
+    task's or actor's cause, or the exception it was raised from."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return failures[min(failures)]
+    for attribute in ("controller_failure", "cause"):
+        inner = getattr(exc, attribute, None)
+        if isinstance(inner, BaseException):
+            return inner
+    return exc.__cause__
+
+
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc``, then what it carries, then what that carries..., each once."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = _carried(current)
+    return chain
+
+
+def find_cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = (LensrayError,)) -> BaseException | None:
+    """The first error of ``kinds`` in ``causes(exc)`` that is not a Ray wrapper, else a lensray error that
+    a wrapper holds only as text (``from_worker_text``); None when there is none."""
+    chain = causes(exc)
+    found = next((e for e in chain if isinstance(e, kinds) and not is_ray_wrapper(e)), None)
+    if found is None:
+        rebuilt = (from_worker_text(e) for e in chain if is_ray_wrapper(e))
+        found = next((e for e in rebuilt if e is not None and isinstance(e, kinds)), None)
+    return found
+
+
+# ``lensray.errors.StorageError: cannot read s3://...``: the last line of a Python traceback's exception.
+_WORKER_ERROR_LINE = re.compile(r"^lensray\.errors\.([A-Za-z]+): (.+)$", re.MULTILINE)
+
+
+def from_worker_text(wrapper: BaseException) -> LensrayError | None:
+    """The lensray error a Ray wrapper names only in its text: Ray Data wraps a failed UDF's exception in
+    UserCodeException and sends the driver its traceback as text, the exception object itself is lost.
+    The last (outermost) one is rebuilt from its class name (looked up among this module's errors only)
+    and its message."""
+    for name, message in reversed(_WORKER_ERROR_LINE.findall(str(wrapper))):
+        kind = globals().get(name)
+        if isinstance(kind, type) and issubclass(kind, LensrayError):
+            return kind(message.strip())
+    return None
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error to tell the user about ``exc``: lensray's own error inside it if there is one, else the
+    first that is not a Ray wrapper (the user code's exception), else ``exc``."""
+    return find_cause(exc) or find_cause(exc, (BaseException,)) or exc

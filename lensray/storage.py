@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import itertools
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import TypeVar
 from urllib.parse import urlparse
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from lensray.errors import LensrayError, StorageError
@@ -48,8 +50,21 @@ def scheme(url: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+def is_url(value: str) -> bool:
+    """Whether ``value`` is written as a URL (any scheme, ``file://`` too) rather than as a plain path."""
+    return scheme(value) is not None
+
+
 def is_local(url: str) -> bool:
+    """A plain path or a ``file://`` URL: this machine's files. Everything else (``s3://``, ``gs://``,
+    ``https://``, ``memory://``...) is remote: read through a filesystem, retried, named in errors."""
     return scheme(url) in (None, "file")
+
+
+def absolute_path(value: str) -> str:
+    """A plain path made absolute against the working folder (``~`` expanded); a URL (``file://`` too,
+    whose path is absolute) as given."""
+    return value if is_url(value) else os.path.abspath(os.path.expanduser(value))
 
 
 def is_s3(url: str) -> bool:
@@ -137,6 +152,122 @@ def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
         kwargs["endpoint_override"] = parsed.netloc or endpoint
         kwargs["scheme"] = parsed.scheme or "https"
     return pafs.S3FileSystem(**kwargs)
+
+
+def retrying_filesystem(url: str) -> pafs.FileSystem:
+    """``arrow_filesystem(url)``'s filesystem with every request under ``retrying``'s rule, for code that
+    is not lensray's (Ray Train and Tune persist checkpoints and their own state through it).
+
+    Ray's own retry covers only the checkpoint upload (3 attempts within ~3 s, on AWS error texts), not
+    the controller's state file nor the storage checks each worker makes; through this filesystem an
+    endpoint restart is waited out and one that stays down ends in StorageError naming the object.
+    """
+    return pafs.PyFileSystem(_RetryingHandler(url))
+
+
+class _RetryingHandler(pafs.FileSystemHandler):
+    """Each call of the wrapped pyarrow filesystem retried whole. Files are read whole and written whole
+    (one request when closed), so a retry never repeats part of a stream. Pickled (for Ray's workers)
+    as the URL: each process builds its own client from its environment."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._scheme = scheme(url) or "file"
+        self._fs: pafs.FileSystem | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"url": self.url, "_scheme": self._scheme, "_fs": None}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RetryingHandler) and other.url == self.url
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = arrow_filesystem(self.url)[0]
+        return self._fs
+
+    def _url(self, path: str) -> str:
+        return path if "://" in path else f"{self._scheme}://{path.lstrip('/')}"
+
+    def _retry(self, action: str, path: str, attempt: Callable[[], T]) -> T:
+        return retrying(action, self._url(path), attempt)
+
+    def get_type_name(self) -> str:
+        return f"lensray-retrying+{self._scheme}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._retry("reach", paths[0] if len(paths) == 1 else self.url, lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retry("list", selector.base_dir, lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._retry("write", path, lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._retry("delete", path, lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._retry("delete", path, lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        raise StorageError(f"refusing to delete everything under the root of {self.url}")
+
+    def delete_file(self, path: str) -> None:
+        self._retry("delete", path, lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._retry("move", src, lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._retry("copy", src, lambda: self.fs.copy_file(src, dest))
+
+    def _read(self, path: str) -> pa.BufferReader:
+        def attempt() -> bytes:
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+
+        return pa.BufferReader(self._retry("read", path, attempt))
+
+    def open_input_stream(self, path: str) -> pa.NativeFile:
+        return self._read(path)
+
+    def open_input_file(self, path: str) -> pa.NativeFile:
+        return self._read(path)
+
+    def open_output_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        return pa.PythonFile(_WholeUpload(self, path, metadata), mode="w")
+
+    def open_append_stream(self, path: str, metadata: dict[str, str] | None = None) -> pa.NativeFile:
+        raise StorageError(f"cannot append to {self._url(path)}: objects are written whole")
+
+
+class _WholeUpload(io.BytesIO):
+    """An output stream that writes the object in one retried request when closed: a failed write
+    publishes nothing, and a retry sends the whole object again."""
+
+    def __init__(self, handler: _RetryingHandler, path: str, metadata: dict[str, str] | None) -> None:
+        super().__init__()
+        self._handler, self._path, self._metadata = handler, path, metadata
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self.getvalue()
+        super().close()
+
+        def attempt() -> None:
+            with self._handler.fs.open_output_stream(self._path, metadata=self._metadata) as stream:
+                stream.write(data)
+
+        self._handler._retry("write", self._path, attempt)
 
 
 # --- transient failures -------------------------------------------------------------------------------
@@ -346,6 +477,8 @@ def check_reachable(url: str, *, must_exist: bool = True) -> None:
     the retries when the endpoint does not answer)."""
     if is_s3(url):
         retrying("reach", url, lambda: _check_bucket(url))
+    elif not is_local(url):
+        _fsspec_class(url)  # an unknown scheme, or one whose package is missing: StorageError naming the URL
     if must_exist:
         fs, path = arrow_filesystem(url)
         if retrying("reach", url, lambda: fs.get_file_info(path)).type == pafs.FileType.NotFound:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import re
 import socket
 import threading
@@ -345,3 +346,148 @@ def test_a_store_write_to_an_endpoint_that_stays_down_is_one_storage_error_and_n
     for index in (1, 2):  # the rerun after the endpoint is back
         _write_shard(url, images, index)
     assert finalize_store(url)["counts"]["valid"] == 12
+
+
+# --- one rule for URLs; Ray's filesystem --------------------------------------------------------------
+
+
+def test_one_rule_for_urls_and_local_paths(tmp_path: Path, monkeypatch) -> None:
+    from lensray import config
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://b/k", "gs://b/k", "memory://b/k", "https://example.org/x", "file:///abs/k"):
+        assert storage.is_url(url) and config.is_url(url) and storage.absolute_path(url) == url
+    assert storage.is_local("file:///abs/k") and not storage.is_local("memory://b/k")
+    assert storage.absolute_path("rel/k") == str(tmp_path / "rel" / "k") and not storage.is_url("rel/k")
+    assert config.absolute_path is storage.absolute_path
+    # A file:// URL and its plain path name the same file, for configs too.
+    (tmp_path / "run.yaml").write_text("train:\n  epochs: 3\n")
+    assert config.read_yaml(f"file://{tmp_path}/run.yaml") == config.read_yaml(str(tmp_path / "run.yaml"))
+    assert config.relative_url(f"file://{tmp_path}/tune/t.yaml", "../run.yaml") == f"file://{tmp_path}/run.yaml"
+
+
+def test_configs_read_from_memory_urls(memory_root: str) -> None:
+    from lensray import config
+
+    storage.write_bytes(storage.join(memory_root, "configs", "run.yaml"), b"train:\n  epochs: 4\n")
+    assert config.read_yaml(storage.join(memory_root, "configs", "run.yaml")) == {"train": {"epochs": 4}}
+    assert config.relative_url(storage.join(memory_root, "tune", "t.yaml"), "../configs/run.yaml") == storage.join(
+        memory_root, "configs", "run.yaml"
+    )
+
+
+def test_an_unknown_scheme_fails_fast_naming_the_url() -> None:
+    from lensray.cli import check_buckets
+
+    for call in (
+        lambda: storage.check_reachable("nosuchscheme://b/k", must_exist=False),
+        lambda: check_buckets(["/tmp/local", "nosuchscheme://b/k/store.zarr"]),
+    ):
+        with pytest.raises(storage.StorageError, match=re.escape("nosuchscheme://b/k")):
+            call()
+    check_buckets(["memory://b/k", "file:///tmp/x", "relative/path"])  # reachable: no error
+
+
+def test_retrying_filesystem_copies_folders_like_ray_does(memory_root: str, tmp_path: Path) -> None:
+    """Ray Train persists checkpoints with pyarrow.fs.copy_files through the filesystem it is given."""
+    import pickle
+
+    import pyarrow.fs as pafs
+
+    source = tmp_path / "checkpoint"
+    (source / "sub").mkdir(parents=True)
+    (source / "state.pt").write_bytes(b"w" * 3000)
+    (source / "sub" / "epoch.json").write_bytes(b'{"epoch": 1}')
+    fs = pickle.loads(pickle.dumps(storage.retrying_filesystem(memory_root)))  # as Ray's workers get it
+    destination = storage.strip_scheme(storage.join(memory_root, "run", "checkpoint_1"))
+    fs.create_dir(destination)
+    pafs.copy_files(str(source), destination, destination_filesystem=fs)
+    url = storage.join(memory_root, "run", "checkpoint_1")
+    assert storage.read_bytes(storage.join(url, "state.pt")) == b"w" * 3000
+    assert storage.read_bytes(storage.join(url, "sub", "epoch.json")) == b'{"epoch": 1}'
+    back = tmp_path / "back"
+    pafs.copy_files(destination, str(back), source_filesystem=fs)
+    assert (back / "state.pt").read_bytes() == b"w" * 3000
+    with pytest.raises(FileNotFoundError):
+        fs.open_input_stream(destination + "/absent")
+
+
+def test_retrying_filesystem_rides_out_an_endpoint_restart_and_names_the_url(outage: tuple[Outage, str]) -> None:
+    server, bucket = outage
+    fs = storage.retrying_filesystem(bucket)
+    path = storage.strip_scheme(storage.join(bucket, "run", "checkpoint_manager_snapshot.json"))
+    restart = server.down_for(3.0)
+
+    def write() -> None:
+        with fs.open_output_stream(path) as stream:
+            stream.write(b"{}")
+
+    _, took = _timed(write)
+    restart.join()
+    assert took > 2.5 and storage.read_bytes(f"s3://{path}") == b"{}"
+    server.server.stop()
+    with pytest.raises(storage.StorageError, match=re.escape(f"s3://{path}") + ".*still unreachable"):
+        fs.open_input_stream(path)
+    server.server.start()
+
+
+def test_one_warning_per_retried_request(outage: tuple[Outage, str], caplog: pytest.LogCaptureFixture) -> None:
+    """A request that waits out an outage warns once, naming its URL: neither its later attempts nor the
+    layers around it (the Zarr store's requests go through retrying_async, storage's through retrying)
+    repeat the warning."""
+    from lensray.ingest.store import LensStore, finalize_store
+
+    server, bucket = outage
+    url, store_url = storage.join(bucket, "a.json"), storage.join(bucket, "lenses.zarr")
+    storage.write_bytes(url, b"{}")
+    _create_store(store_url)
+    for index in range(3):
+        _write_shard(store_url, _store_images(), index)
+    finalize_store(store_url)
+    store = LensStore.open(store_url)
+    for call in (lambda: storage.read_bytes(url), lambda: store.read(np.arange(12))):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lensray"):
+            restart = server.down_for(3.0)
+            call()
+            restart.join()
+        warned = [r.getMessage().split(" unreachable", 1)[0] for r in caplog.records if "retrying" in r.getMessage()]
+        assert warned and len(warned) == len(set(warned)), warned
+        assert all(name.startswith(bucket + "/") for name in warned), warned
+
+
+# --- the lensray error inside Ray's wrappers (errors.find_cause: cli.reportable and the trainer) ------------
+
+
+def test_the_lensray_error_is_found_inside_rays_wrappers_also_when_only_its_text_came_back() -> None:
+    from ray.exceptions import RayTaskError, UserCodeException
+
+    from lensray.cli import reportable
+    from lensray.errors import StorageError, find_cause, is_ray_wrapper, root_cause
+
+    try:
+        try:
+            raise OSError("curlCode: 7, Could not connect")
+        except OSError as exc:
+            raise StorageError("cannot read s3://b/raw/x.fits: still unreachable") from exc
+    except StorageError as exc:
+        error = exc
+    # A task's error: Ray keeps the object (RayTaskError(StorageError) is a wrapper, its cause the error).
+    wrapped = RayTaskError("read", "Traceback ...", error).as_instanceof_cause()
+    assert is_ray_wrapper(wrapped) and not is_ray_wrapper(error)
+    assert reportable(wrapped) is error and root_cause(wrapped) is error
+    # Ray Data's UDF error: the driver gets UserCodeException and the worker's traceback as text only.
+    text = (
+        "Traceback (most recent call last):\n  ...\nOSError: curlCode: 7\n\nThe above exception was the direct "
+        "cause of the following exception:\n\nTraceback (most recent call last):\n  ...\n"
+        "lensray.errors.StorageError: cannot read s3://b/raw/x.fits: still unreachable\n"
+    )
+    udf = RayTaskError("MapWorker.submit", text, UserCodeException("UDF failed")).as_instanceof_cause()
+    found = reportable(udf)
+    assert type(found) is StorageError and str(found) == "cannot read s3://b/raw/x.fits: still unreachable"
+    assert find_cause(udf, (FileNotFoundError,)) is None
+    # Only lensray's own classes are rebuilt from text; anything else stays a bug with its traceback.
+    for name in ("ValueError", "Interrupted_", "re"):
+        other = RayTaskError("f", f"lensray.errors.{name}: x\n", UserCodeException("UDF failed"))
+        assert reportable(other.as_instanceof_cause()) is None, name
+    assert type(root_cause(RayTaskError("f", "ValueError: bug", ValueError("bug")).as_instanceof_cause())) is ValueError

@@ -419,3 +419,35 @@ def test_a_store_of_another_format_version_is_named_not_read(tmp_path: Path) -> 
     group.attrs["layout"] = {**group.attrs["layout"], "format": 0}  # as a future or past lensray would write it
     with pytest.raises(StoreError, match=rf"{url}: store format 0, this lensray reads 1"):
         LensStore.open(url)
+
+
+def test_a_rerun_removes_what_killed_writes_left_beside_the_objects(tmp_path: Path) -> None:
+    """zarr (``<key>.<hex>.partial``) and storage (``.<name>.<hex>.partial``) write local objects aside,
+    then rename them: a killed write leaves the temporary file, which the shard's rewrite (and the
+    driver's reopen, for the metadata) removes; another shard's are left to that shard's task."""
+    data = make_dataset()
+    url = str(tmp_path / "s.zarr")
+    create(url, data)
+    write(url, data, [0, 1, 2])
+    root = Path(url)
+    leftovers = {
+        1: [
+            root / "images" / "c" / "1" / "0" / "0" / "0.0123456789abcdef.partial",
+            root / "valid" / "c" / "1.0123456789abcdef.partial",
+            root / "shard_done" / "c" / "1.0123456789abcdef.partial",
+            root / "shard_reports" / ".shard-000001.json.0123456789ab.partial",
+        ],
+        2: [root / "images" / "c" / "2" / "0" / "0" / "0.fedcba9876543210.partial"],
+        "meta": [root / "zarr.0123456789abcdef.partial", root / "images" / "zarr.0123456789abcdef.partial"],
+    }
+    for path in (path for paths in leftovers.values() for path in paths):
+        path.write_bytes(b"cut sh")
+    create(url, data)  # the rerun reopens the store
+    assert not any(path.exists() for path in leftovers["meta"])
+    write(url, data, [1])
+    assert not any(path.exists() for path in leftovers[1]) and all(path.exists() for path in leftovers[2])
+    write(url, data, [2])
+    assert sorted(root.rglob("*.partial")) == []
+    finalize_store(url)
+    store = LensStore.open(url)
+    assert store.read(store.indices()).tobytes() == data.images[data.valid].astype(np.float16).tobytes()

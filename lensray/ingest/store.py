@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import glob
 import hashlib
 import json
 import math
@@ -109,6 +110,10 @@ _BOTOCORE_RETRIES = {"mode": "standard", "max_attempts": 2}
 
 
 def _zarr_store(url: str, *, read_only: bool) -> Store:
+    """A local path's LocalStore; for any other URL (s3://, gs://, memory://...) an fsspec store whose
+    requests are retried (``_RetryingStore``)."""
+    if storage.is_local(url):
+        return LocalStore(storage.strip_scheme(url), read_only=read_only)
     if storage.is_s3(url):
         env = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
         key = (os.getpid(), storage.s3_endpoint(), *(os.environ.get(name) for name in env))
@@ -116,9 +121,21 @@ def _zarr_store(url: str, *, read_only: bool) -> Store:
             fs, _ = storage.filesystem(url)
             options = {**fs.storage_options, "asynchronous": True, "skip_instance_cache": True}
             _ASYNC_S3[key] = type(fs)(**options, config_kwargs={"retries": _BOTOCORE_RETRIES})
-        inner = FsspecStore(_ASYNC_S3[key], path=storage.strip_scheme(url), read_only=read_only)
-        return _RetryingStore(inner, url)
-    return LocalStore(storage.strip_scheme(url), read_only=read_only)
+        fs = _ASYNC_S3[key]
+    else:
+        fs = _async_filesystem(storage.filesystem(url)[0])
+    inner = FsspecStore(fs, path=storage.strip_scheme(url), read_only=read_only)
+    return _RetryingStore(inner, url)
+
+
+def _async_filesystem(fs: Any) -> Any:
+    """An asynchronous instance of an fsspec filesystem, as zarr's FsspecStore needs: a new async instance
+    of an async implementation (gcsfs, adlfs, http), or a sync one (memory) behind fsspec's wrapper."""
+    if fs.async_impl:
+        return type(fs)(**{**fs.storage_options, "asynchronous": True, "skip_instance_cache": True})
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
 
 
 class _RetryingStore(WrapperStore[Store]):
@@ -420,6 +437,8 @@ def _reopen(url: str, zstore: Store, existing: dict[str, Any], fingerprint: dict
         )
     created = existing.get("meta", {}).get("created", _now())
     group = zarr.open_group(zstore, mode="r+", zarr_format=3)
+    arrays = ("images", "ids", "labels", "split", "valid", "shard_done")
+    _remove_partials(url, ["zarr.json", *(f"{name}/zarr.json" for name in arrays)])
     group.attrs.put({**existing, "state": "ready", "meta": _base_meta(fingerprint["meta"], created)})
 
 
@@ -514,11 +533,19 @@ def _write_shard(
     done = group["shard_done"]
     if done[shard_index]:
         done[shard_index] = 0  # a rewrite is not complete until everything below is written again
+    _remove_partials(url, [_chunk_key(group[name], shard_index) for name in ("images", "valid", "shard_done")])
+    _remove_partials(url, [f"shard_reports/shard-{shard_index:06d}.json"])
     _delete_shard_images(group["images"], shard_index)
     group["images"][start:stop] = block
     group["valid"][start:stop] = valid
     storage.write_bytes(_report_url(url, shard_index), json.dumps(report, indent=1).encode())
     done[shard_index] = 1
+
+
+def _chunk_key(array: zarr.Array, index: int) -> str:
+    """The store key (``images/c/3/0/0/0``) of the object holding ``index`` along the first axis."""
+    key = array.metadata.encode_chunk_key((index, *(0,) * (array.ndim - 1)))
+    return f"{array.path}/{key}"
 
 
 def _delete_shard_images(images: zarr.Array, shard_index: int) -> None:
@@ -529,6 +556,25 @@ def _delete_shard_images(images: zarr.Array, shard_index: int) -> None:
     """
     key = images.metadata.encode_chunk_key((shard_index, *(0,) * (images.ndim - 1)))
     zarr_sync((images.store_path / key).delete())
+
+
+def _remove_partials(url: str, keys: Iterable[str]) -> list[str]:
+    """Delete what killed writes of ``keys`` left in a local store: zarr's ``<key>.<hex>.partial`` and
+    storage's ``.<name>.<hex>.partial`` temporary files, never renamed into place. Only the writer of
+    ``keys`` calls this (a shard's task for its own objects, the driver for the metadata), so none of
+    them is being written. Object storage publishes whole objects: nothing to clean there."""
+    if not storage.is_local(url):
+        return []
+    root, removed = storage.strip_scheme(url), []
+    for key in keys:
+        folder, name = os.path.split(os.path.join(root, key))
+        stem = name.split(".", 1)[0] if "." in name else name
+        for pattern in (f"{stem}.*.partial", f".{name}.*.partial"):
+            for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
+    return removed
 
 
 def _shard_images(images: npt.ArrayLike, valid: np.ndarray, ids: np.ndarray, layout: dict, where: str) -> np.ndarray:

@@ -178,7 +178,7 @@ def read_cutouts(
         raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
     storage.check_reachable(root_url)
     if threads is None:
-        threads = 8 if storage.is_s3(root_url) else 1
+        threads = 1 if storage.is_local(root_url) else 8
 
     def attempt(object_id: int) -> Cutout | Reject:
         try:

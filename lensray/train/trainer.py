@@ -22,6 +22,7 @@ The driver logs one line per epoch and rank 0's notes (sanity check, resume, ear
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from lensray import storage
 from lensray.config import LensrayConfig, config_from_dict, dump_config
-from lensray.errors import CheckpointError, Interrupted, TrainError
+from lensray.errors import CheckpointError, Interrupted, TrainError, root_cause
 from lensray.evaluate.metrics import summarise
 from lensray.ingest.store import LensStore
 from lensray.models import build_model, input_pixel_scale
@@ -514,7 +515,7 @@ def prune_checkpoints(run_url: str, history: list[dict[str, Any]], num_to_keep: 
     for url in doomed:
         fs, path = storage.arrow_filesystem(url)
         with contextlib.suppress(FileNotFoundError):
-            fs.delete_dir(path)
+            storage.retrying("delete", url, functools.partial(fs.delete_dir, path))
     return doomed
 
 
@@ -652,7 +653,9 @@ def build_trainer(
     from ray.train.torch import TorchConfig
 
     root = runs_root(config)
-    filesystem = storage.arrow_filesystem(root)[0] if storage.is_s3(root) else None
+    # Remote run folders through a filesystem that retries every request on storage's rule (Ray's own
+    # retry covers only its checkpoint upload, briefly).
+    filesystem = None if storage.is_local(root) else storage.retrying_filesystem(root)
     resources = {"CPU": config.resources.cpus_per_worker}
     if config.resources.use_gpu:
         resources["GPU"] = 1
@@ -689,7 +692,7 @@ def _forget_ray_snapshot(run_url: str) -> None:
     url = storage.join(run_url, RAY_SNAPSHOT_FILE)
     if storage.exists(url):
         fs, path = storage.arrow_filesystem(url)
-        fs.delete_file(path)
+        storage.retrying("delete", url, functools.partial(fs.delete_file, path))
 
 
 def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
@@ -708,7 +711,7 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
             _fit(build_trainer(config, name, progress=progress, resume_from=resume_from))
     except ray.train.WorkerGroupError as exc:
         rank, failure = sorted(exc.worker_failures.items())[0]
-        raise TrainError(f"worker {rank} failed: {_root_cause(failure)}\n(run folder: {run_url})") from exc
+        raise TrainError(f"worker {rank} failed: {root_cause(failure)}\n(run folder: {run_url})") from exc
     except KeyboardInterrupt:
         raise _interrupted(runs_root(config), name) from None
     return run_outcome(run_url, time.perf_counter() - started)
@@ -805,18 +808,6 @@ def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
     if resume and not exists:
         raise TrainError(f"nothing to resume at {run_url}")
     return name, run_url
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The user-code exception inside Ray's wrappers (RayTaskError keeps it as ``cause``)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
 
 
 def _run_exists(run_url: str) -> bool:

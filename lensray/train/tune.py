@@ -432,7 +432,7 @@ def _concurrency(spec: TuneSpec) -> int:
 def _storage_args(experiment: str) -> tuple[str, Any]:
     """(storage path, pyarrow filesystem or None) of the experiment's parent folder, for Ray."""
     root = experiment.rsplit("/", 1)[0]
-    filesystem = storage.arrow_filesystem(root)[0] if storage.is_s3(root) else None
+    filesystem = None if storage.is_local(root) else storage.retrying_filesystem(root)
     return storage.strip_scheme(root), filesystem
 
 
