@@ -267,7 +267,7 @@ class SimulationSummary:
 
         return "\n".join(
             [
-                f"simulated {self.n_objects} objects ({self.n_lenses} lenses, preset {self.preset}) -> {self.out}",
+                f"simulated {self.n_objects} objects ({self.n_lenses} lenses) -> {self.out}, preset {self.preset}",
                 f"  catalogue: {self.catalog_url} ({self.n_rows} rows); truth: {self.truth_url}",
                 f"  quirks: NaN pixels {ids(self.nan_pixel_ids)}; off-size NIR {ids(self.offsize_nir_ids)}; "
                 f"rows without images {ids(self.missing_image_ids)}; duplicate ID rows {ids(self.duplicate_ids)}",
