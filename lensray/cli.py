@@ -172,6 +172,12 @@ SIMULATE_FLAGS = (
     Flag("--seed", "simulate.seed", "random seed (output is identical for a seed)", int),
     Flag("--lens-fraction", "simulate.lens_fraction", "fraction of objects with a lensed source", float),
     Flag("--workers", "simulate.workers", "parallel Ray tasks (default: all CPUs)", int),
+    Flag(
+        "--preset",
+        "simulate.preset",
+        "priors: randomised (training, default) | shifted (evaluation only) | classic",
+        choices=("randomised", "shifted", "classic"),
+    ),
 )
 
 

@@ -60,8 +60,11 @@ class SimulateConfig(Section):
     first_id: int = Field(200001, ge=0)
     lens_fraction: float = Field(0.5, ge=0.0, le=1.0)
     workers: int | None = Field(None, ge=1)  # None: all CPUs Ray sees
-    companion_rate: float = Field(0.35, ge=0.0, le=1.0)  # galaxies with small companions (both classes)
-    spiral_rate: float = Field(0.1, ge=0.0, le=1.0)  # non-lenses with arm/ring structure
+    # Priors (lensray/simulate/priors.py): "randomised" wide nuisance priors for training, "shifted" other
+    # priors for evaluation only, "classic" the original simulator (Gaussian PSF, one noise model).
+    preset: Literal["randomised", "shifted", "classic"] = "randomised"
+    companion_rate: float = Field(0.35, ge=0.0, le=1.0)  # classic only: galaxies with small companions (both classes)
+    spiral_rate: float = Field(0.1, ge=0.0, le=1.0)  # classic only: non-lenses with arm/ring structure
     # The real data's quirks, at small rates.
     nan_pixel_rate: float = Field(0.02, ge=0.0, le=1.0)  # fraction of IDs with some NaN pixels
     offsize_nir_rate: float = Field(0.01, ge=0.0, le=1.0)  # fraction of IDs with a non-66x66 NIR stamp

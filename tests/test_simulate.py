@@ -1,5 +1,6 @@
-"""The challenge-format simulator: physics and catalogue on a pure sample, layout and quirks on real
-written data sets (local disk and moto S3) through real Ray tasks."""
+"""The challenge-format simulator: physics and catalogue on a pure sample (the ``classic`` preset), the
+randomised presets' priors and shortcuts, layout, truth and quirks on real written data sets (local disk
+and moto S3) through real Ray tasks."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ import pytest
 from astropy.io import fits
 
 from lensray import storage
+from lensray.cli import main
 from lensray.config import SimulateConfig
-from lensray.simulate.instrument import FLUX_MAGZP, band_observation
+from lensray.simulate.instrument import FLUX_MAGZP, BandNoise, Psf, band_observation
 from lensray.simulate.measure import FIELD_DESCRIPTIONS
-from lensray.simulate.writer import object_rng, simulate_dataset, simulate_object
+from lensray.simulate.priors import ARTEFACT_KINDS, CONFUSER_KINDS, PRESETS, PSF_KINDS, SHIFTED
+from lensray.simulate.quirks import inject_artefacts
+from lensray.simulate.render import _observed
+from lensray.simulate.writer import TRUTH_COLUMNS, TRUTH_NAME, object_rng, simulate_dataset, simulate_object, truth_row
 from lensray.sky.bands import BAND_NAMES, BANDS, NIR_BANDS, band_relpath
 from lensray.sky.catalog import CATALOG_NAME, COLUMNS
 
 NO_QUIRKS = dict(nan_pixel_rate=0.0, offsize_nir_rate=0.0, missing_image_rate=0.0, duplicate_id_rate=0.0)
+CLASSIC = dict(preset="classic", **NO_QUIRKS)  # the original simulator, whose physics the first tests pin
 SOURCE_COLUMNS = (
     "source_ID",
     "z_source",
@@ -37,8 +43,8 @@ SOURCE_COLUMNS = (
 
 @pytest.fixture(scope="module")
 def sample():
-    """240 objects, half lenses, simulated in-process (no I/O): the population the label rules see."""
-    config = SimulateConfig(**NO_QUIRKS)
+    """240 classic objects, half lenses, simulated in-process (no I/O): the population the label rules see."""
+    config = SimulateConfig(**CLASSIC)
     return [simulate_object(300000 + k, k % 2 == 0, object_rng(11, 300000 + k), config) for k in range(240)]
 
 
@@ -54,16 +60,46 @@ def _lens_ids(rows: list[dict]) -> dict[str, set[int]]:
 # --- pure: one object ---------------------------------------------------------------------------------
 
 
-def test_same_seed_same_object_and_different_seed_differs():
-    config = SimulateConfig(**NO_QUIRKS)
+@pytest.mark.parametrize("preset", ["classic", "randomised", "shifted"])
+def test_same_seed_same_object_and_different_seed_differs(preset: str):
+    config = SimulateConfig(**{**NO_QUIRKS, "preset": preset})
     first = simulate_object(200001, True, object_rng(7, 200001), config)
     again = simulate_object(200001, True, object_rng(7, 200001), config)
     other = simulate_object(200001, True, object_rng(8, 200001), config)
     for band in BAND_NAMES:
         np.testing.assert_array_equal(first.images[band], again.images[band])
-    assert first.row == again.row
+    assert first.row == again.row and truth_row(first) == truth_row(again)
     assert not np.array_equal(first.images["VIS"], other.images["VIS"])
     assert first.row["mag_eff"] != other.row["mag_eff"]
+    assert truth_row(first)["preset"] == preset
+
+
+# Four classic objects as the simulator drew them before the presets existed (computed on main at
+# 5fa33bb): ID, kind, mag_eff, n_pix_source, lens_flux, n_gal_10, per-band nansums, quirks.
+CLASSIC_GOLDEN = [
+    (600000, "elliptical", 3.9661317314595057, 84, 1.2425944865751857e-09, 4,
+     (2.41716e-09, 4.418848e-09, 6.251184e-09, 7.582533e-09), {"H": 65}, {"J": 198}),
+    (600001, "elliptical", 3.7128680284227014, 290, 1.153573522135111e-08, 0,
+     (1.188173e-08, 2.82659e-08, 4.176694e-08, 5.801211e-08), {"Y": 67}, {"J": 198, "VIS": 15}),
+    (600002, "elliptical", 0.0, 0, 3.151350785819043e-08, 0,
+     (3.142645e-08, 6.85229e-08, 9.680703e-08, 1.278377e-07), {"J": 65}, {"VIS": 200, "H": 19}),
+    (600003, "spiral", 0.0, 0, 1.208923527950163e-09, 1,
+     (1.705456e-09, 2.599976e-09, 3.28637e-09, 4.159781e-09), {"H": 65}, {"H": 65}),
+]  # fmt: skip
+
+
+def test_classic_preset_draws_what_it_drew_before_the_presets():
+    config = SimulateConfig(
+        preset="classic", nan_pixel_rate=1.0, offsize_nir_rate=1.0, companion_rate=0.5, spiral_rate=0.5
+    )
+    for object_id, kind, mag_eff, n_pix_source, lens_flux, n_gal_10, sums, nir_sizes, nan_pixels in CLASSIC_GOLDEN:
+        obj = simulate_object(object_id, object_id < 600002, object_rng(21, object_id), config)
+        assert (obj.kind, obj.row["n_pix_source"], obj.row["n_gal_10"]) == (kind, n_pix_source, n_gal_10)
+        assert obj.row["mag_eff"] == pytest.approx(mag_eff, rel=1e-9)
+        assert obj.row["lens_flux"] == pytest.approx(lens_flux, rel=1e-9)
+        observed = [np.nansum(obj.images[band].astype(np.float64)) for band in BAND_NAMES]
+        assert observed == pytest.approx(list(sums), rel=1e-5), object_id
+        assert (obj.quirks.nir_sizes, obj.quirks.nan_pixels) == (nir_sizes, nan_pixels)
 
 
 def test_shapes_dtype_and_raw_flux_scale(sample):
@@ -166,13 +202,13 @@ def test_label_rules_really_differ(sample):
 
 
 def test_hard_non_lenses_are_drawn_at_their_rates():
-    config = SimulateConfig(spiral_rate=1.0, companion_rate=1.0, **NO_QUIRKS)
+    config = SimulateConfig(spiral_rate=1.0, companion_rate=1.0, **CLASSIC)
     objs = [simulate_object(400000 + k, False, object_rng(3, 400000 + k), config) for k in range(10)]
     assert {o.kind for o in objs} == {"spiral", "ring"}
     assert all(o.row["n_gal_10"] >= 1 for o in objs)
     lens = simulate_object(400100, True, object_rng(3, 400100), config)
     assert lens.kind == "elliptical" and lens.row["n_gal_10"] >= 1  # companions in both classes
-    none = SimulateConfig(spiral_rate=0.0, companion_rate=0.0, **NO_QUIRKS)
+    none = SimulateConfig(spiral_rate=0.0, companion_rate=0.0, **CLASSIC)
     plain = [simulate_object(400000 + k, False, object_rng(3, 400000 + k), none) for k in range(5)]
     assert all(o.kind == "elliptical" and o.row["n_gal_10"] == 0 for o in plain)
 
@@ -188,6 +224,128 @@ def test_image_quirks_at_rate_one_do_what_they_claim():
         assert band in NIR_BANDS and size in (65, 67)
         assert obj.images[band].shape == (size, size)
         assert all(obj.images[b].shape == (66, 66) for b in NIR_BANDS if b != band)
+
+
+# --- the randomised presets: priors, PSF, noise, artefacts, shortcuts --------------------------------
+
+
+def test_priors_tables_are_complete_and_differ_between_presets():
+    for priors in PRESETS.values():
+        assert set(priors.confusers.kinds) == set(CONFUSER_KINDS)
+        assert set(priors.confusers.artefacts) == set(ARTEFACT_KINDS)
+        assert set(priors.psf.kinds) <= set(PSF_KINDS) and set(priors.psf.fwhm) == set(BAND_NAMES)
+        assert sum(priors.source.morphology.values()) == pytest.approx(1.0)
+        assert sum(priors.confusers.kinds.values()) == pytest.approx(1.0)
+    randomised, shifted = PRESETS["randomised"], PRESETS["shifted"]
+    for section in ("psf", "noise", "lens", "source", "confusers"):
+        assert getattr(randomised, section) != getattr(shifted, section), section
+
+
+@pytest.mark.parametrize("preset", ["randomised", "shifted"])
+def test_randomised_presets_draw_their_documented_ranges(preset: str):
+    """PSF family and FWHM, noise level, Einstein radius and confuser kind vary across objects within the
+    preset's priors, and the confusers appear in both classes."""
+    priors = PRESETS[preset]
+    config = SimulateConfig(**{**NO_QUIRKS, "preset": preset})
+    objs = [simulate_object(700000 + k, k % 2 == 0, object_rng(4, 700000 + k), config) for k in range(36)]
+    truth = [truth_row(o) for o in objs]
+    assert len({t["psf_kind"] for t in truth}) >= 2 and {t["psf_kind"] for t in truth} <= set(priors.psf.kinds)
+    for band in BAND_NAMES:
+        fwhm = np.array([t[f"psf_fwhm_{band}"] for t in truth])
+        low, high = priors.psf.fwhm[band]
+        assert low <= fwhm.min() and fwhm.max() <= high and fwhm.std() > 0.1 * (high - low), band
+    scales = np.array([t["noise_scale_VIS"] for t in truth])
+    assert scales.max() / scales.min() > 1.3
+    theta_e = np.array([t["theta_e"] for t in truth])
+    assert priors.lens.theta_e[0] <= theta_e.min() and theta_e.max() <= priors.lens.theta_e[1]
+    kinds = {cls: {t["kind"] for t in truth if t["is_lens"] == cls} for cls in (0, 1)}
+    assert len(kinds[0] & kinds[1]) >= 3, kinds  # the same confusers in lenses and non-lenses
+    assert {t["lens_type"] for t in truth if t["is_lens"]} <= {"strong", "weak"}
+    assert all(t["lens_type"] == "none" and t["n_sources"] == 0 for t in truth if not t["is_lens"])
+    assert {t["preset"] for t in truth} == {preset}
+    assert any(t["correlated_bands"] for t in truth) and any(t["sky_residual_bands"] for t in truth)
+    for obj in objs:
+        assert all(np.isfinite(obj.images[band]).all() for band in BAND_NAMES)
+        assert tuple(obj.row) == COLUMNS and all(np.isfinite(v) for v in obj.row.values())
+
+
+@pytest.mark.parametrize("kind", PSF_KINDS)
+@pytest.mark.parametrize("pixel_scale", [0.1, 0.3])
+def test_psf_kernels_have_unit_flux_and_their_fwhm(kind: str, pixel_scale: float):
+    psf = Psf(kind, 0.45 if pixel_scale == 0.3 else 0.2, beta=3.0, wing_fraction=0.1, wing_scale=3.0)
+    kernel = psf.kernel(pixel_scale)
+    assert kernel.sum() == pytest.approx(1.0) and kernel.shape[0] % 2 == 1 and (kernel >= 0).all()
+    # FWHM from the area above half the peak (pixel-sampled: generous bounds on a 2-5 px core).
+    fwhm = 2 * math.sqrt((kernel >= kernel.max() / 2).sum() / math.pi) * pixel_scale
+    assert 0.6 * psf.fwhm < fwhm < 1.6 * psf.fwhm, (kind, fwhm)
+    elongated = Psf(kind, psf.fwhm, beta=3.0, q=0.6).kernel(pixel_scale)
+    rows, cols = np.indices(elongated.shape) - elongated.shape[0] // 2
+    assert (elongated * cols**2).sum() > 1.3 * (elongated * rows**2).sum()  # major axis along x (phi = 0)
+
+
+def test_noise_level_correlation_and_sky_residual():
+    obs = band_observation("VIS")
+    sigma = obs.noise_cps * obs.flux_per_cps
+    model = np.zeros((200, 200))
+    white = _observed(model, "VIS", np.random.default_rng(0), BandNoise(sky_scale=2.0))
+    smooth = _observed(model, "VIS", np.random.default_rng(0), BandNoise(sky_scale=2.0, correlation=1.0))
+    for image in (white, smooth):
+        assert image.std() == pytest.approx(2.0 * sigma, rel=0.1)
+
+    def neighbour_correlation(image):
+        return np.corrcoef(image[:, :-1].ravel(), image[:, 1:].ravel())[0, 1]
+
+    assert abs(neighbour_correlation(white)) < 0.05 and neighbour_correlation(smooth) > 0.5
+    tilted = _observed(model, "VIS", np.random.default_rng(0), BandNoise(gradient=(0.0, 3.0, 0.0)))
+    assert tilted[:, -20:].mean() - tilted[:, :20].mean() == pytest.approx(3.0 * sigma * 0.9, rel=0.15)
+
+
+@pytest.mark.parametrize("kind", ARTEFACT_KINDS)
+def test_artefacts_add_what_they_claim(kind: str):
+    images = {band: np.zeros((BANDS[band].size,) * 2, np.float32) for band in BAND_NAMES}
+    inject_artefacts(images, (kind,), {band: 1.0 for band in BAND_NAMES}, np.random.default_rng(3))
+    touched = {band: np.abs(image) > 0.5 for band, image in images.items() if np.abs(image).max() > 0.5}
+    assert len(touched) == 1, kind  # one band
+    ((band, mask),) = touched.items()
+    if kind == "cosmic_ray":
+        assert 1 <= mask.sum() <= 20 and np.abs(images[band]).max() >= 10.0
+    elif kind == "satellite":
+        assert mask.sum() >= BANDS[band].size // 2  # a line across the stamp
+    else:
+        assert mask.all(axis=0).any() or mask.all(axis=1).any() or mask.sum() >= BANDS[band].size // 2
+
+
+def _scalar_features(obj) -> dict[str, float]:
+    """What a shortcut would use: total VIS flux, central peak, the border's noise sigma, VIS-H colour."""
+    vis, h = (np.nan_to_num(obj.images[b].astype(np.float64)) for b in ("VIS", "H"))
+    border = np.concatenate([vis[:10].ravel(), vis[-10:].ravel(), vis[:, :10].ravel(), vis[:, -10:].ravel()])
+    rows, cols = np.indices(vis.shape)
+    h_rows, h_cols = np.indices(h.shape)
+    vis_flux = vis[np.hypot(rows - 99.5, cols - 99.5) * 0.1 < 2.0].sum()
+    h_centre = (h.shape[0] - 1) / 2
+    h_flux = h[np.hypot(h_rows - h_centre, h_cols - h_centre) * 0.3 < 2.0].sum()
+    return dict(
+        total_flux=vis.sum(),
+        peak=vis[75:125, 75:125].max(),
+        border_sigma=1.4826 * np.median(np.abs(border - np.median(border))),
+        colour_vis_h=-2.5 * math.log10(max(vis_flux, 1e-15) / max(h_flux, 1e-15)),
+    )
+
+
+@pytest.mark.slow
+def test_randomised_leaves_no_scalar_shortcut():
+    """On 300 randomised objects no single scalar separates lenses from non-lenses well. Measured at
+    this seed: AUC (either direction) 0.50-0.52; on another 400-object sample 0.51-0.59 (colour the
+    highest: lensed sources are bluer). The bound 0.7 leaves ~3 sd (sd ~0.033 at 150 + 150) of margin."""
+    from sklearn.metrics import roc_auc_score
+
+    config = SimulateConfig(**NO_QUIRKS)
+    objs = [simulate_object(800000 + k, k % 2 == 0, object_rng(1, 800000 + k), config) for k in range(300)]
+    labels = np.array([o.is_lens for o in objs])
+    features = [_scalar_features(o) for o in objs]
+    for name in features[0]:
+        auc = roc_auc_score(labels, [f[name] for f in features])
+        assert max(auc, 1 - auc) < 0.7, (name, auc)
 
 
 # --- written data sets (real Ray tasks) ---------------------------------------------------------------
@@ -210,7 +368,7 @@ def test_dataset_layout_headers_catalogue_and_worker_invariance(tmp_path, ray_cl
     assert "8 objects" in str(summary)
 
     one, two = _files(tmp_path / "w1"), _files(tmp_path / "w2")
-    assert len(one) == 8 * 4 + 1
+    assert len(one) == 8 * 4 + 2  # FITS files, the catalogue and truth.csv
     assert one == two  # byte for byte, whatever the number of workers
 
     for object_id in range(200001, 200009):
@@ -229,6 +387,15 @@ def test_dataset_layout_headers_catalogue_and_worker_invariance(tmp_path, ray_cl
     assert table.iloc[:, 0].tolist() == list(range(8))
     assert (table["n_sources"] > 0).sum() == 4
 
+    truth = pd.read_csv(tmp_path / "w1" / TRUTH_NAME)
+    assert tuple(truth.columns) == TRUTH_COLUMNS and truth["ID"].tolist() == table["ID"].tolist()
+    assert truth["is_lens"].tolist() == (table["n_sources"] > 0).astype(int).tolist()
+    assert set(truth["preset"]) == {"randomised"} and set(truth["kind"]) <= set(CONFUSER_KINDS)
+    assert (truth["has_images"] == 1).all()
+    for object_id, psf_kind in zip(truth["ID"], truth["psf_kind"], strict=True):
+        _, header = _read_fits(str(tmp_path / "w1" / band_relpath("VIS", object_id)))
+        assert header["PSFKIND"] == psf_kind
+
 
 def test_missing_images_and_duplicate_rows_at_rate_one(tmp_path, ray_cluster):
     config = SimulateConfig(
@@ -240,6 +407,8 @@ def test_missing_images_and_duplicate_rows_at_rate_one(tmp_path, ray_cluster):
     table = pd.read_csv(tmp_path / CATALOG_NAME, comment="#")
     assert table["ID"].tolist() == [200001, 200002, 200003, 200001, 200002, 200003]
     assert summary.n_rows == 6
+    truth = pd.read_csv(tmp_path / TRUTH_NAME)
+    assert truth["ID"].tolist() == [200001, 200002, 200003] and (truth["has_images"] == 0).all()
     # A repeated row repeats the original's values.
     pd.testing.assert_frame_equal(table.iloc[3:, 1:].reset_index(drop=True), table.iloc[:3, 1:].reset_index(drop=True))
 
@@ -263,3 +432,15 @@ def test_writes_to_s3_with_nan_and_offsize_quirks(s3_bucket, ray_cluster):
 def test_missing_out_is_a_clear_error():
     with pytest.raises(ValueError, match="simulate.out"):
         simulate_dataset(SimulateConfig(n=1))
+
+
+def test_cli_preset_flag_writes_the_shifted_preset(tmp_path, ray_cluster, capsys):
+    out = tmp_path / "shifted"
+    assert main(["simulate", "--out", str(out), "--n", "2", "--workers", "1", "--preset", "shifted"]) == 0
+    assert "preset shifted" in capsys.readouterr().out
+    truth = pd.read_csv(out / TRUTH_NAME)
+    assert set(truth["preset"]) == {"shifted"} and set(truth["psf_kind"]) <= set(SHIFTED.psf.kinds)
+    assert "preset=shifted" in (out / CATALOG_NAME).read_text().splitlines()[1]
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a preset that does not exist
+        main(["simulate", "--out", str(out), "--preset", "other"])
+    assert exit_info.value.code == 2 and "invalid choice: 'other'" in capsys.readouterr().err

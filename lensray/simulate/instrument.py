@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 from astropy.cosmology import FlatLambdaCDM
@@ -78,3 +78,74 @@ def window(center: tuple[float, float], radius: float | None) -> tuple[slice, sl
         return slice(lo, max(lo, hi))
 
     return span(center[1]), span(center[0])
+
+
+@dataclass(frozen=True)
+class Psf:
+    """One band's PSF (the randomised presets; ``classic`` is a round Gaussian of ``fwhm``).
+
+    gaussian: exp(-r^2 / 2 s^2); moffat: (1 + (r/a)^2)^-beta with FWHM = 2 a sqrt(2^(1/beta) - 1);
+    moffat_wings: a Moffat core plus a Moffat (beta 1.8) halo carrying ``wing_fraction`` of the flux at
+    ``wing_scale`` x the FWHM; double_gaussian: the same with Gaussians. ``q``/``phi``: the core's axis
+    ratio and angle (r is measured in the core's elliptical frame).
+    """
+
+    kind: str
+    fwhm: float  # arcsec
+    beta: float = 0.0
+    wing_fraction: float = 0.0
+    wing_scale: float = 1.0
+    q: float = 1.0
+    phi: float = 0.0
+
+    def kernel(self, pixel_scale: float) -> np.ndarray:
+        """The PSF sampled on pixels of ``pixel_scale`` (3x3 sub-pixels each), normalised to unit sum."""
+        return _kernel(self, pixel_scale).copy()
+
+
+@lru_cache(maxsize=8)  # the VIS kernel serves the three light groups of one object
+def _kernel(psf: Psf, pixel_scale: float) -> np.ndarray:
+    halo_fwhm = psf.fwhm * (psf.wing_scale if psf.wing_fraction > 0 else 1.0)
+    # Beyond ~4 core FWHM (Moffat core) or 2.5 halo FWHM the truncated light is a few per cent at most.
+    reach = max(4.0 * psf.fwhm, 2.5 * halo_fwhm) if psf.kind != "gaussian" else 2.0 * psf.fwhm
+    radius = int(min(math.ceil(reach / pixel_scale) + 1, 30))
+    n = 2 * radius + 1
+    sub = (np.arange(3 * n) - (3 * n - 1) / 2) / 3.0 * pixel_scale
+    y, x = np.meshgrid(sub, sub, indexing="ij")
+    major = math.cos(psf.phi) * x + math.sin(psf.phi) * y
+    minor = (-math.sin(psf.phi) * x + math.cos(psf.phi) * y) / psf.q
+    core_r = np.hypot(major, minor)
+    if psf.kind in ("moffat", "moffat_wings"):
+        image = _normalised(_moffat(core_r, psf.fwhm, psf.beta))
+    else:
+        image = _normalised(_gaussian(core_r, psf.fwhm))
+    if psf.kind in ("moffat_wings", "double_gaussian"):
+        r = np.hypot(x, y)
+        halo = _moffat(r, halo_fwhm, 1.8) if psf.kind == "moffat_wings" else _gaussian(r, halo_fwhm)
+        image = (1 - psf.wing_fraction) * image + psf.wing_fraction * _normalised(halo)
+    pixels = image.reshape(n, 3, n, 3).sum(axis=(1, 3))
+    return pixels / pixels.sum()
+
+
+def _moffat(r: np.ndarray, fwhm: float, beta: float) -> np.ndarray:
+    alpha = fwhm / (2.0 * math.sqrt(2.0 ** (1.0 / beta) - 1.0))
+    return (1.0 + (r / alpha) ** 2) ** (-beta)
+
+
+def _gaussian(r: np.ndarray, fwhm: float) -> np.ndarray:
+    sigma = fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    return np.exp(-0.5 * (r / sigma) ** 2)
+
+
+def _normalised(image: np.ndarray) -> np.ndarray:
+    return image / image.sum()
+
+
+@dataclass(frozen=True)
+class BandNoise:
+    """One band's noise draw (the randomised presets; ``classic`` is the nominal depth, white)."""
+
+    sky_scale: float = 1.0  # x the nominal background sigma
+    exposure_scale: float = 1.0  # x the nominal exposure (Poisson term: model / exposure)
+    gradient: tuple[float, float, float] = (0.0, 0.0, 0.0)  # pedestal, d/dx, d/dy across the stamp (sigmas)
+    correlation: float = 0.0  # Gaussian smoothing (pixels) of the noise field, variance kept; 0: white

@@ -1,6 +1,7 @@
 """Light shapes: surface brightness in arbitrary units (every rendered map is normalised afterwards).
 
-Sersic profiles, star-forming knots, clumpy sources, spiral arms and star-forming rings, and
+Sersic profiles, star-forming knots, clumpy sources, spiral arms, star-forming rings (and tidal arcs),
+point sources (stars), and
 ``LightPart``: one shape with its VIS magnitude and colour.
 """
 
@@ -174,7 +175,14 @@ def _disc_to_sky(major, minor, center: tuple[float, float], phi: float, q: float
     )
 
 
-Shape = Sersic | Knots | ClumpySource | SpiralArms | Ring
+@dataclass(frozen=True)
+class PointSource:
+    """A star: all its light in one point (rendered by sharing it between the four nearest pixels)."""
+
+    center: tuple[float, float]
+
+
+Shape = Sersic | Knots | ClumpySource | SpiralArms | Ring | PointSource
 
 
 @dataclass(frozen=True)

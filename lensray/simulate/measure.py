@@ -51,7 +51,7 @@ def measure(
     """The 26 catalogue columns of one object, measured on its noiseless VIS maps and its mass model."""
     vis = band_observation("VIS")
     lens_map, source_map = vis_groups["lens"], vis_groups["source"]
-    lens_pixels = lens_map > vis.noise_cps
+    lens_pixels = lens_map > _vis_noise_cps(scene)
     x_crit, y_crit, n_crit, crit_area = _critical_curves(scene)
     row: dict[str, float] = dict(
         ID=int(object_id),
@@ -92,7 +92,7 @@ def _source_columns(
     """A lens's source columns (a non-lens keeps their zeros)."""
     assert scene.source is not None
     vis = band_observation("VIS")
-    source_pixels = source_map > vis.noise_cps
+    source_pixels = source_map > _vis_noise_cps(scene)
     n_pix_source = int(source_pixels.sum())
     return dict(
         source_ID=scene.source_id,
@@ -105,8 +105,14 @@ def _source_columns(
         mag_eff=rendered.magnification,
         sb_contrast=float(source_map[source_pixels].sum() / lens_map[source_pixels].sum()) if n_pix_source else 0.0,
         color_diff=scene.lens_vis_minus_h - scene.source_vis_minus_h,
-        n_sources=1,
+        n_sources=1 + scene.extra_sources,
     )
+
+
+def _vis_noise_cps(scene: Scene) -> float:
+    """The object's VIS background sigma (e-/s): the detection threshold of n_pix_lens / n_pix_source."""
+    scale = 1.0 if scene.noise is None else scene.noise["VIS"].sky_scale
+    return band_observation("VIS").noise_cps * scale
 
 
 def _vis_pixel(x: float, y: float) -> tuple[float, float]:

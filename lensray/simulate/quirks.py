@@ -52,3 +52,36 @@ def inject_nan_pixels(
             image[edges[int(rng.integers(0, len(edges)))]] = np.nan
         counts[str(band)] = int(np.isnan(image).sum())
     return counts
+
+
+def inject_artefacts(
+    images: dict[str, np.ndarray], kinds: tuple[str, ...], sigmas: dict[str, float], rng: np.random.Generator
+) -> None:
+    """Detector and sky artefacts (the randomised presets), in place, scaled by each band's background
+    ``sigmas`` (flux units): a cosmic-ray track (mostly VIS), a satellite trail across one band, a bad
+    column (or row) offset in one band."""
+    for kind in kinds:
+        band = "VIS" if kind == "cosmic_ray" and rng.random() < 0.8 else str(rng.choice(BAND_NAMES))
+        image = images[band]
+        size = image.shape[0]
+        sigma = sigmas[band]
+        if kind == "cosmic_ray":
+            length, angle = rng.uniform(1.0, 8.0), rng.uniform(0.0, np.pi)
+            r0, c0 = rng.uniform(0, size - 1, size=2)
+            steps = np.linspace(0.0, length, max(2, int(2 * length)))
+            rows = np.clip(np.round(r0 + steps * np.sin(angle)).astype(int), 0, size - 1)
+            cols = np.clip(np.round(c0 + steps * np.cos(angle)).astype(int), 0, size - 1)
+            image[rows, cols] += np.float32(rng.uniform(10.0, 300.0) * sigma)
+        elif kind == "satellite":
+            rows, cols = np.indices(image.shape)
+            angle, r0, c0 = rng.uniform(0.0, np.pi), rng.uniform(0, size), rng.uniform(0, size)
+            distance = np.abs((rows - r0) * np.cos(angle) - (cols - c0) * np.sin(angle))
+            width, amplitude = rng.uniform(0.5, 1.5), rng.uniform(2.0, 30.0)
+            image += (amplitude * sigma * np.exp(-0.5 * (distance / width) ** 2)).astype(np.float32)
+        else:
+            index, start = int(rng.integers(0, size)), int(rng.integers(0, size // 2)) if rng.random() < 0.5 else 0
+            offset = np.float32(rng.choice([-1.0, 1.0]) * rng.uniform(3.0, 20.0) * sigma)
+            if rng.random() < 0.7:
+                image[start:, index] += offset
+            else:
+                image[index, start:] += offset

@@ -18,7 +18,7 @@ from lenstronomy.LensModel.lens_model import LensModel
 from lenstronomy.Util import param_util
 
 from lensray.config import SimulateConfig
-from lensray.simulate.instrument import COSMOLOGY, PSF_FWHM_RANGE
+from lensray.simulate.instrument import COSMOLOGY, PSF_FWHM_RANGE, BandNoise, Psf
 from lensray.simulate.light import ClumpySource, Knots, LightPart, Ring, Sersic, SpiralArms
 from lensray.sky.bands import BAND_NAMES
 
@@ -48,6 +48,14 @@ class Scene:
     source_vis_minus_h: float
     companion_radii: tuple[float, ...]  # distances (arcsec) of companions from the lens centre
     psf_fwhm: dict[str, float]
+    # The randomised presets' extras (``randomise.draw_random_scene``); the defaults are classic's.
+    preset: str = "classic"
+    psf: dict[str, Psf] | None = None  # None: a round Gaussian of psf_fwhm
+    noise: dict[str, BandNoise] | None = None  # None: the nominal depth, white
+    confuser: str = ""  # the main confuser kind (priors.CONFUSER_KINDS); classic: see truth_kind
+    lens_type: str = "none"  # none, strong (source inside the caustic's scale) or weak
+    extra_sources: int = 0  # lensed sources beyond the first (parts of group "source")
+    artefacts: tuple[str, ...] = ()  # image artefacts to inject after the noise (priors.ARTEFACT_KINDS)
 
 
 @dataclass(frozen=True)
@@ -68,14 +76,14 @@ class _LensGalaxy:
 def draw_scene(rng: np.random.Generator, is_lens: bool, config: SimulateConfig) -> Scene:
     """All the physical parameters of one object: a lens-galaxy population shared by both classes."""
     galaxy = _draw_galaxy(rng)
-    kwargs_lens, center, light_q, light_phi = _draw_mass(rng, galaxy.theta_e)
+    kwargs_lens, center, light_q, light_phi = draw_mass(rng, galaxy.theta_e)
     kind = "elliptical"
     if not is_lens and rng.random() < config.spiral_rate:
         kind = "spiral" if rng.random() < 0.6 else "ring"
     parts = list(_galaxy_parts(rng, kind, galaxy.r_eff, light_q, light_phi, center, galaxy.mag, galaxy.color))
     companions = []
     if rng.random() < config.companion_rate:
-        companions = [_companion(rng, galaxy.mag, galaxy.color, center) for _ in range(1 + rng.poisson(1.5))]
+        companions = [companion(rng, galaxy.mag, galaxy.color, center) for _ in range(1 + rng.poisson(1.5))]
     parts += [part for part, _ in companions]
     source, source_id = _draw_lensed_source(rng, galaxy.theta_e, center) if is_lens else (None, 0)
     if source is not None:
@@ -122,7 +130,7 @@ def _draw_galaxy(rng: np.random.Generator) -> _LensGalaxy:
     return _LensGalaxy(z_lens, z_source, theta_e, sigma_v, log_mstar, log_mhalo, mag_lens, r_eff, lens_color)
 
 
-def _draw_mass(rng: np.random.Generator, theta_e: float):
+def draw_mass(rng: np.random.Generator, theta_e: float):
     """SIE + external shear lenstronomy kwargs, the lens centre, and the light's axis ratio and angle
     (close to the mass's)."""
     center = tuple(rng.normal(0.0, 0.03, size=2))
@@ -151,14 +159,14 @@ def _galaxy_parts(rng, kind, r_eff, q, phi, center, mag, color) -> Iterator[Ligh
     """The central galaxy's light: an elliptical; a bulge + disc with spiral arms and knots; or an
     elliptical with a (partial, knotty) star-forming ring."""
     if kind == "spiral":
-        yield from _spiral_parts(rng, center, mag, color)
+        yield from spiral_parts(rng, center, mag, color)
         return
     yield LightPart("lens", Sersic(r_eff, rng.uniform(2.5, 5.5), q, phi, center), mag, color, core=0.5)
     if kind == "ring":
-        yield from _ring_parts(rng, q, phi, center, mag)
+        yield from ring_parts(rng, q, phi, center, mag)
 
 
-def _spiral_parts(rng, center, mag, color) -> Iterator[LightPart]:
+def spiral_parts(rng, center, mag, color) -> Iterator[LightPart]:
     """Bulge, disc, arms and knots on the arms, sharing the galaxy's magnitude ``mag``."""
 
     def share(fraction: float) -> float:
@@ -177,14 +185,14 @@ def _spiral_parts(rng, center, mag, color) -> Iterator[LightPart]:
     )
     n_knots = int(rng.integers(4, 16))
     knot_x, knot_y = arms.crest(disc.r_eff * rng.uniform(0.6, 2.5, n_knots), rng.integers(0, arms.arms, n_knots))
-    knots = _knots(rng, knot_x, knot_y, n_knots)
+    knots = knots_at(rng, knot_x, knot_y, n_knots)
     yield LightPart("lens", bulge, share(bulge_fraction), color, core=0.5)
     yield LightPart("lens", disc, share(1 - bulge_fraction - arm_fraction - knot_fraction), color - 0.4)
     yield LightPart("lens", arms, share(arm_fraction), rng.normal(0.6, 0.2))
     yield LightPart("lens", knots, share(knot_fraction), rng.normal(0.3, 0.2))
 
 
-def _ring_parts(rng, q, phi, center, mag) -> Iterator[LightPart]:
+def ring_parts(rng, q, phi, center, mag) -> Iterator[LightPart]:
     """A star-forming ring (full, or an arc) around the elliptical, clumpy half of the time."""
     ring_q = float(np.clip(q + rng.normal(0, 0.1), 0.5, 1.0))
     ring = Ring(
@@ -201,16 +209,16 @@ def _ring_parts(rng, q, phi, center, mag) -> Iterator[LightPart]:
     if rng.random() < 0.5:  # collisional rings are clumpy
         n_knots = int(rng.integers(3, 10))
         angles = ring.arc_angle + rng.normal(0.0, 2.0 / (1.0 + ring.arc_power), n_knots)
-        knots = _knots(rng, *ring.on_ring(angles), n_knots)
+        knots = knots_at(rng, *ring.on_ring(angles), n_knots)
         yield LightPart("lens", knots, ring_mag + rng.uniform(0.5, 1.5), ring_color - 0.2)
 
 
-def _knots(rng, x: np.ndarray, y: np.ndarray, n: int) -> Knots:
+def knots_at(rng, x: np.ndarray, y: np.ndarray, n: int) -> Knots:
     fractions = tuple(rng.dirichlet(np.ones(n)))
     return Knots(tuple(zip(x.tolist(), y.tolist(), strict=False)), tuple(rng.uniform(0.03, 0.07, n)), fractions)
 
 
-def _companion(rng, mag_lens, lens_color, lens_center) -> tuple[LightPart, float]:
+def companion(rng, mag_lens, lens_color, lens_center) -> tuple[LightPart, float]:
     """A small galaxy near the lens: half red like the lens, half blue like a source, so neither colour nor
     presence gives the label away."""
     radius = rng.uniform(0.8, 5.0) if rng.random() < 0.7 else rng.uniform(5.0, 9.5)

@@ -4,9 +4,10 @@ Per object (pure, no I/O; ``simulate_object``): draw a scene (``scene``: lens ga
 an optional lensed source, companions, spiral or ring structure) -> render each light component once
 on a 0.1"/px canvas, then per band: colours, Gaussian PSF, the band's pixel grid, noise (``render``)
 -> measure the catalogue quantities (``measure``) -> inject the real data's image quirks (``quirks``:
-NaN pixels, off-size NIR stamps). The driver (``simulate_dataset``) plans the data set (which IDs are
+NaN pixels, off-size NIR stamps; artefacts). The scene comes from ``scene.draw_scene`` under the
+``classic`` preset, else from ``randomise.draw_random_scene`` with the preset's ``priors``. The driver (``simulate_dataset``) plans the data set (which IDs are
 lenses, which rows lose their images or repeat), fans chunks of IDs out to Ray tasks that write the
-FITS files, and writes the catalogue from the rows they send back.
+FITS files, and writes the catalogue and each object's truth (``truth.csv``) from the rows they send back.
 
 Every object's randomness comes from ``SeedSequence(seed, spawn_key=(1, ID))``, so the output depends
 on the seed and the ID only, never on the number of workers or the chunking.
@@ -14,6 +15,7 @@ on the seed and the ID only, never on the number of workers or the chunking.
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import time
@@ -29,9 +31,11 @@ from lensray.errors import ConfigError
 from lensray.runtime import ensure_ray, progress
 from lensray.simulate.instrument import FLUX_MAGZP, band_observation
 from lensray.simulate.measure import FIELD_DESCRIPTIONS, measure
-from lensray.simulate.quirks import ImageQuirks, draw_nir_sizes, inject_nan_pixels
+from lensray.simulate.priors import priors_for
+from lensray.simulate.quirks import ImageQuirks, draw_nir_sizes, inject_artefacts, inject_nan_pixels
+from lensray.simulate.randomise import draw_random_scene
 from lensray.simulate.render import observe, render_scene
-from lensray.simulate.scene import draw_scene
+from lensray.simulate.scene import Scene, draw_scene
 from lensray.sky.bands import BAND_NAMES, BANDS, band_relpath
 from lensray.sky.catalog import CATALOG_NAME, COLUMNS, INT_COLUMNS
 
@@ -48,6 +52,38 @@ class SimulatedObject:
     row: dict[str, float]  # the 26 catalogue columns
     quirks: ImageQuirks
     psf_fwhm: dict[str, float]
+    scene: Scene | None = None  # what was drawn: the truth file's source
+
+
+TRUTH_NAME = "truth.csv"  # beside the catalogue: each object's truth (README "Simulation")
+TRUTH_COLUMNS: tuple[str, ...] = (
+    "ID",
+    "is_lens",
+    "kind",  # the main confuser (priors.CONFUSER_KINDS); classic: plain, companions, spiral or ring
+    "lens_type",  # none, strong (source offset < theta_E) or weak
+    "galaxy",  # the central galaxy's morphology: elliptical, spiral, ring, edge_on
+    "preset",
+    "theta_e",
+    "z_lens",
+    "mag_lens",
+    "mag_source",
+    "mag_eff",
+    "n_sources",
+    "n_companions",
+    "psf_kind",
+    "psf_fwhm_VIS",
+    "psf_fwhm_Y",
+    "psf_fwhm_J",
+    "psf_fwhm_H",
+    "noise_scale_VIS",
+    "noise_scale_H",
+    "correlated_bands",  # bands whose noise is correlated
+    "sky_residual_bands",  # bands with a sky-subtraction residual
+    "artefacts",  # ;-joined priors.ARTEFACT_KINDS, or none
+    "nan_pixels",
+    "offsize_nir",  # band:side of an off-size NIR stamp, or none
+    "has_images",  # false: a catalogue row without image files
+)
 
 
 def object_rng(seed: int, object_id: int) -> np.random.Generator:
@@ -57,17 +93,69 @@ def object_rng(seed: int, object_id: int) -> np.random.Generator:
 
 def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, config: SimulateConfig) -> SimulatedObject:
     """Draw, render, observe and measure one object; inject its image quirks. Pure: no I/O."""
-    scene_rng, noise_rng, quirk_rng = rng.spawn(3)
-    scene = draw_scene(scene_rng, is_lens, config)
+    # The fourth stream (artefacts) is new; spawning it leaves the first three, hence classic, unchanged.
+    scene_rng, noise_rng, quirk_rng, artefact_rng = rng.spawn(4)
+    if config.preset == "classic":
+        scene = draw_scene(scene_rng, is_lens, config)
+    else:
+        scene = draw_random_scene(scene_rng, is_lens, priors_for(config.preset))
     nir_sizes = draw_nir_sizes(quirk_rng, config)
     rendered = render_scene(scene)
     # One noise stream per band: an off-size band leaves the others' noise alone.
     band_rngs = dict(zip(BAND_NAMES, noise_rng.spawn(len(BAND_NAMES)), strict=False))
     images, vis_groups = observe(scene, rendered, band_rngs, nir_sizes)
     row = measure(object_id, scene, rendered, vis_groups)
+    if scene.artefacts:
+        inject_artefacts(images, scene.artefacts, {b: _sky_sigma(scene, b) for b in BAND_NAMES}, artefact_rng)
     nan_pixels = inject_nan_pixels(images, quirk_rng, config)
-    return SimulatedObject(
-        int(object_id), bool(is_lens), scene.kind, images, row, ImageQuirks(nir_sizes, nan_pixels), scene.psf_fwhm
+    quirks = ImageQuirks(nir_sizes, nan_pixels)
+    return SimulatedObject(int(object_id), bool(is_lens), scene.kind, images, row, quirks, scene.psf_fwhm, scene)
+
+
+def _sky_sigma(scene: Scene | None, band: str) -> float:
+    """The band's background sigma per pixel (flux units) for this object."""
+    obs = band_observation(band)
+    scale = 1.0 if scene is None or scene.noise is None else scene.noise[band].sky_scale
+    return obs.noise_cps * scale * obs.flux_per_cps
+
+
+def truth_row(obj: SimulatedObject, has_images: bool = True) -> dict[str, object]:
+    """What the object is (``TRUTH_COLUMNS``): the class, the kind of confuser, the lens and the instrument."""
+    scene, row = obj.scene, obj.row
+    assert scene is not None
+    kind = scene.confuser or (
+        scene.kind if scene.kind != "elliptical" else "companions" if scene.companion_radii else "plain"
+    )
+    lens_type = scene.lens_type
+    if scene.preset == "classic" and scene.source is not None:
+        lens = scene.kwargs_lens[0]
+        offset = math.hypot(scene.source.center[0] - lens["center_x"], scene.source.center[1] - lens["center_y"])
+        lens_type = "strong" if offset < scene.theta_e else "weak"
+    noise = scene.noise or {}
+    return dict(
+        ID=obj.object_id,
+        is_lens=int(obj.is_lens),
+        kind=kind,
+        lens_type=lens_type,
+        galaxy=scene.kind,
+        preset=scene.preset,
+        theta_e=scene.theta_e,
+        z_lens=scene.z_lens,
+        mag_lens=row["mag_lens"],
+        mag_source=row["mag_source"],
+        mag_eff=row["mag_eff"],
+        n_sources=int(row["n_sources"]),
+        n_companions=len(scene.companion_radii),
+        psf_kind=scene.psf["VIS"].kind if scene.psf else "gaussian",
+        **{f"psf_fwhm_{band}": scene.psf_fwhm[band] for band in BAND_NAMES},
+        noise_scale_VIS=noise["VIS"].sky_scale if noise else 1.0,
+        noise_scale_H=noise["H"].sky_scale if noise else 1.0,
+        correlated_bands=sum(n.correlation > 0 for n in noise.values()),
+        sky_residual_bands=sum(any(n.gradient) for n in noise.values()),
+        artefacts=";".join(scene.artefacts) or "none",
+        nan_pixels=sum(obj.quirks.nan_pixels.values()),
+        offsize_nir=";".join(f"{b}:{s}" for b, s in obj.quirks.nir_sizes.items()) or "none",
+        has_images=int(has_images),
     )
 
 
@@ -80,8 +168,14 @@ def fits_bytes(obj: SimulatedObject, band: str, seed: int) -> bytes:
     header["PIXSCALE"] = (BANDS[band].pixel_scale, "arcsec per pixel")
     header["BUNIT"] = ("flux", "AB mag = -2.5 log10(flux) + MAGZP")
     header["MAGZP"] = (FLUX_MAGZP, "AB magnitude of unit flux")
-    header["PSF_FWHM"] = (round(obj.psf_fwhm[band], 4), "Gaussian PSF FWHM (arcsec)")
-    header["SKYSIG"] = (float(f"{obs.noise_cps * obs.flux_per_cps:.4e}"), "background noise sigma per pixel (flux)")
+    psf = obj.scene.psf if obj.scene is not None else None
+    if psf is None:  # classic: byte for byte as before
+        header["PSF_FWHM"] = (round(obj.psf_fwhm[band], 4), "Gaussian PSF FWHM (arcsec)")
+    else:
+        header["PSF_FWHM"] = (round(obj.psf_fwhm[band], 4), "PSF FWHM (arcsec)")
+        header["PSFKIND"] = (psf[band].kind, "PSF family (lensray simulate priors)")
+    sky_sigma = _sky_sigma(obj.scene, band)
+    header["SKYSIG"] = (float(f"{sky_sigma:.4e}"), "background noise sigma per pixel (flux)")
     header["EXPTIME"] = (round(obs.exposure_time, 1), "total exposure time (s)")
     header["ORIGIN"] = ("lensray.simulate", "lenstronomy-based challenge-format simulation")
     header["SIMSEED"] = (int(seed), "simulation seed")
@@ -131,6 +225,7 @@ class ObjectResult:
     kind: str
     row: dict[str, float]
     quirks: ImageQuirks
+    truth: dict[str, object]
 
 
 def simulate_chunk(plans: Sequence[ObjectPlan], config: SimulateConfig) -> list[ObjectResult]:
@@ -141,7 +236,7 @@ def simulate_chunk(plans: Sequence[ObjectPlan], config: SimulateConfig) -> list[
         obj = simulate_object(plan.object_id, plan.is_lens, object_rng(config.seed, plan.object_id), config)
         if not plan.missing_images:
             write_object(obj, config.out, config.seed)
-        results.append(ObjectResult(plan, obj.kind, obj.row, obj.quirks))
+        results.append(ObjectResult(plan, obj.kind, obj.row, obj.quirks, truth_row(obj, not plan.missing_images)))
     return results
 
 
@@ -149,6 +244,8 @@ def simulate_chunk(plans: Sequence[ObjectPlan], config: SimulateConfig) -> list[
 class SimulationSummary:
     out: str
     catalog_url: str
+    truth_url: str
+    preset: str
     n_objects: int
     n_lenses: int
     n_rows: int
@@ -170,8 +267,8 @@ class SimulationSummary:
 
         return "\n".join(
             [
-                f"simulated {self.n_objects} objects ({self.n_lenses} lenses) -> {self.out}",
-                f"  catalogue: {self.catalog_url} ({self.n_rows} rows)",
+                f"simulated {self.n_objects} objects ({self.n_lenses} lenses) -> {self.out}, preset {self.preset}",
+                f"  catalogue: {self.catalog_url} ({self.n_rows} rows); truth: {self.truth_url}",
                 f"  quirks: NaN pixels {ids(self.nan_pixel_ids)}; off-size NIR {ids(self.offsize_nir_ids)}; "
                 f"rows without images {ids(self.missing_image_ids)}; duplicate ID rows {ids(self.duplicate_ids)}",
                 f"  {self.wall_s:.1f} s on {self.workers} worker(s): {self.objects_per_s:.1f} objects/s",
@@ -194,9 +291,13 @@ def simulate_dataset(config: SimulateConfig) -> SimulationSummary:
     rows = [r.row for r in results] + [r.row for r in results if r.plan.duplicated]
     catalog_url = storage.join(config.out, CATALOG_NAME)
     storage.write_bytes(catalog_url, catalog_text(rows, config).encode())
+    truth_url = storage.join(config.out, TRUTH_NAME)
+    storage.write_bytes(truth_url, truth_text([r.truth for r in results]).encode())
     return SimulationSummary(
         out=config.out,
         catalog_url=catalog_url,
+        truth_url=truth_url,
+        preset=config.preset,
         n_objects=len(results),
         n_lenses=sum(r.plan.is_lens for r in results),
         n_rows=len(rows),
@@ -234,7 +335,8 @@ def catalog_text(rows: Sequence[dict[str, float]], config: SimulateConfig) -> st
     (row index) column is unnamed, then one row per entry."""
     lines = [
         "# lensray simulated Bologna Lens Finding Challenge 2.0-format training catalogue",
-        f"# seed={config.seed} n={config.n} first_id={config.first_id} lens_fraction={config.lens_fraction}",
+        f"# seed={config.seed} n={config.n} first_id={config.first_id} lens_fraction={config.lens_fraction}"
+        + ("" if config.preset == "classic" else f" preset={config.preset}"),
         "# The first column is an unnamed row index. Fields:",
         *(f"#   {name}: {FIELD_DESCRIPTIONS[name]}" for name in COLUMNS),
         "," + ",".join(COLUMNS),
@@ -242,6 +344,16 @@ def catalog_text(rows: Sequence[dict[str, float]], config: SimulateConfig) -> st
     for index, row in enumerate(rows):
         lines.append(",".join([str(index), *(_format_value(name, row[name]) for name in COLUMNS)]))
     return "\n".join(lines) + "\n"
+
+
+def truth_text(rows: Sequence[dict[str, object]]) -> str:
+    """``truth.csv``: a header row of ``TRUTH_COLUMNS``, then one row per object (no duplicates)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=TRUTH_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue()
 
 
 def _format_value(name: str, value: float) -> str:
