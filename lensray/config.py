@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin

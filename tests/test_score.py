@@ -248,6 +248,13 @@ def test_an_unlabelled_parquet_catalogue_ingests_and_scores(
         sanity_set(store, 4, 0)
     with pytest.raises(EvaluateError, match="holds no labelled objects"):
         predict_split(load_run(trained[0]), store, "train")
+    # lensray train refuses it on the driver, in one line, before any run folder or Ray Train worker exists.
+    runs = tmp_path / "runs"
+    argv = ["train", "--store", store_url, "--out", str(runs), "--name", "unlabelled", "--device", "cpu"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "holds no labelled objects" in error[0] and "--label-column" in error[0], error
+    assert not runs.exists()
 
     out = str(tmp_path / "candidates.parquet")
     columns = ["--id-column", "objid", "--coord-columns", "RA_deg,DEC_deg", "--keep-columns", "field"]

@@ -349,7 +349,7 @@ def _open(store: str | LensStore) -> LensStore:
     return store if isinstance(store, LensStore) else LensStore.open(store)
 
 
-def _labelled_rows(store: LensStore, split: SplitName) -> np.ndarray:
+def labelled_rows(store: LensStore, split: SplitName) -> np.ndarray:
     """Sorted store rows of the split's valid lenses and non-lenses: unlabelled rows (-1) are never fed."""
     rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
     unlabelled = store.indices(split, label=-1).size
@@ -442,7 +442,7 @@ class WorkerFeed:
         self.pin_memory = pin_memory
         self.epoch = 0
         self.batch_size = batch_size if batch_size is not None else per_worker_batch_size(train.batch_size, world_size)
-        rows = _labelled_rows(self.store, split)
+        rows = labelled_rows(self.store, split)
         self.labels = self.store.labels[rows].astype(np.int8)
         steps = train.steps_per_epoch or default_steps(len(rows), self.batch_size * world_size, world_size)
         self.sampler = make_sampler(self.labels, self.batch_size, steps, train, rank, world_size)
@@ -504,7 +504,7 @@ def sanity_set(
     objects of ``split`` for ``loop.sanity_check`` -- the same on every worker and every call.
     """
     store = _open(store)
-    rows = _labelled_rows(store, split)
+    rows = labelled_rows(store, split)
     chosen = rows[balanced_subset(store.labels[rows], size, seed)]
     return store.read(chosen).astype(np.float32), store.labels[chosen].astype(np.int8)
 
@@ -540,7 +540,7 @@ class EvalFeed:
             raise FeedError(f"batch_size must be >= 1, got {batch_size}")
         self.store = _open(store)
         self.batch_size = batch_size
-        rows = _labelled_rows(self.store, split)
+        rows = labelled_rows(self.store, split)
         if subset is not None and subset < rows.size:
             rows = rows[balanced_subset(self.store.labels[rows], subset, seed)]
         lo, hi = shard_bounds(len(rows), world_size)[rank : rank + 2]

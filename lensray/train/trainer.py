@@ -62,7 +62,7 @@ from lensray.runs import (
     complete_checkpoints,  # epoch -> newest complete folder
 )
 from lensray.runtime import ensure_ray, quiet
-from lensray.train.feed import EvalFeed, WorkerFeed, sanity_set
+from lensray.train.feed import EvalFeed, WorkerFeed, labelled_rows, sanity_set
 from lensray.train.loop import (
     EarlyStopping,
     LoopState,
@@ -798,6 +798,8 @@ def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
     if resume and config.train.name is None:
         raise TrainError("--resume needs the run's name (train.name / --name)")
     store = LensStore.open(_store_url(config))  # fail fast on a wrong URL or an unfinished store
+    for split in ("train", "val"):  # on the driver: an unlabelled store is refused before Ray Train starts
+        labelled_rows(store, split)
     if len(store.indices("val")) < 2:
         raise TrainError(f"{store.url}: the validation split is too small to compute AUC")
     name = run_name(config)
