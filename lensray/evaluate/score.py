@@ -386,7 +386,14 @@ def prepare_scoring(
 
 
 def _scoring_dataset(
-    inputs: ScoreInputs, plan: PartPlan, tta: str | None, device: str, actors: int, gpus: float, batch_size: int
+    inputs: ScoreInputs,
+    plan: PartPlan,
+    tta: str | None,
+    device: str,
+    actors: int,
+    gpus: float,
+    batch_size: int,
+    split: bool,
 ) -> Any:
     """The Ray Data pipeline over the parts still to do, one row per part. On CPUs: one actor per CPU reads,
     preprocesses, predicts and writes its parts. With GPUs: CPU tasks read and preprocess whole parts, one
@@ -402,10 +409,10 @@ def _scoring_dataset(
         "nan_policy": inputs.nan_policy,
     }
     scorer = {"checkpoint_url": inputs.checkpoint_url, "tta": tta, "device": device, "parts": plan, "ids": ids}
-    scorer["batch_size"] = batch_size
+    scorer.update(batch_size=batch_size, threads=None if gpus else 1)
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
-    if gpus:
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    if split:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else actors))
         dataset = dataset.map(
             prepare_part,
             fn_kwargs={"ids": ids, "part_size": plan.part_size, **prepare},
@@ -413,7 +420,7 @@ def _scoring_dataset(
             num_cpus=1,
         )
     else:
-        scorer.update(prepare=prepare, threads=1)
+        scorer["prepare"] = prepare
     return dataset.map_batches(
         PartScorer,
         batch_size=1,  # one part per call
@@ -461,19 +468,27 @@ def compute_scores(
     gallery: int = DEFAULT_GALLERY,
     part_size: int | None = None,
     fresh: bool = False,
+    split: bool | None = None,
 ) -> ScoreResult:
     """Score every catalogue ID on the Ray cluster, streaming per-part Parquet files to ``parts_url``
-    (resuming the parts an earlier run of the same job finished); rank; re-read the top ``gallery``."""
+    (resuming the parts an earlier run of the same job finished); rank; re-read the top ``gallery``.
+
+    ``split``: CPU tasks read and preprocess, the actors only predict (default: on GPUs only; on CPUs one
+    actor per CPU does everything, which keeps every core busy)."""
     import ray
 
     started = time.perf_counter()
     tta = check_tta(tta)
     ensure_ray()
     device, n_actors, gpus = _device_and_actors(device, actors)
+    split = bool(gpus) if split is None else split
+    if split and not gpus and actors is None:
+        n_actors = max(1, n_actors // 2)  # leave CPUs to the tasks that feed the actors
     plan = plan_parts(inputs, parts_url, tta, part_size, n_actors, fresh)
     ray.data.DataContext.get_current().enable_progress_bars = False  # lensray draws its own
     todo = plan.n_parts - len(plan.done)
-    _run_parts(inputs, plan, _scoring_dataset(inputs, plan, tta, device, n_actors, gpus, batch_size) if todo else None)
+    dataset = _scoring_dataset(inputs, plan, tta, device, n_actors, gpus, batch_size, split) if todo else None
+    _run_parts(inputs, plan, dataset)
     accepted, rejected = read_parts(plan, tta)
     found = np.sort(np.concatenate([accepted["id"].to_numpy(), rejected["id"].to_numpy()]))
     if not np.array_equal(found, np.sort(inputs.ids)):
