@@ -21,6 +21,7 @@ import json
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,7 +158,7 @@ class PartScorer:
         self.ids = ray.get(ids[0]) if prepare is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        part = int(batch["part"][0])
+        part, cpu = int(batch["part"][0]), time.process_time()
         if self.prepare is None:
             started = float(batch["started"][0])
             prepared = {key: np.asarray(batch[key][0]) for key in ("id", "image", "reason", "message")}
@@ -175,7 +176,8 @@ class PartScorer:
                 for i in range(0, len(ids), self.batch_size)
             ]
             scored = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
-        write_part(self.parts.url, part, scored, {"started": started, "finished": time.time()})
+        timing = {"started": started, "finished": time.time(), "cpu_s": time.process_time() - cpu}
+        write_part(self.parts.url, part, scored, timing)
         rejected = int((scored["reason"] != "").sum())
         return {"part": [part], "scored": [len(scored["id"]) - rejected], "rejected": [rejected]}
 
@@ -183,7 +185,7 @@ class PartScorer:
 # --- parts: the streamed results, resumable ---------------------------------------------------------
 
 PARTS_MANIFEST = "_manifest.json"  # leading "_": Parquet readers of the folder skip it
-PART_METADATA = b"lensray"  # each part's Parquet key-value metadata: part index, started/finished (unix s)
+PART_METADATA = b"lensray"  # each part's Parquet metadata: index, started/finished (unix s), the actor's CPU s
 MAX_PART = 1024  # IDs per part at most, by default: a kill loses at most this many per actor
 PARTS_PER_ACTOR = 4  # by default, small catalogues are still cut into enough parts to keep every actor busy
 
@@ -276,7 +278,7 @@ def plan_parts(
         if not differs and not fresh:
             size = int(manifest["part_size"])
             return PartPlan(parts_url, size, -(-n // size), frozenset(k for k in done if k < -(-n // size)))
-        if differs and not fresh:
+        if differs and done and not fresh:
             raise ScoreError(
                 f"{parts_url} holds {len(done)} finished part(s) of another scoring job (it differs in "
                 f"{', '.join(differs)}): rerun with --fresh to discard them and start afresh, or choose another --out"
@@ -307,12 +309,18 @@ def read_parts(plan: PartPlan, tta: str | None) -> tuple[pd.DataFrame, pd.DataFr
     missing = sorted(set(range(plan.n_parts)) - set(found))
     if missing:
         raise ScoreError(f"{plan.url}: part(s) {missing[:10]} missing after the run; rerun to score them")
-    accepted, rejects = [], []
-    for part in range(plan.n_parts):
+
+    def read(part: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         table = pq.read_table(io.BytesIO(storage.read_bytes(plan.part_url(part))))
         ok = pc.equal(table["reason"], "")
-        accepted.append(table.filter(ok).select(score_columns).to_pandas())
-        rejects.append(table.filter(pc.invert(ok)).select(["id", "reason", "message"]).to_pandas())
+        return (
+            table.filter(ok).select(score_columns).to_pandas(),
+            table.filter(pc.invert(ok)).select(["id", "reason", "message"]).to_pandas(),
+        )
+
+    # Object stores answer faster to several requests at once; local files are read one after another.
+    with ThreadPoolExecutor(max_workers=8 if storage.is_s3(plan.url) else 1) as pool:
+        accepted, rejects = zip(*pool.map(read, range(plan.n_parts)), strict=True)
     return pd.concat(accepted, ignore_index=True), pd.concat(rejects, ignore_index=True)
 
 
