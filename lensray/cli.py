@@ -385,6 +385,8 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         gallery=args.gallery,
         data=config.data,
+        part_size=args.part_size,
+        fresh=args.fresh,
     )
     print(candidates)
     return 0
@@ -617,9 +619,15 @@ def _add_score(score: argparse.ArgumentParser) -> None:
     score.add_argument(
         "--device", default="auto", choices=DEVICES, help="where the model replicas run (auto: GPUs when Ray has them)"
     )
-    score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else half the CPUs)")
+    score.add_argument("--actors", type=int, help="model replicas (default: one per GPU, else one per CPU)")
     score.add_argument("--batch-size", type=int, default=64, help="cutouts per batch (default 64)")
     score.add_argument("--gallery", type=int, default=24, help="top candidates in the HTML gallery (default 24)")
+    score.add_argument(
+        "--part-size", type=int, help="IDs per streamed Parquet part (default: up to 1024, >= 4 parts per actor)"
+    )
+    score.add_argument(
+        "--fresh", action="store_true", help="discard the finished parts of an earlier run under --out, start afresh"
+    )
     score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
 
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -288,3 +292,100 @@ def test_catalogue_column_errors_are_one_line(
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.startswith("lensray score: catalogue ")
     assert f"{parquet_url}: no RA column 'ra'" in error
+
+
+# --- at survey scale: streamed parts, resume after a kill, another model refused ------------------
+
+
+def _replicated(raw: str, folder: Path, n: int) -> tuple[str, str]:
+    """``(images root, catalogue)`` of ``n`` IDs hard-linked to the raw set's files (damaged ones included)."""
+    root = folder / "big"
+    sources = read_catalog(storage.join(raw, CATALOG_NAME)).ids.tolist()
+    ids = [400001 + k for k in range(n)]
+    for new_id, source in zip(ids, sources * (n // len(sources) + 1), strict=False):
+        for band in ("VIS", "J"):
+            if (Path(raw) / band_relpath(band, source)).exists():
+                (root / band_relpath(band, new_id)).parent.mkdir(parents=True, exist_ok=True)
+                (root / band_relpath(band, new_id)).hardlink_to(Path(raw) / band_relpath(band, source))
+    listing = folder / "big.csv"
+    listing.write_text("ID\n" + "\n".join(map(str, ids)) + "\n")
+    return str(root), str(listing)
+
+
+def _parts(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in sorted(folder.glob("part-*.parquet"))}
+
+
+def _killed_after_first_part(argv: list[str], parts: Path) -> dict[str, int]:
+    """Run ``lensray score`` in a subprocess, SIGKILL it once its first part is written; the parts left."""
+    process = subprocess.Popen([sys.executable, "-m", "lensray", *argv], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not _parts(parts) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before, after = {}, _parts(parts)
+    while after != before:  # an actor of the killed job may still be finishing its part
+        before = after
+        time.sleep(2.0)
+        after = _parts(parts)
+    return after
+
+
+@pytest.mark.slow
+def test_a_killed_score_resumes_without_rescoring_finished_parts(
+    raw: str, trained: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pyarrow.parquet as pq
+    import torch
+
+    images, listing = _replicated(raw, tmp_path, 160)
+    out, parts = tmp_path / "c.parquet", tmp_path / "c_parts"
+    argv = ["score", "--run", trained[0], "--images", images, "--catalog", listing, "--out", str(out)]
+    argv += ["--device", "cpu", "--actors", "1", "--part-size", "4", "--batch-size", "4", "--gallery", "0"]
+    finished = _killed_after_first_part(argv, parts)
+    assert 0 < len(finished) < 40, f"the kill should land mid-run: {len(finished)} of 40 parts written"
+    assert not out.exists()
+
+    assert main(argv) == 0
+    assert f"{len(finished)} resumed from an earlier run" in capsys.readouterr().out
+    assert {name: _parts(parts)[name] for name in finished} == finished, "finished parts must not be rescored"
+    assert len(_parts(parts)) == 40
+    reference = score_catalog(
+        trained[0], images, listing, str(tmp_path / "ref.parquet"), device="cpu", part_size=32, gallery=0
+    )
+    pd.testing.assert_frame_equal(_read_parquet(str(out)), reference.result.candidates)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "c_rejects.csv"), pd.read_csv(tmp_path / "ref_rejects.csv"))
+    assert len(reference.rejects) == 20 and reference.n_scored == 140
+
+    # Each part is a Parquet file of its own; the folder reads as one table (the manifest is skipped).
+    rows = pd.concat([pq.read_table(parts / name).to_pandas() for name in finished], ignore_index=True)
+    assert len(rows) == 4 * len(finished) and list(rows.columns) == ["id", "score", "reason", "message"]
+    whole = pq.read_table(parts).to_pandas().sort_values("id")
+    assert whole["id"].tolist() == list(range(400001, 400161)) and whole["score"].isna().sum() == 20
+
+    # Another model's parts are refused; --fresh discards them and scores afresh.
+    other = tmp_path / "other_checkpoint"
+    shutil.copytree(trained[0], other)
+    state = torch.load(other / "state.pt", weights_only=True)
+    state["model"] = {key: value * 1.5 if value.is_floating_point() else value for key, value in state["model"].items()}
+    torch.save(state, other / "state.pt")
+    argv[argv.index(trained[0])] = str(other)
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "holds 40 finished part(s) of another scoring job (it differs in weights_sha256)" in error
+    assert main([*argv, "--fresh"]) == 0
+    assert "discarded 40 finished part(s)" in capsys.readouterr().out
+    assert not np.allclose(_read_parquet(str(out))["score"], reference.result.candidates["score"])
+
+
+def test_split_pipeline_scores_as_the_fused_one(raw: str, trained: tuple[str, str], tmp_path: Path) -> None:
+    """The GPU layout (CPU tasks prepare, actors predict), run on CPUs: the same scores as one actor per CPU."""
+    from lensray.evaluate.score import compute_scores, prepare_scoring
+
+    inputs = prepare_scoring(trained[0], raw, storage.join(raw, CATALOG_NAME))
+    fused = compute_scores(inputs, str(tmp_path / "fused"), device="cpu", part_size=5, gallery=0)
+    split = compute_scores(inputs, str(tmp_path / "split"), device="cpu", part_size=5, gallery=0, split=True)
+    assert fused.parts.n_parts == 4 and fused.actors == 2 and split.actors == 1
+    pd.testing.assert_frame_equal(fused.candidates, split.candidates)
+    pd.testing.assert_frame_equal(fused.rejects, split.rejects)

@@ -14,10 +14,14 @@ The catalogue is any table ``sky.catalog.load_catalog`` reads (CSV, FITS, ECSV, 
 
 from __future__ import annotations
 
+import hashlib
 import html
+import io
 import json
+import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,31 +91,237 @@ def prepare_batch(
     return {"id": ids, "image": images, "reason": reasons.astype(str), "message": messages.astype(str)}
 
 
-class CutoutScorer:
-    """Actor stage: the network, loaded once per actor, scores the batches' accepted images."""
+def score_prepared(
+    run: Any, prepared: dict[str, np.ndarray], tta: str | None, batch_size: int
+) -> dict[str, np.ndarray]:
+    """The scores of a prepared batch (``prepare_batch``'s dict): its accepted images through ``predict_tta``,
+    NaN for the rejects, which keep their reason and message; with ``tta`` also the 8 per-view scores."""
+    ok = prepared["reason"] == ""
+    n = len(prepared["id"])
+    scores = np.full(n, np.nan)
+    per_transform = np.full((n, D4_ELEMENTS), np.nan)
+    if ok.any():
+        mean, per = predict_tta(run, np.asarray(prepared["image"])[ok], tta, batch_size=batch_size)
+        scores[ok] = mean
+        if per is not None:
+            per_transform[ok] = per
+    out = {"id": np.asarray(prepared["id"], np.int64), "score": scores}
+    if tta:
+        out.update({f"score_d4_{k}": per_transform[:, k] for k in range(D4_ELEMENTS)})
+    out.update({"reason": np.asarray(prepared["reason"], str), "message": np.asarray(prepared["message"], str)})
+    return out
 
-    def __init__(self, checkpoint_url: str, tta: str | None, device: str, threads: int | None = None) -> None:
+
+def prepare_part(row: dict[str, Any], ids: list[Any], part_size: int, **prepare: Any) -> dict[str, Any]:
+    """CPU stage of the GPU pipeline: one part's cutouts read and preprocessed (``prepare_batch``), for the
+    actors that only predict. ``ids``: ``[ObjectRef]`` of the catalogue's IDs, shared through the object store."""
+    import ray
+
+    started = time.time()
+    part_ids = _part_ids(ray.get(ids[0]), int(row["part"]), part_size)
+    return {"part": int(row["part"]), "started": started, **prepare_batch({"id": part_ids}, **prepare)}
+
+
+def _part_ids(ids: np.ndarray, part: int, part_size: int) -> np.ndarray:
+    return np.asarray(ids[part * part_size : (part + 1) * part_size], dtype=np.int64)
+
+
+class PartScorer:
+    """Actor stage: the network, loaded once per actor; one call scores one part and writes it as a Parquet
+    file, so results stream to storage and only counts reach the driver.
+
+    With ``prepare`` (the CPU pipeline) the actor also reads and preprocesses its part, ``batch_size`` IDs at a
+    time: one actor per CPU does the whole read -> preprocess -> forward, none waits for another. Without it
+    (GPU actors) the part arrives prepared by CPU tasks (``prepare_part``). ``threads``: torch's threads, set
+    explicitly so that scores and speed do not depend on the machine's core count.
+    """
+
+    def __init__(
+        self,
+        checkpoint_url: str,
+        tta: str | None,
+        device: str,
+        parts: PartPlan,
+        ids: list[Any],
+        batch_size: int,
+        prepare: dict[str, Any] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import ray
+
         from lensray.runs import load_run
 
         if threads:
             torch.set_num_threads(threads)
         self.run = load_run(checkpoint_url, device=device)
-        self.tta = tta
+        self.tta, self.parts, self.batch_size, self.prepare = tta, parts, batch_size, prepare
+        self.ids = ray.get(ids[0]) if prepare is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["reason"] == ""
-        n = len(batch["id"])
-        scores = np.full(n, np.nan)
-        per_transform = np.full((n, D4_ELEMENTS), np.nan)
-        if ok.any():
-            mean, per = predict_tta(self.run, batch["image"][ok], self.tta)
-            scores[ok] = mean
-            if per is not None:
-                per_transform[ok] = per
-        out = {"id": batch["id"], "score": scores, "reason": batch["reason"], "message": batch["message"]}
-        if self.tta:
-            out.update({f"score_d4_{k}": per_transform[:, k] for k in range(D4_ELEMENTS)})
-        return out
+        part, cpu = int(batch["part"][0]), time.process_time()
+        if self.prepare is None:
+            started = float(batch["started"][0])
+            prepared = {key: np.asarray(batch[key][0]) for key in ("id", "image", "reason", "message")}
+            scored = score_prepared(self.run, prepared, self.tta, self.batch_size)
+        else:
+            started = time.time()
+            ids = _part_ids(self.ids, part, self.parts.part_size)
+            chunks = [
+                score_prepared(
+                    self.run,
+                    prepare_batch({"id": ids[i : i + self.batch_size]}, **self.prepare),
+                    self.tta,
+                    self.batch_size,
+                )
+                for i in range(0, len(ids), self.batch_size)
+            ]
+            scored = {key: np.concatenate([chunk[key] for chunk in chunks]) for key in chunks[0]}
+        timing = {"started": started, "finished": time.time(), "cpu_s": time.process_time() - cpu}
+        write_part(self.parts.url, part, scored, timing)
+        rejected = int((scored["reason"] != "").sum())
+        return {"part": [part], "scored": [len(scored["id"]) - rejected], "rejected": [rejected]}
+
+
+# --- parts: the streamed results, resumable ---------------------------------------------------------
+
+PARTS_MANIFEST = "_manifest.json"  # leading "_": Parquet readers of the folder skip it
+PART_METADATA = b"lensray"  # each part's Parquet metadata: index, started/finished (unix s), the actor's CPU s
+MAX_PART = 1024  # IDs per part at most, by default: a kill loses at most this many per actor
+PARTS_PER_ACTOR = 4  # by default, small catalogues are still cut into enough parts to keep every actor busy
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """The catalogue cut into parts of ``part_size`` IDs (in catalogue order), one Parquet file each under
+    ``url``; ``done``: the parts already complete (from an earlier run of the same job)."""
+
+    url: str
+    part_size: int
+    n_parts: int
+    done: frozenset[int] = frozenset()
+    discarded: int = 0  # finished parts of an earlier job removed by ``fresh``
+
+    def part_url(self, part: int) -> str:
+        return part_url(self.url, part)
+
+
+def part_url(parts_url: str, part: int) -> str:
+    return storage.join(parts_url, f"part-{part:06d}.parquet")
+
+
+def write_part(parts_url: str, part: int, scored: dict[str, np.ndarray], timing: dict[str, float]) -> None:
+    """One part's rows (id, score, the D4 views, reason, message; rejects with NaN scores) as one Parquet
+    file, written whole or not at all (``storage.write_bytes``): a part file that exists is complete."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {
+        key: pa.array(np.asarray(values).tolist(), pa.string())
+        if key in ("reason", "message")
+        else pa.array(values, pa.int64() if key == "id" else pa.float64())
+        for key, values in scored.items()
+    }
+    table = pa.table(columns).replace_schema_metadata({PART_METADATA: json.dumps({"part": part, **timing})})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes(part_url(parts_url, part), sink.getvalue().to_pybytes())
+
+
+def finished_parts(parts_url: str) -> dict[int, str]:
+    """``{part index: file name}`` of the complete part files under ``parts_url`` ({} when there are none)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.arrow_filesystem(parts_url)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    entries = storage.retrying("list", parts_url, lambda: fs.get_file_info(selector))
+    found = {}
+    for entry in entries:
+        match = re.fullmatch(r"part-(\d+)\.parquet", entry.base_name)
+        if match and entry.type == pafs.FileType.File:
+            found[int(match.group(1))] = entry.base_name
+    return found
+
+
+def score_fingerprint(inputs: ScoreInputs, tta: str | None) -> dict[str, Any]:
+    """What the parts' contents depend on: the weights (their bytes, wherever the checkpoint lives), the
+    transform, the images, the NaN policy, TTA and the IDs. A rerun resumes only when all of it is the same."""
+    from lensray.runs import STATE_FILE
+
+    weights = storage.read_bytes(storage.join(inputs.checkpoint_url, STATE_FILE))
+    return {
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "bands": list(inputs.prepared.bands),
+        "transform": inputs.prepared.preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
+        "images": inputs.images_url,
+        "nan_policy": inputs.nan_policy,
+        "tta": tta,
+        "ids_sha256": hashlib.sha256(np.ascontiguousarray(inputs.ids, dtype="<i8").tobytes()).hexdigest(),
+    }
+
+
+def plan_parts(
+    inputs: ScoreInputs, parts_url: str, tta: str | None, part_size: int | None, actors: int, fresh: bool = False
+) -> PartPlan:
+    """Resume the parts under ``parts_url`` when its manifest records the same fingerprint (its part size
+    is kept); refuse another job's parts (ScoreError naming what differs) unless ``fresh``, which removes
+    them and starts afresh. A new job's part size: ``part_size``, or enough parts for every actor."""
+    if part_size is not None and part_size < 1:
+        raise ScoreError(f"--part-size must be at least 1, got {part_size}")
+    fingerprint = score_fingerprint(inputs, tta)
+    manifest_url = storage.join(parts_url, PARTS_MANIFEST)
+    done = finished_parts(parts_url)
+    n = len(inputs.ids)
+    if storage.exists(manifest_url):
+        manifest = json.loads(storage.read_bytes(manifest_url))
+        recorded = manifest.get("fingerprint", {})
+        differs = sorted(k for k in fingerprint.keys() | recorded.keys() if fingerprint.get(k) != recorded.get(k))
+        if not differs and not fresh:
+            size = int(manifest["part_size"])
+            return PartPlan(parts_url, size, -(-n // size), frozenset(k for k in done if k < -(-n // size)))
+        if differs and done and not fresh:
+            raise ScoreError(
+                f"{parts_url} holds {len(done)} finished part(s) of another scoring job (it differs in "
+                f"{', '.join(differs)}): rerun with --fresh to discard them and start afresh, or choose another --out"
+            )
+    elif done and not fresh:
+        raise ScoreError(f"{parts_url} holds {len(done)} part file(s) but no {PARTS_MANIFEST}: rerun with --fresh")
+    _remove_parts(parts_url, done.values())
+    size = part_size or min(MAX_PART, max(16, -(-n // (PARTS_PER_ACTOR * actors))))
+    manifest = {"fingerprint": fingerprint, "part_size": size, "n_ids": n, "checkpoint": inputs.checkpoint_url}
+    storage.write_bytes(manifest_url, json.dumps(manifest, indent=1).encode())
+    return PartPlan(parts_url, size, -(-n // size), frozenset(), discarded=len(done))
+
+
+def _remove_parts(parts_url: str, names: Any) -> None:
+    fs, path = storage.arrow_filesystem(parts_url)
+    for name in names:
+        storage.retrying("delete", f"{parts_url}/{name}", lambda name=name: fs.delete_file(f"{path}/{name}"))
+
+
+def read_parts(plan: PartPlan, tta: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(id + scores of the scored IDs, id/reason/message of the rejects)`` read back from every part, one
+    part at a time: the driver never holds more than the IDs and their scores."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    score_columns = ["id", "score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
+    found = finished_parts(plan.url)
+    missing = sorted(set(range(plan.n_parts)) - set(found))
+    if missing:
+        raise ScoreError(f"{plan.url}: part(s) {missing[:10]} missing after the run; rerun to score them")
+
+    def read(part: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        table = pq.read_table(io.BytesIO(storage.read_bytes(plan.part_url(part))))
+        ok = pc.equal(table["reason"], "")
+        return (
+            table.filter(ok).select(score_columns).to_pandas(),
+            table.filter(pc.invert(ok)).select(["id", "reason", "message"]).to_pandas(),
+        )
+
+    # Object stores answer faster to several requests at once; local files are read one after another.
+    with ThreadPoolExecutor(max_workers=8 if storage.is_s3(plan.url) else 1) as pool:
+        accepted, rejects = zip(*pool.map(read, range(plan.n_parts)), strict=True)
+    return pd.concat(accepted, ignore_index=True), pd.concat(rejects, ignore_index=True)
 
 
 # --- the whole catalogue: computing ------------------------------------------------------------
@@ -145,6 +355,7 @@ class ScoreResult:
     device: str
     actors: int
     score_s: float  # reading, preprocessing and predicting every cutout
+    parts: PartPlan | None = None  # where the per-part results stream to; ``parts.done``: resumed parts
 
 
 def prepare_scoring(
@@ -182,60 +393,72 @@ def prepare_scoring(
     )
 
 
-def _scoring_dataset(inputs: ScoreInputs, tta: str | None, device: str, actors: int, gpus: float, batch_size: int):
-    """The Ray Data pipeline: IDs -> CPU tasks (read, preprocess) -> actor pool (predict)."""
+def _scoring_dataset(
+    inputs: ScoreInputs,
+    plan: PartPlan,
+    tta: str | None,
+    device: str,
+    actors: int,
+    gpus: float,
+    batch_size: int,
+    split: bool,
+) -> Any:
+    """The Ray Data pipeline over the parts still to do, one row per part. On CPUs: one actor per CPU reads,
+    preprocesses, predicts and writes its parts. With GPUs: CPU tasks read and preprocess whole parts, one
+    actor per GPU predicts and writes them."""
     import ray
 
-    blocks = max(1, min(len(inputs.ids) // batch_size + 1, 4 * int(ray.cluster_resources().get("CPU", 1))))
-    prepare_kwargs = {
+    todo = [{"part": k} for k in range(plan.n_parts) if k not in plan.done]
+    ids = [ray.put(inputs.ids)]  # in a list: passed to the workers as a reference, fetched there once
+    prepare = {
         "images_url": inputs.images_url,
         "bands": inputs.prepared.bands,
         "preprocess": inputs.prepared.preprocess,
         "nan_policy": inputs.nan_policy,
     }
-    scorer_kwargs = {
-        "checkpoint_url": inputs.checkpoint_url,
-        "tta": tta,
-        "device": device,
-        "threads": None if gpus else 1,
-    }
-    return (
-        ray.data.from_items([{"id": int(i)} for i in inputs.ids], override_num_blocks=blocks)
-        .map_batches(prepare_batch, batch_size=batch_size, batch_format="numpy", num_cpus=1, fn_kwargs=prepare_kwargs)
-        .map_batches(
-            CutoutScorer,
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=gpus,
-            num_cpus=0 if gpus else 1,
-            fn_constructor_kwargs=scorer_kwargs,
+    scorer = {"checkpoint_url": inputs.checkpoint_url, "tta": tta, "device": device, "parts": plan, "ids": ids}
+    scorer.update(batch_size=batch_size, threads=None if gpus else 1)
+    dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
+    if split:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else actors))
+        dataset = dataset.map(
+            prepare_part,
+            fn_kwargs={"ids": ids, "part_size": plan.part_size, **prepare},
+            compute=ray.data.TaskPoolStrategy(size=min(cpus, len(todo))),
+            num_cpus=1,
         )
+    else:
+        scorer["prepare"] = prepare
+    return dataset.map_batches(
+        PartScorer,
+        batch_size=1,  # one part per call
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(todo)), max_tasks_in_flight_per_actor=2),
+        num_gpus=gpus,
+        num_cpus=0 if gpus else 1,
+        fn_constructor_kwargs=scorer,
     )
 
 
-def _collect(dataset: Any, total: int) -> pd.DataFrame:
-    """Every scored row, block by block as the pipeline finishes them (one progress step per block)."""
-    parts = []
-    with progress(total, "score", "cutout") as bar:
-        for block in dataset.iter_batches(batch_size=None, batch_format="pandas"):
-            parts.append(_plain_columns(block))
-            bar.update(len(block))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({"id": np.empty(0, np.int64)})
+def _run_parts(inputs: ScoreInputs, plan: PartPlan, dataset: Any) -> int:
+    """Drive the pipeline: one progress step per finished part (the resumed ones counted at the start)."""
+    resumed = sum(len(_part_ids(inputs.ids, k, plan.part_size)) for k in plan.done)
+    scored = 0
+    with progress(len(inputs.ids), "score", "ID") as bar:
+        bar.update(resumed)
+        if dataset is not None:
+            for row in dataset.iter_rows():
+                bar.update(int(row["scored"]) + int(row["rejected"]))
+                scored += 1
+    return scored
 
 
 def _rank(
-    table: pd.DataFrame, tta: str | None, columns: pd.DataFrame | None = None
+    accepted: pd.DataFrame, rejects: pd.DataFrame, columns: pd.DataFrame | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(candidates best first with their rank and the catalogue ``columns``, rejects by ID)``."""
-    rejected = table["reason"] != ""
-    rejects = table.loc[rejected, ["id", "reason", "message"]].sort_values("id").reset_index(drop=True)
-    score_columns = ["score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
-    candidates = (
-        table.loc[~rejected, ["id", *score_columns]]
-        .sort_values(["score", "id"], ascending=[False, True])
-        .reset_index(drop=True)
-    )
+    rejects = _plain_columns(rejects).sort_values("id").reset_index(drop=True)
+    candidates = _plain_columns(accepted).sort_values(["score", "id"], ascending=[False, True]).reset_index(drop=True)
     candidates.insert(0, "rank", np.arange(1, len(candidates) + 1))
     if columns is not None:
         candidates = candidates.merge(columns, on="id", how="left", validate="one_to_one")
@@ -244,28 +467,43 @@ def _rank(
 
 def compute_scores(
     inputs: ScoreInputs,
+    parts_url: str,
     *,
     tta: str | None = None,
     device: str = "auto",
     actors: int | None = None,
     batch_size: int = DEFAULT_BATCH,
     gallery: int = DEFAULT_GALLERY,
+    part_size: int | None = None,
+    fresh: bool = False,
+    split: bool | None = None,
 ) -> ScoreResult:
-    """Score every catalogue ID on the Ray cluster; rank; re-read the top ``gallery`` for the gallery."""
+    """Score every catalogue ID on the Ray cluster, streaming per-part Parquet files to ``parts_url``
+    (resuming the parts an earlier run of the same job finished); rank; re-read the top ``gallery``.
+
+    ``split``: CPU tasks read and preprocess, the actors only predict (default: on GPUs only; on CPUs one
+    actor per CPU does everything, which keeps every core busy)."""
     import ray
 
     started = time.perf_counter()
     tta = check_tta(tta)
     ensure_ray()
     device, n_actors, gpus = _device_and_actors(device, actors)
+    split = bool(gpus) if split is None else split
+    if split and not gpus and actors is None:
+        n_actors = max(1, n_actors // 2)  # leave CPUs to the tasks that feed the actors
+    plan = plan_parts(inputs, parts_url, tta, part_size, n_actors, fresh)
     ray.data.DataContext.get_current().enable_progress_bars = False  # lensray draws its own
-    dataset = _scoring_dataset(inputs, tta, device, n_actors, gpus, batch_size)
-    table = _collect(dataset, len(inputs.ids))
-    if len(table) != len(inputs.ids) or set(table["id"]) != set(inputs.ids.tolist()):
+    todo = plan.n_parts - len(plan.done)
+    dataset = _scoring_dataset(inputs, plan, tta, device, n_actors, gpus, batch_size, split) if todo else None
+    _run_parts(inputs, plan, dataset)
+    accepted, rejected = read_parts(plan, tta)
+    found = np.sort(np.concatenate([accepted["id"].to_numpy(), rejected["id"].to_numpy()]))
+    if not np.array_equal(found, np.sort(inputs.ids)):
         raise ScoreError(
-            f"scoring returned {len(table)} rows for {len(inputs.ids)} IDs; rerun (a worker may have died)"
+            f"the parts under {parts_url} hold {len(found)} rows for {len(inputs.ids)} IDs; rerun with --fresh"
         )
-    candidates, rejects = _rank(table, tta, inputs.columns)
+    candidates, rejects = _rank(accepted, rejected, inputs.columns)
     top = candidates.head(gallery)
     return ScoreResult(
         inputs=inputs,
@@ -277,6 +515,7 @@ def compute_scores(
         device=device,
         actors=n_actors,
         score_s=time.perf_counter() - started,
+        parts=plan,
     )
 
 
@@ -314,6 +553,7 @@ class ScoreSummary:
     actors: int = 1
     wall_s: float = 0.0
     result: ScoreResult | None = None
+    parts: PartPlan | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -322,6 +562,9 @@ class ScoreSummary:
             f"  candidates (ranked): {self.candidates_url}",
             f"  rejects ({len(self.rejects)}): {self.rejects_url}",
         ]
+        if self.parts is not None:
+            resumed = f"; {len(self.parts.done)} resumed from an earlier run" if self.parts.done else ""
+            lines.append(f"  parts ({self.parts.n_parts} x {self.parts.part_size} IDs{resumed}): {self.parts.url}")
         if self.gallery_path:
             lines.append(f"  gallery of the top {len(self.top)}: {self.gallery_path}")
         for row in self.top.head(5).itertuples():
@@ -374,9 +617,8 @@ def _device_and_actors(device: str, actors: int | None) -> tuple[str, int, float
     use_gpu = device == "cuda" or (device == "auto" and gpus > 0)
     if use_gpu:
         return "cuda", actors or gpus, 1.0
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    # Leave a CPU for the read/preprocess tasks that feed the actors.
-    return "cpu", actors or max(1, cpus // 2), 0.0
+    # One actor per CPU: each reads, preprocesses and predicts its own parts (none waits on a feeder).
+    return "cpu", actors or max(1, int(ray.cluster_resources().get("CPU", 1))), 0.0
 
 
 def score_catalog(
@@ -392,6 +634,8 @@ def score_catalog(
     gallery: int = DEFAULT_GALLERY,
     nan_policy: str | None = None,
     data: DataConfig | None = None,
+    part_size: int | None = None,
+    fresh: bool = False,
 ) -> ScoreSummary:
     """Score every catalogue ID from raw cutouts; write ranked candidates, rejects and a gallery.
 
@@ -401,10 +645,25 @@ def score_catalog(
     columns, best first), ``<stem>_rejects.csv`` (id, reason, message of every
     cutout that could not be scored), ``<stem>_summary.json`` and ``<stem>_gallery.html`` (the top
     ``gallery`` candidates, every band, the network's input stretch, ID and score under each).
+
+    Results stream, as they are produced, to ``<stem>_parts/part-NNNNNN.parquet`` (``part_size`` IDs each, in
+    catalogue order: id, score, the D4 views, reason, message); a rerun of the same job after a kill scores
+    only the parts not yet written. Parts of another job (other weights, images, transform, TTA or IDs) are
+    refused unless ``fresh``, which discards them and starts afresh.
     """
     tta = check_tta(tta)
     inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy, data)
-    result = compute_scores(inputs, tta=tta, device=device, actors=actors, batch_size=batch_size, gallery=gallery)
+    result = compute_scores(
+        inputs,
+        _sibling(out_url, "_parts"),
+        tta=tta,
+        device=device,
+        actors=actors,
+        batch_size=batch_size,
+        gallery=gallery,
+        part_size=part_size,
+        fresh=fresh,
+    )
     return write_scores(result, out_url)
 
 
@@ -428,11 +687,12 @@ def write_scores(result: ScoreResult, out_url: str) -> ScoreSummary:
         rejects=result.rejects,
         top=result.top,
         repeated_ids=list(result.inputs.repeated),
-        notes=list(result.inputs.prepared.notes),
+        notes=[*result.inputs.prepared.notes, *_parts_notes(result.parts)],
         device=result.device,
         actors=result.actors,
         wall_s=time.perf_counter() - result.inputs.started,
         result=result,
+        parts=result.parts,
     )
     storage.write_bytes(summary.summary_url, json.dumps(summary_json(result, summary.wall_s), indent=1).encode())
     return summary
@@ -460,6 +720,23 @@ def summary_json(result: ScoreResult, wall_s: float) -> dict[str, Any]:
         "wall_s": round(wall_s, 3),
         "catalog_columns": [] if inputs.columns is None else list(inputs.columns.columns[1:]),
         "top": result.top[_shown_columns(result.top)].to_dict(orient="records"),
+        "parts": None if result.parts is None else _parts_json(result.parts),
+    }
+
+
+def _parts_notes(parts: PartPlan | None) -> list[str]:
+    if parts is None or not parts.discarded:
+        return []
+    return [f"--fresh: discarded {parts.discarded} finished part(s) of an earlier job under {parts.url}"]
+
+
+def _parts_json(parts: PartPlan) -> dict[str, Any]:
+    return {
+        "url": parts.url,
+        "part_size": parts.part_size,
+        "n_parts": parts.n_parts,
+        "resumed": len(parts.done),
+        "discarded": parts.discarded,
     }
 
 
