@@ -19,15 +19,18 @@ demo: $(STAMP)
 
 LINTED := lensray tests tools benchmarks
 
+# Two xdist workers, one group per test file (tests/conftest.py): the suite mostly waits on Ray and subprocesses.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest -ra tests
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/ruff check $(LINTED)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -ra -m "not slow" tests
+	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup -m "not slow" tests
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -493,7 +493,9 @@ def compute_scores(
     if split and not gpus and actors is None:
         n_actors = max(1, n_actors // 2)  # leave CPUs to the tasks that feed the actors
     plan = plan_parts(inputs, parts_url, tta, part_size, n_actors, fresh)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # lensray draws its own
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # lensray draws its own
+    context.raise_original_map_exception = True  # an actor's lensray error reaches the driver as itself
     todo = plan.n_parts - len(plan.done)
     dataset = _scoring_dataset(inputs, plan, tta, device, n_actors, gpus, batch_size, split) if todo else None
     _run_parts(inputs, plan, dataset)
@@ -668,10 +670,10 @@ def score_catalog(
 
 
 def write_scores(result: ScoreResult, out_url: str) -> ScoreSummary:
-    """Write the candidates (Parquet), ``<stem>_rejects.csv``, ``<stem>_gallery.html`` (when there are
-    gallery images) and, last, ``<stem>_summary.json``."""
+    """Write ``<stem>_rejects.csv``, ``<stem>_gallery.html`` (when there are gallery images),
+    ``<stem>_summary.json`` and, last, the candidates (Parquet): a candidates file that exists belongs to a
+    finished scoring, even when the storage went away half-way through these writes."""
     rejects_url = _sibling(out_url, "_rejects.csv")
-    storage.write_bytes(out_url, _parquet_bytes(result.candidates))
     storage.write_bytes(rejects_url, result.rejects.to_csv(index=False).encode())
     gallery_url = None
     if result.gallery_images is not None:
@@ -695,6 +697,7 @@ def write_scores(result: ScoreResult, out_url: str) -> ScoreSummary:
         parts=result.parts,
     )
     storage.write_bytes(summary.summary_url, json.dumps(summary_json(result, summary.wall_s), indent=1).encode())
+    storage.write_bytes(out_url, _parquet_bytes(result.candidates))
     return summary
 
 
