@@ -14,17 +14,22 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-# Test files that share the session's finished Tune search (the `tune_search` fixture, ~2 min to build):
-# under `pytest -n N` (pytest-xdist, `make test`) they run on one worker, so the search is built once.
-SHARES_THE_SEARCH = {"test_export", "test_job_submit", "test_notebook", "test_runs", "test_tuning"}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist's ``--dist loadgroup``: one group per test file (its module fixtures are built once),
-    and one for the files that share the search. Without xdist the marks change nothing."""
+    """Groups for xdist's ``--dist loadgroup`` (``make test``), so each costly fixture is built once: the
+    tests that share the session's finished Tune search (``tune_search``, ~2 min) run on one worker, those
+    that share a module fixture with their file on one worker, and every other test goes wherever a worker
+    is free (a long file such as test_trainer.py would otherwise hold one worker for most of the run).
+    Without xdist the marks change nothing."""
     for item in items:
-        stem = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("search" if stem in SHARES_THE_SEARCH else stem))
+        fixtures = getattr(item, "_fixtureinfo", None)
+        definitions = fixtures.name2fixturedefs if fixtures is not None else {}
+        if "tune_search" in definitions:
+            group = "search"
+        elif any(defs and defs[-1].scope == "module" for defs in definitions.values()):
+            group = item.path.stem
+        else:
+            group = item.nodeid
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _free_port() -> int:

@@ -254,6 +254,7 @@ def test_an_unlabelled_parquet_catalogue_ingests_and_scores(
         predict_split(load_run(trained[0]), store, "train")
     # lensray train refuses it on the driver, in one line, before any run folder or Ray Train worker exists.
     runs = tmp_path / "runs"
+    capsys.readouterr()  # the ingest's warnings above
     argv = ["train", "--store", store_url, "--out", str(runs), "--name", "unlabelled", "--device", "cpu"]
     assert main(argv) == 1
     error = capsys.readouterr().err.strip().splitlines()

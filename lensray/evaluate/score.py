@@ -493,9 +493,9 @@ def compute_scores(
     if split and not gpus and actors is None:
         n_actors = max(1, n_actors // 2)  # leave CPUs to the tasks that feed the actors
     plan = plan_parts(inputs, parts_url, tta, part_size, n_actors, fresh)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # lensray draws its own
-    context.raise_original_map_exception = True  # an actor's lensray error reaches the driver as itself
+    # Not raise_original_map_exception: with it Ray Data logs the whole traceback to stderr before raising;
+    # errors.find_cause rebuilds the lensray error from the UserCodeException instead.
+    ray.data.DataContext.get_current().enable_progress_bars = False  # lensray draws its own
     todo = plan.n_parts - len(plan.done)
     dataset = _scoring_dataset(inputs, plan, tta, device, n_actors, gpus, batch_size, split) if todo else None
     _run_parts(inputs, plan, dataset)

@@ -227,7 +227,6 @@ def _run_shards(
     ensure_ray()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver's own bar counts objects
-    context.raise_original_map_exception = True  # a task's lensray error reaches the driver as itself
     workers = preprocess.workers or max(1, int(ray.available_resources().get("CPU", 1)))
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo)).map(
         _process_shard,
