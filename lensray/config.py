@@ -176,7 +176,7 @@ class TwoBranchConfig(Section):
     """Two-branch VIS/NIR CNN: VIS at its own pixel scale, the NIR bands pooled back to their native
     (3x coarser) sampling, each through its own conv stack, merged late (challenge-2.0 winners' layout)."""
 
-    filters: int = Field(16, ge=1)  # width of each branch's first block; doubled for each later block
+    filters: int = Field(32, ge=1)  # width of each branch's first block, doubled per block (16 fit too slowly)
     blocks: int = Field(3, ge=1)  # conv-BN-ReLU pairs per branch, each followed by a 2x2 max-pool
     nir_blocks: int | None = Field(2, ge=1)  # NIR branch depth (its maps start 3x smaller); None: blocks
     kernel: int = Field(3, ge=1)  # odd: "same" padding
@@ -192,7 +192,7 @@ class ViTConfig(Section):
     """A small vision transformer: patch-embedding conv, class token, learned positions, pre-norm
     ``nn.TransformerEncoder`` layers, a linear head on the class token."""
 
-    patch: int = Field(5, ge=1)  # patch side in input pixels (50 px -> 10x10 tokens)
+    patch: int = Field(10, ge=1)  # patch side in input pixels (50 px -> 5x5 tokens; 5 fit too slowly)
     width: int = Field(64, ge=8)  # token width; a multiple of heads
     depth: int = Field(4, ge=1)  # encoder layers
     heads: int = Field(4, ge=1)

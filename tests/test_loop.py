@@ -291,8 +291,8 @@ def test_new_nets_pass_the_sanity_check_with_their_recipe(
     name: str, simulated_cutouts: tuple[np.ndarray, np.ndarray]
 ) -> None:
     # The check every run takes first, with the network and optimiser of configs/<name>.yaml on the
-    # 64 simulated 4x50x50 cutouts (bin 2: 0.2" per pixel). twobranch with a global average pool and
-    # vit at Adam 3e-4 failed it; see the comments in the configs for the measurements.
+    # 64 simulated 4x50x50 cutouts (bin 2: 0.2" per pixel). twobranch with a global average pool and 16
+    # filters, and vit with 5-px patches, failed it; the configs' comments give the measurements.
     config = load_config(CONFIGS / f"{name}.yaml")
     assert config.model.name == name and config.train.sanity
     torch.manual_seed(0)
