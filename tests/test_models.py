@@ -344,3 +344,14 @@ def test_vit_tokens_and_config_errors() -> None:
         ViTConfig(width=30, heads=4)
     with pytest.raises(ValueError, match="twobranch: kernel=4 must be odd"):
         TwoBranch(TwoBranchConfig(kernel=4), 4, 50)
+
+
+@pytest.mark.parametrize("pooled", [1, 3])
+def test_twobranch_head_sees_each_branch_pooled_to_a_small_map(pooled: int) -> None:
+    # pooled=3 (the default) keeps where the light is, centre vs ring; pooled=1 is a global average.
+    model = TwoBranch(TwoBranchConfig(filters=8, blocks=3, nir_blocks=2, pooled=pooled), 4, 50, 0.2)
+    vis, nir = model.split(torch.randn(2, 4, 50, 50))
+    assert model.vis(vis).shape == (2, 32 * pooled**2)  # 3 blocks: 8 -> 16 -> 32 channels
+    assert model.nir(nir).shape == (2, 16 * pooled**2)  # 2 blocks: 8 -> 16
+    assert model.head[0].in_features == 48 * pooled**2
+    assert model(torch.randn(2, 4, 50, 50)).shape == (2,)
