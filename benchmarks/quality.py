@@ -133,7 +133,7 @@ def preprocess(plan: Plan, data: Path, rule: str, name: str, evaluation_only: bo
 def _store_finished(store: Path) -> bool:
     try:
         return LensStore.open(str(store)).state == "finalized"
-    except LensrayError:
+    except (LensrayError, FileNotFoundError):  # none yet, or one a killed run left unfinished
         return False
 
 
