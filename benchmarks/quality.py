@@ -175,7 +175,7 @@ def evaluate(plan: Plan, run: Path, store: Path, name: str) -> Path:
 
 def headline(evaluation: Path) -> dict[str, float]:
     metrics = json.loads((evaluation / "metrics.json").read_text())["metrics"]
-    return {key: float(metrics[key]) for key in ("auc", "tpr0", "tpr10", "acc")}
+    return {key: float(metrics[key]) for key in ("auc", "tpr0", "tpr10", "acc_at_validation")}
 
 
 def auc_by_kind(evaluation: Path, truth_csv: Path) -> dict[str, float]:
