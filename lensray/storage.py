@@ -146,7 +146,14 @@ def _arrow_s3(settings: tuple[object, ...]) -> pafs.S3FileSystem:
     # The pid in the key keeps a forked child from reusing its parent's client.
     _, endpoint, region, anonymous, *_ = settings
     # allow_delayed_open: a small object is one PutObject instead of a three-request multipart upload.
-    kwargs: dict[str, object] = {"region": region, "allow_delayed_open": True, "anonymous": bool(anonymous)}
+    # background_writes=False: uploads run in the calling thread. Ray's copy_files calls the retrying
+    # filesystem from pyarrow's IO pool; background uploads then waited for that same full pool, for good.
+    kwargs: dict[str, object] = {
+        "region": region,
+        "allow_delayed_open": True,
+        "anonymous": bool(anonymous),
+        "background_writes": False,
+    }
     if endpoint:
         parsed = urlparse(str(endpoint))
         kwargs["endpoint_override"] = parsed.netloc or endpoint

@@ -5,6 +5,8 @@ import io
 import logging
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -410,6 +412,41 @@ def test_retrying_filesystem_copies_folders_like_ray_does(memory_root: str, tmp_
     assert (back / "state.pt").read_bytes() == b"w" * 3000
     with pytest.raises(FileNotFoundError):
         fs.open_input_stream(destination + "/absent")
+
+
+COPY_MANY_FILES = """
+import sys, pathlib, pyarrow as pa, pyarrow.fs as pafs
+from lensray import storage
+source, url = pathlib.Path(sys.argv[1]), sys.argv[2]
+for k in range(3 * pa.io_thread_count()):
+    (source / f"part-{k}.bin").write_bytes(bytes([k % 256]) * 2000)
+fs = storage.retrying_filesystem(url)
+destination = storage.strip_scheme(storage.join(url, "checkpoint_1"))
+pafs.copy_files(str(source), destination, destination_filesystem=fs)  # pyarrow's IO threads, as Ray uploads
+(source.parent / "back").mkdir()
+pafs.copy_files(destination, str(source.parent / "back"), source_filesystem=fs)  # and back, as Ray restores
+storage.write_bytes(storage.join(url, "after.json"), b"{}")
+"""
+
+
+def test_retrying_filesystem_copies_more_files_than_pyarrow_has_io_threads(s3_bucket: str, tmp_path: Path) -> None:
+    """Ray uploads a checkpoint with copy_files on pyarrow's IO thread pool; each file's write through the
+    retrying filesystem must not need a thread of that same pool (with S3 background writes, 8 or more files
+    filled the pool with writes waiting for it, and the driver hung for good)."""
+    source = tmp_path / "checkpoint"
+    source.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", COPY_MANY_FILES, str(source), storage.join(s3_bucket, "run")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    n_files = len(list(source.iterdir()))
+    for k in (0, n_files - 1):
+        url = storage.join(s3_bucket, "run", "checkpoint_1", f"part-{k}.bin")
+        assert storage.read_bytes(url) == bytes([k % 256]) * 2000
+        assert (tmp_path / "back" / f"part-{k}.bin").read_bytes() == bytes([k % 256]) * 2000
 
 
 def test_retrying_filesystem_rides_out_an_endpoint_restart_and_names_the_url(outage: tuple[Outage, str]) -> None:
