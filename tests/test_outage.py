@@ -203,7 +203,7 @@ def test_a_scoring_rides_out_endpoint_restarts_while_reading_and_writing(
     rejects = pd.read_csv(io.BytesIO(storage.read_bytes(storage.join(bucket, "out", "candidates_rejects.csv"))))
     assert len(candidates) == N - 2 and sorted(rejects["id"]) == [CORRUPT_ID, MISSING_ID], "no outage reject"
     summary = json.loads(storage.read_bytes(storage.join(bucket, "out", "candidates_summary.json")))
-    assert summary, "the summary, written last, is there"
+    assert summary, "the summary, written before the candidates, is there"
 
 
 def test_a_scoring_whose_endpoint_stays_down_fails_in_one_line_and_writes_no_candidates(
