@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from lensray import storage
 from lensray.errors import ConfigError
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 
-Band = Literal["VIS", "Y", "J", "H"]
-BAND_ORDER: tuple[str, ...] = get_args(Band)  # canonical order; sky.bands holds each band's grid
 LabelRule = Literal["paper", "official", "challenge"]
 CatalogFormat = Literal["auto", "csv", "fits", "ecsv", "parquet"]
 # Columns every candidates table has already: a kept catalogue column may not take one of these names.
@@ -74,13 +73,17 @@ class SimulateConfig(Section):
 
 
 class DataConfig(Section):
-    """Where the raw challenge-format data lives, which catalogue columns to read, and how it is labelled."""
+    """Where the raw cutouts live and in which survey layout, which catalogue columns to read, how they are labelled."""
 
-    images: str | None = None  # root URL holding EUC_VIS/, EUC_Y/, EUC_J/, EUC_H/
+    images: str | None = None  # root URL of the cutouts, laid out as `profile` says (challenge: EUC_VIS/, EUC_Y/, ...)
+    # The survey's bands, grids and file layout (lensray/profiles.py): a shipped profile's name
+    # (euclid_challenge, euclid_mer, hsc, lsst) or a full mapping for any other survey. Saved in full.
+    profile: SurveyProfile = PROFILES[DEFAULT_PROFILE]
     catalog: str | None = None  # URL of the catalogue: CSV, FITS, ECSV or Parquet table
     store: str | None = None  # URL of a preprocessed Zarr store to train / evaluate on
     labels: LabelRule = "paper"  # the challenge catalogue's label rule (used when label_column is None)
-    bands: tuple[Band, ...] = BAND_ORDER
+    # Network channels, in the profile's order; None (the default): all of the profile's bands.
+    bands: tuple[str, ...] = Field(None, validate_default=True)  # type: ignore[assignment]
     nan: Literal["zero", "reject"] = "zero"
     catalog_format: CatalogFormat = "auto"  # auto: from the extension (.fits/.fit/.fts, .ecsv, .parquet; else CSV)
     id_column: str = "ID"  # integer object IDs: the number in each cutout's file name
@@ -107,14 +110,36 @@ class DataConfig(Section):
             raise ValueError(f"{taken} would overwrite candidate columns ({', '.join(CANDIDATE_COLUMNS)}, score_d4_k)")
         return names
 
-    @field_validator("bands")
+    @field_validator("profile", mode="before")
     @classmethod
-    def _bands_unique_and_ordered(cls, bands: tuple[str, ...]) -> tuple[str, ...]:
+    def _shipped_profile(cls, profile: Any) -> Any:
+        if isinstance(profile, str):
+            if profile not in PROFILES:
+                raise ValueError(
+                    f"unknown survey profile {profile!r}; shipped: {', '.join(PROFILES)} (or give a mapping)"
+                )
+            return PROFILES[profile]
+        return profile
+
+    @field_validator("bands", mode="before")
+    @classmethod
+    def _bands_of_profile(cls, bands: Any, info: ValidationInfo) -> Any:
+        profile = info.data.get("profile")
+        if profile is None:  # the profile itself is invalid: that error alone is reported
+            return () if bands is None else bands
+        if bands is None:
+            return profile.band_names
+        bands = tuple(bands) if isinstance(bands, (list, tuple)) else bands
+        if not isinstance(bands, tuple) or not all(isinstance(b, str) for b in bands):
+            return bands  # pydantic reports the type
         if not bands:
             raise ValueError("at least one band is required")
         if len(set(bands)) != len(bands):
             raise ValueError(f"duplicate band in {list(bands)}")
-        return tuple(b for b in BAND_ORDER if b in bands)  # canonical order: VIS, Y, J, H
+        unknown = [b for b in bands if b not in profile.band_names]
+        if unknown:
+            raise ValueError(f"band(s) {unknown} not in profile {profile.name} ({', '.join(profile.band_names)})")
+        return tuple(b for b in profile.band_names if b in bands)  # the profile's order
 
 
 class PreprocessConfig(Section):
@@ -140,9 +165,9 @@ class PreprocessConfig(Section):
     def _geometry(self) -> PreprocessConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave a training split")
-        side = self.crop if self.crop is not None else 200
-        if side % self.bin:
-            raise ValueError(f"bin={self.bin} does not divide the {side}-px image side")
+        # Without a crop the side is the profile's reference stamp, checked where the profile is known.
+        if self.crop is not None and self.crop % self.bin:
+            raise ValueError(f"bin={self.bin} does not divide the {self.crop}-px crop")
         return self
 
 
@@ -290,6 +315,18 @@ class LensrayConfig(Section):
     train: TrainConfig = TrainConfig()
     resources: ResourcesConfig = ResourcesConfig()
     search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _geometry_fits_profile(self) -> LensrayConfig:
+        reference = self.data.profile.reference_band
+        side = self.preprocess.crop if self.preprocess.crop is not None else reference.size
+        if side > reference.size:
+            raise ValueError(
+                f"preprocess.crop={side} is larger than the {reference.size}-px {reference.name} stamp of profile {self.data.profile.name}"
+            )
+        if side % self.preprocess.bin:
+            raise ValueError(f"preprocess.bin={self.preprocess.bin} does not divide the {side}-px image side")
+        return self
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

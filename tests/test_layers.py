@@ -1,6 +1,6 @@
 """The package's layer rule: a module imports only from its own stage or the stages to its left.
 
-``errors, _version`` -> ``storage`` -> ``config, runtime`` -> ``sky`` -> ``simulate | ingest`` -> ``models`` ->
+``errors, _version`` -> ``storage`` -> ``profiles`` -> ``config, runtime`` -> ``sky`` -> ``simulate | ingest`` -> ``models`` ->
 ``runs`` -> ``evaluate`` -> ``train`` -> ``demo`` -> ``cli`` -> ``__main__``. Every import counts, also those
 inside functions (an import hidden in a function is still a dependency). Stages on one level
 (``simulate | ingest``) do not import each other, and no modules form a cycle.
@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lensray"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "_version"),
     ("storage",),
+    ("profiles",),
     ("config", "runtime"),
     ("sky",),
     ("simulate", "ingest"),
