@@ -399,6 +399,57 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grade(args: argparse.Namespace) -> int:
+    from lensray.grade.server import check_host, grading_session, serve
+
+    check_host(args.host, args.allow_remote)  # before anything is read: a refused host fails at once
+    bands = tuple(b.strip() for b in args.bands.split(",") if b.strip()) if args.bands else None
+    session = grading_session(
+        args.candidates,
+        args.out,
+        images_url=args.images,
+        bands=bands,
+        order=args.order,
+        top=args.top,
+        random_low=args.random_low,
+        seed=args.seed,
+        grader=args.grader,
+    )
+    server = serve(session, args.host, args.port, args.allow_remote)
+    done, total = session.progress()
+    print(f"grading {session.selection.describe()} as {session.grader}: {done:,} of {total:,} graded")
+    print(f"  page: {server.url}")
+    print(f"  grades: {session.book.out} (journal {session.book.journal}); Ctrl-C stops, the same command resumes")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        while server.thread.is_alive():
+            server.thread.join(timeout=1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    done, total = session.progress()
+    print(f"stopped: {done:,} of {total:,} graded, in {session.book.out}")
+    return 0
+
+
+def cmd_grade_merge(args: argparse.Namespace) -> int:
+    from lensray.grade.grades import merge_grades
+
+    print(merge_grades(args.grades, args.out))
+    return 0
+
+
+def cmd_grades_to_catalog(args: argparse.Namespace) -> int:
+    from lensray.grade.grades import grades_to_catalog
+
+    print(grades_to_catalog(args.grades, args.out))
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -481,6 +532,29 @@ HELP = {  # subcommand: (one-line help, description, examples)
         "lensray.load_model(DIR).predict_cutouts(...) then scores raw FITS in a notebook, with no store and no Ray.",
         "lensray export runs/lastro-1 --out models/lastro-1\n"
         "lensray export s3://b/experiments/lastro-search --out s3://b/models/lastro-best --evaluation eval/",
+    ),
+    "grade": (
+        "grade candidates by eye on a local web page (A/B/C/X), saved at once, resumable",
+        "Serve a page on loopback that shows the candidates of `lensray score` one at a time or as a grid (every "
+        "band and a colour composite, score and uncertainty) and takes Euclid's grades by key: A sure lens, B "
+        "probable, C possible, X not a lens, with a free note. Every grade is appended to <out stem>_journal.jsonl "
+        "(fsynced) and the Parquet --out is rewritten atomically; the same command continues where it stopped.",
+        "lensray grade --candidates candidates.parquet --out grades.parquet\n"
+        "lensray grade --candidates s3://b/candidates.parquet --images s3://b/raw --out grades.parquet "
+        "--order uncertainty --top 2000 --random-low 200 --grader ana",
+    ),
+    "grade-merge": (
+        "merge graders' grades files",
+        "Merge grades files: a later grade of one ID by one grader replaces the earlier; different graders' "
+        "grades of one ID are kept as separate rows (column grader).",
+        "lensray grade-merge ana.parquet ben.parquet --out grades.parquet",
+    ),
+    "grades-to-catalog": (
+        "a grades file -> a labelled catalogue for `lensray preprocess`",
+        "Turn grades into a labelled catalogue (Parquet: ID, label, ra/dec when known): A/B -> 1, X -> 0, C left "
+        "out; with several graders, the majority of their A/B and X votes (an even split is left out).",
+        "lensray grades-to-catalog grades.parquet --out labels.parquet\n"
+        "lensray preprocess --catalog labels.parquet --label-column label --images raw/ --out graded.zarr",
     ),
     "demo": (
         "run the whole chain on a small simulated set, locally",
@@ -571,6 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_score(_subparser(sub, "score", common))
     _add_export(_subparser(sub, "export", common))
 
+    _add_grade(_subparser(sub, "grade", common))
+    merge = _subparser(sub, "grade-merge", common)
+    merge.add_argument("grades", nargs="+", metavar="GRADES", help="grades Parquet files (local or URLs)")
+    merge.add_argument("--out", required=True, help="merged grades Parquet (local or URL)")
+    merge.set_defaults(handler=cmd_grade_merge)
+    to_catalog = _subparser(sub, "grades-to-catalog", common)
+    to_catalog.add_argument("grades", metavar="GRADES", help="a grades Parquet file (local or URL)")
+    to_catalog.add_argument("--out", required=True, help="labelled catalogue Parquet (ID, label, ra, dec)")
+    to_catalog.set_defaults(handler=cmd_grades_to_catalog)
+
     demo = _subparser(sub, "demo", common)
     _add_flags(demo, DEMO_FLAGS)
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
@@ -629,6 +713,33 @@ def _add_score(score: argparse.ArgumentParser) -> None:
         "--fresh", action="store_true", help="discard the finished parts of an earlier run under --out, start afresh"
     )
     score.set_defaults(handler=lambda args: cmd_score(_resolve(args, SCORE_FLAGS), args))
+
+
+def _add_grade(grade: argparse.ArgumentParser) -> None:
+    grade.add_argument("--candidates", required=True, help="candidates Parquet of `lensray score` (local or URL)")
+    grade.add_argument("--out", required=True, help="grades Parquet (a local path; its journal lies beside it)")
+    grade.add_argument("--images", help="root URL of the raw cutouts (default: those the candidates were scored from)")
+    grade.add_argument("--bands", help="comma-separated bands to show (default: those scored, else VIS,Y,J,H)")
+    grade.add_argument(
+        "--order",
+        default="score",
+        choices=("score", "uncertainty", "mix"),
+        help="score: best first (default); uncertainty: score_std largest first, else |score-0.5| smallest; "
+        "mix: alternate",
+    )
+    grade.add_argument("--top", type=int, help="grade the first K of the order (default: all)")
+    grade.add_argument(
+        "--random-low", type=int, default=0, help="add N random candidates ranked below the top K, blind (purity)"
+    )
+    grade.add_argument("--seed", type=int, default=0, help="seed of the random slice (default 0)")
+    grade.add_argument("--grader", help="your name in the grades file (default: the login name)")
+    grade.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1, loopback)")
+    grade.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    grade.add_argument(
+        "--allow-remote", action="store_true", help="allow a non-loopback --host (the page has no login)"
+    )
+    grade.add_argument("--open", action="store_true", help="open the page in the default browser")
+    grade.set_defaults(handler=cmd_grade)
 
 
 def _add_export(export: argparse.ArgumentParser) -> None:
