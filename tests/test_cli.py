@@ -248,6 +248,9 @@ def test_every_subcommand_has_a_description_and_examples() -> None:
         "compare",
         "score",
         "export",
+        "grade",
+        "grade-merge",
+        "grades-to-catalog",
         "demo",
     }
     for name, sub in subcommands.items():
