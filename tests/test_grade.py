@@ -144,6 +144,8 @@ def test_orders_and_the_blind_random_slice_below_the_top(tmp_path: Path) -> None
     chosen = select(frame, "score", top=5, random_low=4, seed=1).frame
     assert len(chosen) == 9 and chosen["random_low"].sum() == 4
     assert (chosen.loc[chosen["random_low"], "rank"] > 5).all()
+    low = chosen[chosen["random_low"]].iloc[0].to_dict()
+    assert grade_record(low, "X", "", "ana")["random_low"] is True  # the grades file says which were random
     assert chosen["id"].tolist() == select(frame, "score", top=5, random_low=4, seed=1).frame["id"].tolist()
     with pytest.raises(GradeError, match="--random-low N needs --top K"):
         select(frame, random_low=2)
@@ -340,5 +342,12 @@ def test_keys_grade_in_chromium_and_a_reload_resumes(page: GradingServer, tmp_pa
         assert _text(chrome, "progress") == "3 of 5 graded"
         assert _text(chrome, "position") == "candidate 4 of 5"
         assert f"ID {IDS[3]}" in _text(chrome, "facts")
+        chrome.press("g")  # the grid: every candidate with its grade
+        chrome.wait_for("document.querySelectorAll('#grid .cell').length === 5")
+        assert chrome.evaluate("[...document.querySelectorAll('#grid .badge')].map(b => b.textContent)") == [
+            *"AXC",
+            "",
+            "",
+        ]
     finally:
         chrome.close()

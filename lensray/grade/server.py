@@ -223,6 +223,13 @@ class _Server(ThreadingHTTPServer):
     session: GradingSession
     allowed_hosts: set[str] | None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        # A page that moves on drops its pending picture requests: a closed connection is no error.
+        quiet = isinstance(sys.exc_info()[1], ConnectionError)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "grade page: a request failed", exc_info=True)
+
 
 @dataclass
 class GradingServer:
