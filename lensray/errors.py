@@ -74,6 +74,10 @@ class ScoreError(LensrayError, ValueError):
     """Scoring cannot run (unusable checkpoint, catalogue or output); the message names the object."""
 
 
+class GradeError(LensrayError, ValueError):
+    """A grades file, candidates file or grading option is unusable; the message names the file or option."""
+
+
 class Interrupted(LensrayError):
     """A long job was stopped (Ctrl-C); the message says how to continue it. The CLI exits with 130."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lensray import storage
-from lensray.grade.grades import GradeError
+from lensray.errors import GradeError
 
 Order = Literal["score", "uncertainty", "mix"]
 ORDERS: tuple[str, ...] = ("score", "uncertainty", "mix")

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from lensray import storage
-from lensray.errors import LensrayError
+from lensray.errors import GradeError, LensrayError
 
 GRADES: dict[str, str] = {"A": "sure lens", "B": "probable lens", "C": "possible lens", "X": "not a lens"}
 LENS_GRADES, NON_LENS_GRADES = ("A", "B"), ("X",)  # C is neither: left out of the catalogue
@@ -43,10 +43,6 @@ GRADE_COLUMNS: tuple[str, ...] = (
     "dec",
 )
 _FLOATS = ("score", "score_std", "ra", "dec")
-
-
-class GradeError(LensrayError, ValueError):
-    """A grades file, candidates file or grading option is unusable; the message names the file or option."""
 
 
 def journal_path(out: str | Path) -> Path:

@@ -22,8 +22,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any
 
+from lensray.errors import GradeError
 from lensray.grade.candidates import Selection, read_candidates, score_summary, select, shown
-from lensray.grade.grades import GRADES, GradeBook, GradeError, grade_record
+from lensray.grade.grades import GRADES, GradeBook, grade_record
 from lensray.grade.images import COMPOSITE, candidate_pngs
 from lensray.sky.bands import BAND_NAMES
 from lensray.sky.fits import CutoutError
