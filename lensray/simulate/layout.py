@@ -9,7 +9,8 @@ Each band goes to ``profile.relpath(band, id)`` at ``profile.band(band).hdu``:
   pixels) and ``VARIANCE`` (float32, flux^2) extensions after the image, as the HSC cutout service and LSST
   calexps write them;
 - ``.fz`` paths: every extension tile-compressed (``fits.CompImageHDU``: RICE_1, float images quantised
-  with subtractive dithering as fpack does, a dither seed fixed per ID so the bytes are reproducible);
+  with subtractive dithering as fpack does, one tile per image and a dither seed fixed per ID so the bytes
+  are reproducible);
   ``.gz`` paths: the whole file gzipped.
 
 Every image HDU carries a celestial TAN WCS (CRVAL = the object's RA/Dec, CRPIX at the stamp centre,
@@ -74,7 +75,11 @@ def band_header(
 
 def _image_hdu(data: np.ndarray, header: fits.Header, name: str | None, compressed: bool, seed: int) -> fits.ImageHDU:
     if compressed:
-        hdu = fits.CompImageHDU(data=data, header=header, compression_type="RICE_1", dither_seed=seed)
+        # One tile per image: a constant tile (a row of a sky-only VARIANCE plane) cannot be quantised and
+        # is gzipped with the clock in its header instead; a whole stamp never is constant, so bytes repeat.
+        hdu = fits.CompImageHDU(
+            data=data, header=header, compression_type="RICE_1", dither_seed=seed, tile_shape=data.shape
+        )
     else:
         hdu = fits.ImageHDU(data=data, header=header)
     if name is not None:
