@@ -28,6 +28,7 @@ from lensray.config import (
     read_yaml,
 )
 from lensray.errors import ConfigError, Interrupted, LensrayError, find_cause
+from lensray.profiles import PROFILES
 
 DEVICES = ("auto", "cpu", "cuda")
 # Missing or misplaced files and folders: reported like a lensray error, as one line naming the path.
@@ -178,6 +179,13 @@ SIMULATE_FLAGS = (
         "priors: randomised (training, default) | shifted (evaluation only) | classic",
         choices=("randomised", "shifted", "classic"),
     ),
+    Flag(
+        "--profile",
+        "data.profile",
+        "survey layout to write: euclid_challenge (default) | euclid_mer | hsc | lsst (any other: data.profile "
+        "in --config)",
+        choices=tuple(PROFILES),
+    ),
 )
 
 
@@ -186,7 +194,7 @@ def cmd_simulate(config: LensrayConfig) -> int:
 
     if config.simulate.out is None:
         raise ConfigError("simulate.out is required (--out URL)")
-    print(simulate_dataset(config.simulate))
+    print(simulate_dataset(config.simulate, config.data.profile))
     return 0
 
 
@@ -475,10 +483,13 @@ def _demo_config(args: argparse.Namespace) -> LensrayConfig:
 
 HELP = {  # subcommand: (one-line help, description, examples)
     "simulate": (
-        "make a challenge-format data set (lenstronomy)",
+        "make a simulated data set, challenge format or any survey profile (lenstronomy)",
         "Simulate a Bologna-challenge-format data set: one FITS file per object and band (VIS, Y, J, H) and the "
-        "catalogue CSV, with the real data's quirks. Written locally or to s3://.",
-        "lensray simulate --out data/ --n 1200 --seed 7\nlensray simulate --out s3://bucket/sim --n 20000 --workers 8",
+        "catalogue CSV, with the real data's quirks. Written locally or to s3://. With --profile, the files of a "
+        "survey profile in its own layout (bands, pixel scales, multi-extension or .fz files, WCS headers) and "
+        "catalog.parquet (ID, ra, dec, is_lens, mag_<band>) beside truth.csv.",
+        "lensray simulate --out data/ --n 1200 --seed 7\nlensray simulate --out s3://bucket/sim --n 20000 --workers 8"
+        "\nlensray simulate --out hsc/ --n 500 --profile hsc",
     ),
     "preprocess": (
         "ingest raw FITS into a preprocessed Zarr store (Ray Data)",

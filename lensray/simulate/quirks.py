@@ -6,6 +6,7 @@ whole set by ``writer.plan_dataset``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,14 +29,17 @@ def draw_nir_sizes(rng: np.random.Generator, config: SimulateConfig) -> dict[str
 
 
 def inject_nan_pixels(
-    images: dict[str, np.ndarray], rng: np.random.Generator, config: SimulateConfig
+    images: dict[str, np.ndarray],
+    rng: np.random.Generator,
+    config: SimulateConfig,
+    bands: Sequence[str] = BAND_NAMES,
 ) -> dict[str, int]:
-    """Blank some pixels in one or two bands, as a few real cutouts have: scattered bad pixels, a small
-    block, or a strip along an edge where the cutout left the survey footprint."""
+    """Blank some pixels in one or two of ``bands``, as a few real cutouts have: scattered bad pixels, a
+    small block, or a strip along an edge where the cutout left the survey footprint."""
     if rng.random() >= config.nan_pixel_rate:
         return {}
     counts: dict[str, int] = {}
-    for band in rng.choice(BAND_NAMES, size=int(rng.integers(1, 3)), replace=False):
+    for band in rng.choice(bands, size=min(len(bands), int(rng.integers(1, 3))), replace=False):
         image = images[str(band)]
         rows, cols = image.shape
         pattern = rng.choice(["scattered", "block", "edge"])
@@ -55,13 +59,18 @@ def inject_nan_pixels(
 
 
 def inject_artefacts(
-    images: dict[str, np.ndarray], kinds: tuple[str, ...], sigmas: dict[str, float], rng: np.random.Generator
+    images: dict[str, np.ndarray],
+    kinds: tuple[str, ...],
+    sigmas: dict[str, float],
+    rng: np.random.Generator,
+    bands: Sequence[str] = BAND_NAMES,
+    sharpest: str = "VIS",
 ) -> None:
     """Detector and sky artefacts (the randomised presets), in place, scaled by each band's background
-    ``sigmas`` (flux units): a cosmic-ray track (mostly VIS), a satellite trail across one band, a bad
-    column (or row) offset in one band."""
+    ``sigmas`` (flux units): a cosmic-ray track (mostly in the ``sharpest`` band: VIS), a satellite trail
+    across one band, a bad column (or row) offset in one band."""
     for kind in kinds:
-        band = "VIS" if kind == "cosmic_ray" and rng.random() < 0.8 else str(rng.choice(BAND_NAMES))
+        band = sharpest if kind == "cosmic_ray" and rng.random() < 0.8 else str(rng.choice(bands))
         image = images[band]
         size = image.shape[0]
         sigma = sigmas[band]

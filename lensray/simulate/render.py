@@ -20,6 +20,7 @@ from lensray.simulate.instrument import (
     VIS_MARGIN,
     WHOLE_CANVAS,
     BandNoise,
+    BandObservation,
     Psf,
     band_observation,
     window,
@@ -169,6 +170,23 @@ def observe(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Noisy images in flux units (float32) per band, and the noiseless VIS maps (e-/s) per group."""
     images: dict[str, np.ndarray] = {}
+    vis_groups = vis_group_maps(scene, rendered)
+    vis_model = vis_groups["lens"] + vis_groups["companion"] + vis_groups["source"]
+    images["VIS"] = _observed(vis_model, "VIS", rngs["VIS"], _band_noise(scene, "VIS"))
+    binned: dict[int, list[np.ndarray]] = {}  # the parts on each NIR grid size in use, binned once
+    everything = range(len(scene.parts))
+    for band in NIR_BANDS:
+        size = nir_sizes.get(band, BANDS[band].size)
+        if size not in binned:
+            binned[size] = [_nir_cut(unit, size) for unit in rendered.maps]
+        # The PSF is applied on the NIR grid, as lenstronomy does without supersampled convolution.
+        model = _apply_psf(_combine(scene, band, everything, binned[size]), scene, band, BANDS[band].pixel_scale)
+        images[band] = _observed(model, band, rngs[band], _band_noise(scene, band))
+    return images, vis_groups
+
+
+def vis_group_maps(scene: Scene, rendered: RenderedScene) -> dict[str, np.ndarray]:
+    """The noiseless VIS stamp (e-/s) of each light group (lens, companion, source): what ``measure`` reads."""
     vis_groups: dict[str, np.ndarray] = {}
     groups = ("lens", "companion", "source")
     members = {g: [k for k, part in enumerate(scene.parts) if part.group == g] for g in groups}
@@ -185,18 +203,7 @@ def observe(
         canvases.update(zip(lit, convolved, strict=True))
     for g in groups:
         vis_groups[g] = _vis_cut(canvases[g])
-    vis_model = vis_groups["lens"] + vis_groups["companion"] + vis_groups["source"]
-    images["VIS"] = _observed(vis_model, "VIS", rngs["VIS"], _band_noise(scene, "VIS"))
-    binned: dict[int, list[np.ndarray]] = {}  # the parts on each NIR grid size in use, binned once
-    everything = range(len(scene.parts))
-    for band in NIR_BANDS:
-        size = nir_sizes.get(band, BANDS[band].size)
-        if size not in binned:
-            binned[size] = [_nir_cut(unit, size) for unit in rendered.maps]
-        # The PSF is applied on the NIR grid, as lenstronomy does without supersampled convolution.
-        model = _apply_psf(_combine(scene, band, everything, binned[size]), scene, band, BANDS[band].pixel_scale)
-        images[band] = _observed(model, band, rngs[band], _band_noise(scene, band))
-    return images, vis_groups
+    return vis_groups
 
 
 def _combine(scene: Scene, band: str, members: Sequence[int], maps: Sequence[np.ndarray]) -> np.ndarray:
@@ -212,12 +219,19 @@ def _band_noise(scene: Scene, band: str) -> BandNoise | None:
     return None if scene.noise is None else scene.noise[band]
 
 
-def _observed(model_cps: np.ndarray, band: str, rng: np.random.Generator, noise: BandNoise | None) -> np.ndarray:
+def _observed(
+    model_cps: np.ndarray,
+    band: str,
+    rng: np.random.Generator,
+    noise: BandNoise | None,
+    obs: BandObservation | None = None,
+) -> np.ndarray:
     """Add noise and convert to flux units. Sky photons (hundreds per pixel per co-add) and read noise
     dominate, so Poisson noise is drawn in its Gaussian limit, with lenstronomy's per-pixel variance
     (SingleBand.estimate_noise: background variance + model counts / exposure time). ``noise`` (the
-    randomised presets) scales both terms, correlates the field (variance kept) and adds a sky residual."""
-    obs = band_observation(band)
+    randomised presets) scales both terms, correlates the field (variance kept) and adds a sky residual.
+    ``obs``: the band's depth when it is not one of the challenge's bands (a survey profile's band)."""
+    obs = obs if obs is not None else band_observation(band)
     if noise is None:
         sigma = np.sqrt(obs.noise_cps**2 + np.maximum(model_cps, 0.0) / obs.exposure_time)
         return ((model_cps + sigma * rng.standard_normal(model_cps.shape)) * obs.flux_per_cps).astype(np.float32)

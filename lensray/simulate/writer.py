@@ -20,7 +20,7 @@ import io
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
@@ -28,14 +28,17 @@ from astropy.io import fits
 from lensray import storage
 from lensray.config import SimulateConfig
 from lensray.errors import ConfigError
+from lensray.profiles import SurveyProfile
 from lensray.runtime import ensure_ray, progress
 from lensray.simulate.instrument import FLUX_MAGZP, band_observation
+from lensray.simulate.layout import file_layout, object_files
 from lensray.simulate.measure import FIELD_DESCRIPTIONS, measure
 from lensray.simulate.priors import priors_for
 from lensray.simulate.quirks import ImageQuirks, draw_nir_sizes, inject_artefacts, inject_nan_pixels
 from lensray.simulate.randomise import draw_random_scene
-from lensray.simulate.render import observe, render_scene
+from lensray.simulate.render import observe, render_scene, vis_group_maps
 from lensray.simulate.scene import Scene, draw_scene
+from lensray.simulate.survey import SurveyBand, is_challenge, object_coordinates, observe_survey, survey_bands
 from lensray.sky.bands import BAND_NAMES, BANDS, band_relpath
 from lensray.sky.catalog import CATALOG_NAME, COLUMNS, INT_COLUMNS
 
@@ -53,6 +56,9 @@ class SimulatedObject:
     quirks: ImageQuirks
     psf_fwhm: dict[str, float]
     scene: Scene | None = None  # what was drawn: the truth file's source
+    # A survey profile's extras (``--profile``): per-band noise variance and the object's (RA, Dec) in deg.
+    variances: dict[str, np.ndarray] = field(default_factory=dict)
+    coords: tuple[float, float] | None = None
 
 
 TRUTH_NAME = "truth.csv"  # beside the catalogue: each object's truth (README "Simulation")
@@ -91,14 +97,25 @@ def object_rng(seed: int, object_id: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, int(object_id))))
 
 
-def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, config: SimulateConfig) -> SimulatedObject:
-    """Draw, render, observe and measure one object; inject its image quirks. Pure: no I/O."""
+def simulate_object(
+    object_id: int,
+    is_lens: bool,
+    rng: np.random.Generator,
+    config: SimulateConfig,
+    profile: SurveyProfile | None = None,
+) -> SimulatedObject:
+    """Draw, render, observe and measure one object; inject its image quirks. Pure: no I/O.
+    ``profile``: a survey profile's bands (None or euclid_challenge: the challenge's four bands)."""
     # The fourth stream (artefacts) is new; spawning it leaves the first three, hence classic, unchanged.
     scene_rng, noise_rng, quirk_rng, artefact_rng = rng.spawn(4)
     if config.preset == "classic":
         scene = draw_scene(scene_rng, is_lens, config)
     else:
         scene = draw_random_scene(scene_rng, is_lens, priors_for(config.preset))
+    if not is_challenge(profile):
+        assert profile is not None
+        streams = (noise_rng, quirk_rng, artefact_rng)
+        return _observe_in_profile(object_id, is_lens, scene, streams, config, profile)
     nir_sizes = draw_nir_sizes(quirk_rng, config)
     rendered = render_scene(scene)
     # One noise stream per band: an off-size band leaves the others' noise alone.
@@ -110,6 +127,44 @@ def simulate_object(object_id: int, is_lens: bool, rng: np.random.Generator, con
     nan_pixels = inject_nan_pixels(images, quirk_rng, config)
     quirks = ImageQuirks(nir_sizes, nan_pixels)
     return SimulatedObject(int(object_id), bool(is_lens), scene.kind, images, row, quirks, scene.psf_fwhm, scene)
+
+
+def _observe_in_profile(
+    object_id: int,
+    is_lens: bool,
+    scene: Scene,
+    streams: tuple[np.random.Generator, ...],
+    config: SimulateConfig,
+    profile: SurveyProfile,
+) -> SimulatedObject:
+    """The scene in a survey profile's bands (``survey``); the catalogue row is still measured in VIS,
+    for the truth file. Quirks: NaN pixels and artefacts in the profile's bands; no off-size stamps."""
+    noise_rng, quirk_rng, artefact_rng = streams
+    bands = survey_bands(profile)
+    names = [band.name for band in bands]
+    rendered = render_scene(scene)
+    # One noise stream per band position: the k-th band's noise does not depend on how many bands follow.
+    observed = observe_survey(scene, rendered, bands, noise_rng.spawn(len(bands)))
+    row = measure(object_id, scene, rendered, vis_group_maps(scene, rendered))
+    images = observed.images
+    if scene.artefacts:
+        sigmas = {band.name: band.sky_sigma(scene) for band in bands}
+        inject_artefacts(images, scene.artefacts, sigmas, artefact_rng, bands=names, sharpest=profile.reference)
+    nan_pixels = inject_nan_pixels(images, quirk_rng, config, names)
+    coords = object_coordinates(config.seed, object_id)
+    quirks = ImageQuirks({}, nan_pixels)
+    return SimulatedObject(
+        int(object_id),
+        bool(is_lens),
+        scene.kind,
+        images,
+        row,
+        quirks,
+        scene.psf_fwhm,
+        scene,
+        observed.variances,
+        coords,
+    )
 
 
 def _sky_sigma(scene: Scene | None, band: str) -> float:
@@ -185,8 +240,15 @@ def fits_bytes(obj: SimulatedObject, band: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def write_object(obj: SimulatedObject, out: str, seed: int) -> None:
-    """Write the object's four FITS files under the data set root ``out``."""
+def write_object(obj: SimulatedObject, out: str, seed: int, profile: SurveyProfile | None = None) -> None:
+    """Write the object's FITS files under the data set root ``out``: the challenge's four, or the profile's."""
+    if not is_challenge(profile):
+        assert profile is not None and obj.coords is not None
+        bands = survey_bands(profile)
+        files = object_files(profile, bands, obj.object_id, obj.images, obj.variances, obj.coords, obj.scene, seed)
+        for relpath, data in files.items():
+            storage.write_bytes(storage.join(out, relpath), data)
+        return
     for band in BAND_NAMES:
         storage.write_bytes(storage.join(out, band_relpath(band, obj.object_id)), fits_bytes(obj, band, seed))
 
@@ -223,20 +285,23 @@ class ObjectResult:
 
     plan: ObjectPlan
     kind: str
-    row: dict[str, float]
+    row: dict[str, float]  # the catalogue's: the challenge's 26 columns, or a survey profile's (survey_row)
     quirks: ImageQuirks
     truth: dict[str, object]
 
 
-def simulate_chunk(plans: Sequence[ObjectPlan], config: SimulateConfig) -> list[ObjectResult]:
+def simulate_chunk(
+    plans: Sequence[ObjectPlan], config: SimulateConfig, profile: SurveyProfile | None = None
+) -> list[ObjectResult]:
     """Simulate a chunk of IDs and write their images (unless planned missing)."""
     assert config.out is not None
     results = []
     for plan in plans:
-        obj = simulate_object(plan.object_id, plan.is_lens, object_rng(config.seed, plan.object_id), config)
+        obj = simulate_object(plan.object_id, plan.is_lens, object_rng(config.seed, plan.object_id), config, profile)
         if not plan.missing_images:
-            write_object(obj, config.out, config.seed)
-        results.append(ObjectResult(plan, obj.kind, obj.row, obj.quirks, truth_row(obj, not plan.missing_images)))
+            write_object(obj, config.out, config.seed, profile)
+        row = obj.row if is_challenge(profile) else survey_row(obj, survey_bands(profile))  # type: ignore[arg-type]
+        results.append(ObjectResult(plan, obj.kind, row, obj.quirks, truth_row(obj, not plan.missing_images)))
     return results
 
 
@@ -276,28 +341,34 @@ class SimulationSummary:
         )
 
 
-def simulate_dataset(config: SimulateConfig) -> SimulationSummary:
-    """Write a challenge-format data set under ``config.out``: FITS per band per ID, then the catalogue."""
+def simulate_dataset(config: SimulateConfig, profile: SurveyProfile | None = None) -> SimulationSummary:
+    """Write a data set under ``config.out``: FITS files per ID in the profile's layout (None or
+    euclid_challenge: the challenge's), then the catalogue (``catalog_text`` / ``survey_catalog_bytes``)."""
     import ray
 
     if config.out is None:
         raise ConfigError("simulate.out is not set: give the data set's root URL (a path or s3://bucket/prefix)")
+    challenge = is_challenge(profile)
+    if not challenge:  # refuse what cannot be written before any work starts
+        assert profile is not None
+        survey_bands(profile)
+        file_layout(profile)
     start = time.perf_counter()
     storage.check_reachable(config.out, must_exist=False)
     plans = plan_dataset(config)
     ensure_ray()
     workers = config.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    results = sorted(_run_chunks(plans, config, workers), key=lambda r: r.plan.object_id)
+    results = sorted(_run_chunks(plans, config, workers, profile), key=lambda r: r.plan.object_id)
     rows = [r.row for r in results] + [r.row for r in results if r.plan.duplicated]
-    catalog_url = storage.join(config.out, CATALOG_NAME)
-    storage.write_bytes(catalog_url, catalog_text(rows, config).encode())
+    catalog_url = storage.join(config.out, CATALOG_NAME if challenge else SURVEY_CATALOG_NAME)
+    storage.write_bytes(catalog_url, catalog_text(rows, config).encode() if challenge else survey_catalog_bytes(rows))
     truth_url = storage.join(config.out, TRUTH_NAME)
     storage.write_bytes(truth_url, truth_text([r.truth for r in results]).encode())
     return SimulationSummary(
         out=config.out,
         catalog_url=catalog_url,
         truth_url=truth_url,
-        preset=config.preset,
+        preset=config.preset if challenge else f"{config.preset}, profile {profile.name}",  # type: ignore[union-attr]
         n_objects=len(results),
         n_lenses=sum(r.plan.is_lens for r in results),
         n_rows=len(rows),
@@ -310,7 +381,9 @@ def simulate_dataset(config: SimulateConfig) -> SimulationSummary:
     )
 
 
-def _run_chunks(plans: Sequence[ObjectPlan], config: SimulateConfig, workers: int) -> list[ObjectResult]:
+def _run_chunks(
+    plans: Sequence[ObjectPlan], config: SimulateConfig, workers: int, profile: SurveyProfile | None
+) -> list[ObjectResult]:
     """Simulate every planned object in Ray tasks over chunks of IDs, at most ``workers`` at a time."""
     import ray
 
@@ -322,7 +395,7 @@ def _run_chunks(plans: Sequence[ObjectPlan], config: SimulateConfig, workers: in
     with progress(len(plans), "simulate", "obj") as bar:
         while pending or in_flight:
             while pending and len(in_flight) < workers:
-                in_flight.append(remote.remote(pending.pop(0), config))
+                in_flight.append(remote.remote(pending.pop(0), config, profile))
             done, in_flight = ray.wait(in_flight, num_returns=1)
             for chunk_results in ray.get(done):
                 results.extend(chunk_results)
@@ -344,6 +417,45 @@ def catalog_text(rows: Sequence[dict[str, float]], config: SimulateConfig) -> st
     for index, row in enumerate(rows):
         lines.append(",".join([str(index), *(_format_value(name, row[name]) for name in COLUMNS)]))
     return "\n".join(lines) + "\n"
+
+
+SURVEY_CATALOG_NAME = "catalog.parquet"  # a survey profile's catalogue, beside truth.csv
+
+
+def survey_row(obj: SimulatedObject, bands: Sequence[SurveyBand]) -> dict[str, object]:
+    """A survey profile's catalogue row: ID, ra, dec (deg), is_lens, and the central galaxy's AB magnitude
+    ``mag_<band>`` in each band (its model magnitude, as a survey's photometry would give it)."""
+    assert obj.coords is not None and obj.scene is not None
+    row: dict[str, object] = dict(ID=obj.object_id, ra=obj.coords[0], dec=obj.coords[1], is_lens=obj.is_lens)
+    lens = [part for part in obj.scene.parts if part.group == "lens"]
+    for band in bands:
+        row[f"mag_{band.name}"] = -2.5 * math.log10(sum(10 ** (-0.4 * band.magnitude(p)) for p in lens))
+    return row
+
+
+def survey_catalog_bytes(rows: Sequence[dict[str, object]]) -> bytes:
+    """``catalog.parquet``: one row per catalogue entry (duplicated IDs repeat), columns ``ID`` (int64),
+    ``ra``, ``dec`` (float64, deg, ICRS), ``is_lens`` (bool), ``mag_<band>`` (float32, AB). Ingest it with
+    ``lensray preprocess --catalog .../catalog.parquet --label-column is_lens --coord-columns ra,dec``."""
+    import tempfile
+
+    import astropy.units as u
+    from astropy.table import Table
+
+    names = list(rows[0]) if rows else ["ID", "ra", "dec", "is_lens"]
+    columns = {name: [row[name] for row in rows] for name in names}
+    table = Table()
+    table["ID"] = np.asarray(columns.pop("ID"), dtype=np.int64)
+    table["ra"] = np.asarray(columns.pop("ra"), dtype=np.float64) * u.deg
+    table["dec"] = np.asarray(columns.pop("dec"), dtype=np.float64) * u.deg
+    table["is_lens"] = np.asarray(columns.pop("is_lens"), dtype=bool)
+    for name, values in columns.items():
+        table[name] = np.asarray(values, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as folder:  # astropy writes Parquet to a path only
+        path = f"{folder}/{SURVEY_CATALOG_NAME}"
+        table.write(path, format="parquet")
+        with open(path, "rb") as file:
+            return file.read()
 
 
 def truth_text(rows: Sequence[dict[str, object]]) -> str:
