@@ -103,10 +103,11 @@ def test_the_challenge_profile_is_the_challenge_simulator():
 
 
 def _fitsverify(path: Path) -> None:
+    """NASA's fitsverify on one written file (.ci/run installs Debian's package)."""
     if shutil.which("fitsverify") is None:
-        return
+        pytest.skip("NASA fitsverify is not installed (apt-get install fitsverify; .ci/run does)")
     result = subprocess.run(["fitsverify", "-q", "-e", str(path)], capture_output=True, text=True, check=False)
-    assert result.returncode == 0 and "0 error" in result.stdout, result.stdout
+    assert result.returncode == 0 and result.stdout.startswith("verification OK"), result.stdout
 
 
 @pytest.mark.parametrize("name", ["euclid_mer", "hsc", "lsst"])
