@@ -235,16 +235,26 @@ CATALOG_FLAGS = (
 )
 
 PREPROCESS_FLAGS = (
-    Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
+    Flag("--images", "data.images", "root URL of the raw FITS cutouts, laid out as --profile says (EUC_VIS/, ...)"),
+    Flag(
+        "--profile",
+        "data.profile",
+        "survey layout of the cutouts: euclid_challenge (default), euclid_mer, hsc, lsst (lensray/profiles.py)",
+    ),
     Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV, or a CSV/FITS/ECSV/Parquet table"),
     *CATALOG_FLAGS,
     Flag("--out", "preprocess.out", "URL of the Zarr store to write (path or s3://)"),
     Flag("--mode", "preprocess.mode", "asinh (default) | log | clip"),
-    Flag("--bands", "data.bands", "comma-separated subset of VIS,Y,J,H", is_list=True),
+    Flag(
+        "--bands",
+        "data.bands",
+        "comma-separated subset of the profile's bands (default: all; euclid_challenge: VIS,Y,J,H; hsc: g,r,i,z,y)",
+        is_list=True,
+    ),
     Flag("--labels", "data.labels", "label rule: paper | official | challenge"),
     Flag("--nan", "data.nan", "NaN pixels: zero | reject"),
     Flag("--dtype", "preprocess.dtype", "float16 | float32"),
-    Flag("--crop", "preprocess.crop", "central crop in VIS pixels", int),
+    Flag("--crop", "preprocess.crop", "central crop in reference-band pixels (VIS for Euclid)", int),
     Flag("--bin", "preprocess.bin", "integer binning after the crop", int),
     Flag("--shard-size", "preprocess.shard_size", "samples per Zarr shard (one Ray task each)", int),
     Flag("--limit", "preprocess.limit", "ingest only the first N IDs (sorted)", int),
@@ -371,7 +381,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 SCORE_FLAGS = (
-    Flag("--images", "data.images", "root URL of the raw FITS cutouts (EUC_VIS/, EUC_Y/, ...)"),
+    Flag("--images", "data.images", "root URL of the raw FITS cutouts, in the training store's layout"),
+    Flag(
+        "--profile",
+        "data.profile",
+        "survey layout of the cutouts; default: the run's training store's (a different one is an error)",
+    ),
     Flag("--catalog", "data.catalog", "URL of the catalogue: the challenge CSV, or a CSV/FITS/ECSV/Parquet table"),
     *CATALOG_FLAGS,
 )
@@ -395,6 +410,8 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
         data=config.data,
         part_size=args.part_size,
         fresh=args.fresh,
+        # Only an explicit --profile is checked against the run's: a saved config always names one.
+        profile=config.data.profile if args.profile is not None else None,
     )
     print(candidates)
     return 0

@@ -28,7 +28,7 @@ from lensray.ingest.store import SPLITS, LensStore
 from lensray.runs import Run, load_best
 from lensray.runtime import verbose
 from lensray.simulate.writer import SimulationSummary, simulate_dataset
-from lensray.sky.bands import BANDS, VIS_PIXEL_SCALE
+from lensray.sky.bands import VIS_PIXEL_SCALE
 from lensray.sky.catalog import CATALOG_NAME, Catalog, apply_label_rule, label_counts, read_catalog
 from lensray.sky.fits import read_cutouts
 from lensray.train.trainer import TrainOutcome, train
@@ -277,7 +277,8 @@ def _preview_picks(catalog: Catalog, rule: str) -> list[tuple[int, str]]:
 def write_preview(config: LensrayConfig, catalog: Catalog, out_path: Path) -> Path:
     """Raw / asinh / log / clip per band for lenses (strong to weak) and non-lenses, on the store's crop."""
     picks = _preview_picks(catalog, config.data.labels)
-    cutouts, _ = read_cutouts(config.data.images, [i for i, _ in picks], config.data.bands, "zero")
+    profile = config.data.profile
+    cutouts, _ = read_cutouts(config.data.images, [i for i, _ in picks], config.data.bands, "zero", profile=profile)
     by_id = {c.object_id: c for c in cutouts}
     view = config.preprocess.model_copy(update={"bin": 1, "dtype": "float32"})
     crop = config.preprocess.crop
@@ -287,20 +288,27 @@ def write_preview(config: LensrayConfig, catalog: Catalog, out_path: Path) -> Pa
     half = PREVIEW_PER_CLASS // 2
     chosen = [*lenses[:half], *lenses[-half:], *non_lenses[:half], *non_lenses[-half:]]
     for object_id, label in chosen:
-        bands = by_id[object_id].bands
-        content: dict[str, np.ndarray] = {f"raw:{b}": _central(bands[b], crop, b) for b in config.data.bands}
+        cutout = by_id[object_id]
+        bands = cutout.bands
+        content: dict[str, np.ndarray] = {
+            f"raw:{b}": _central(bands[b], crop, profile.band(b).pixel_scale, profile.reference_band.pixel_scale)
+            for b in config.data.bands
+        }
         for mode in ("asinh", "log", "clip"):
-            content[mode] = preprocess_cutout(bands, view.model_copy(update={"mode": mode}), config.data.bands)
+            settings = view.model_copy(update={"mode": mode})
+            content[mode] = preprocess_cutout(bands, settings, config.data.bands, profile=profile, wcs=cutout.wcs)
         rows.append((label, content))
     return preview_grid(
         rows, config.data.bands, out_path, title="lensray demo: lenses, strong to weak (top) vs non-lenses (bottom)"
     )
 
 
-def _central(image: np.ndarray, crop_vis_px: int | None, band: str) -> np.ndarray:
-    """The raw stamp's central region matching a VIS-pixel crop, at the band's own pixel scale."""
-    if crop_vis_px is None:
+def _central(
+    image: np.ndarray, crop_px: int | None, band_scale: float, reference_scale: float = VIS_PIXEL_SCALE
+) -> np.ndarray:
+    """The raw stamp's central region matching a crop in reference-band pixels, at the band's own scale."""
+    if crop_px is None:
         return image
-    side = max(1, round(crop_vis_px * VIS_PIXEL_SCALE / BANDS[band].pixel_scale))
+    side = max(1, round(crop_px * reference_scale / band_scale))
     top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
     return image[top : top + side, left : left + side]

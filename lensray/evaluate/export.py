@@ -4,13 +4,14 @@
 search (its best trial's best checkpoint, the rule of ``load_best``):
 
 * ``model.safetensors``: the network's weights (its ``state_dict``, plain tensors, safetensors format);
-* ``model.json``: the network (name and its config section), the input contract (bands with their pixel
-  scales and stamp sizes, the preprocessing mode and parameters, crop/bin, dtype, NaN policy, input shape),
+* ``model.json``: the network (name and its config section), the input contract (the survey profile, bands
+  with their pixel scales and stamp sizes from it, the preprocessing mode and parameters, crop/bin, dtype, NaN policy, input shape),
   the lensray version, the source run and its validation (and, where given, test) AUC;
 * ``config.yaml``: the run's resolved config, as its checkpoint holds it.
 
 ``load_model`` reads it back (JSON and safetensors only) into an ``ExportedModel`` whose ``predict_cutouts``
-scores raw FITS files or raw flux arrays through the same reader checks (``sky.fits.decode_band``), transform
+scores raw FITS files (read as the profile says: each band's HDU, one read per file shared by several
+bands) or raw flux arrays through the same reader checks (``sky.fits.decode_hdus``), transform
 (``ingest.preprocess.preprocess_cutouts``) and forward pass (``evaluate.inference.predict_tta`` over
 ``models.inference.predict``) as ``lensray score``: the same numbers, and the same named errors for bad inputs.
 """
@@ -33,22 +34,22 @@ from lensray import storage
 from lensray._version import __version__
 from lensray.config import ModelConfig, PreprocessConfig
 from lensray.errors import CheckpointError, PreprocessError, ScoreError, SearchError
-from lensray.evaluate.inference import check_tta, predict_tta
+from lensray.evaluate.inference import check_tta, checkpoint_input, predict_tta
 from lensray.ingest.preprocess import describe, output_shape, preprocess_cutouts
-from lensray.models import MODELS, build_model, describe_model, model_section
+from lensray.models import MODELS, build_model, describe_model, input_pixel_scale, model_section
 from lensray.models.inference import predict
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 from lensray.runs import (
     CONFIG_FILE,
     TUNE_CONFIG_FILE,
     best_checkpoint,
     is_checkpoint,
     load_run,
-    model_input,
     resolve_checkpoint,
     summarise_experiment,
 )
-from lensray.sky.bands import BANDS, shape_problem
-from lensray.sky.fits import NAN_POLICIES, Cutout, CutoutError, check_image, decode_band
+from lensray.sky.bands import stamp_problem
+from lensray.sky.fits import NAN_POLICIES, Cutout, CutoutError, check_image, decode_hdus
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_FILE = "model.json"
@@ -101,7 +102,7 @@ def _evaluation(evaluation_url: str | None, checkpoint_url: str) -> dict[str, An
 
 def model_record(run: Any, source: dict[str, Any], evaluation_url: str | None, weights: bytes) -> dict[str, Any]:
     """``model.json``'s content for a loaded ``runs.Run``."""
-    prepared = model_input(run.checkpoint_url, run.config)
+    prepared, survey = checkpoint_input(run.checkpoint_url, run.config)
     preprocess = prepared.preprocess
     metrics = {key: run.metrics[key] for key in VAL_METRICS if run.metrics.get(key) is not None}
     return {
@@ -115,15 +116,16 @@ def model_record(run: Any, source: dict[str, Any], evaluation_url: str | None, w
         },
         "weights": {"file": WEIGHTS_FILE, "sha256": hashlib.sha256(weights).hexdigest()},
         "input": {
+            "profile": survey.model_dump(mode="json"),  # the raw cutouts' layout: files, HDUs, grids
             "bands": list(prepared.bands),
-            "pixel_scales": {band: BANDS[band].pixel_scale for band in prepared.bands},  # arcsec/px
-            "stamp_sizes": {band: BANDS[band].size for band in prepared.bands},  # nominal native side, px
+            "pixel_scales": {band: survey.band(band).pixel_scale for band in prepared.bands},  # arcsec/px
+            "stamp_sizes": {band: survey.band(band).size for band in prepared.bands},  # nominal native side, px
             "channels": prepared.channels,
             "size": prepared.size,
             "dtype": preprocess.dtype,
             "nan_policy": run.config.data.nan,
             "preprocess": preprocess.model_dump(mode="json", include=set(PREPROCESS_KEYS)),
-            "transform": describe(preprocess),  # the full record; load_model checks it still holds
+            "transform": describe(preprocess, survey, prepared.bands),  # the full record; load_model checks it
         },
         "source": {
             **source,
@@ -197,32 +199,49 @@ def _network_config(record: dict[str, Any], url: str) -> ModelConfig:
         raise CheckpointError(f"{url}: network config of {name!r} is unusable at {where}: {first['msg']}") from None
 
 
-def _input_contract(record: dict[str, Any], url: str) -> tuple[tuple[str, ...], PreprocessConfig, str, int, int]:
-    """``(bands, preprocess, nan policy, channels, size)``, checked against what this lensray computes."""
+@dataclass(frozen=True)
+class _Contract:
+    bands: tuple[str, ...]
+    preprocess: PreprocessConfig
+    nan_policy: str
+    channels: int
+    size: int
+    profile: SurveyProfile
+
+
+def _input_contract(record: dict[str, Any], url: str) -> _Contract:
+    """The exported input contract, checked against what this lensray computes (an export without a
+    profile is of the challenge layout)."""
     contract = record.get("input")
     try:
         bands = tuple(contract["bands"])
         channels, size, nan_policy = int(contract["channels"]), int(contract["size"]), contract["nan_policy"]
         preprocess = PreprocessConfig(**{key: contract["preprocess"][key] for key in PREPROCESS_KEYS})
+        recorded = contract.get("profile")
+        profile = PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
     except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
         raise CheckpointError(f"{url}: no usable input contract ({type(exc).__name__}: {exc})") from None
     for band in bands:
-        spec = BANDS.get(band)
+        spec = profile.band(band) if band in profile.band_names else None
         scale = (contract.get("pixel_scales") or {}).get(band)
         stamp = (contract.get("stamp_sizes") or {}).get(band)
         if spec is None or (scale, stamp) != (spec.pixel_scale, spec.size):
-            known = "unknown here" if spec is None else f"{spec.size} px at {spec.pixel_scale}″/px here"
+            known = (
+                f"not in profile {profile.name}" if spec is None else f"{spec.size} px at {spec.pixel_scale}″/px here"
+            )
             raise CheckpointError(f"{url}: band {band} is {stamp} px at {scale}″/px in the export, {known}")
     if nan_policy not in NAN_POLICIES or channels != len(bands):
         raise CheckpointError(f"{url}: nan_policy {nan_policy!r} / {channels} channels for bands {list(bands)}")
-    rebuilt, recorded = describe(preprocess), contract.get("transform") or {}
+    rebuilt, recorded = describe(preprocess, profile, bands), contract.get("transform") or {}
     differing = sorted(k for k in set(rebuilt) | set(recorded) if rebuilt.get(k) != recorded.get(k))
     if differing:
         details = ", ".join(f"{k}: exported {recorded.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
         raise CheckpointError(f"{url}: this lensray cannot reproduce the exported transform ({details})")
-    if list(output_shape(preprocess)) != [size, size]:
-        raise CheckpointError(f"{url}: transform output {output_shape(preprocess)} != network input size {size}")
-    return bands, preprocess, nan_policy, channels, size
+    if list(output_shape(preprocess, profile)) != [size, size]:
+        raise CheckpointError(
+            f"{url}: transform output {output_shape(preprocess, profile)} != network input size {size}"
+        )
+    return _Contract(bands, preprocess, nan_policy, channels, size, profile)
 
 
 def _read_weights(url: str, record: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -257,8 +276,10 @@ def load_model(url: str, device: str | torch.device = "cpu") -> ExportedModel:
     if not isinstance(record.get("format_version"), int) or record["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{json_url}: format version {record.get('format_version')!r}; this lensray reads <= 1")
     config = _network_config(record, json_url)
-    bands, preprocess, nan_policy, channels, size = _input_contract(record, json_url)
-    network = build_model(config, channels, size)
+    contract = _input_contract(record, json_url)
+    # The pixel scales the two-branch net splits and pools its channels by, as in training.
+    scale = input_pixel_scale(record["input"].get("transform"))
+    network = build_model(config, contract.channels, contract.size, scale)
     try:
         network.load_state_dict(_read_weights(url, record))
     except RuntimeError as exc:
@@ -268,7 +289,9 @@ def load_model(url: str, device: str | torch.device = "cpu") -> ExportedModel:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     network.to(device).eval()
-    return ExportedModel(url, record, network, bands, preprocess, nan_policy, device)
+    return ExportedModel(
+        url, record, network, contract.bands, contract.preprocess, contract.nan_policy, device, contract.profile
+    )
 
 
 # --- predicting --------------------------------------------------------------------------------------------
@@ -278,13 +301,13 @@ def _is_path(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike))
 
 
-def _per_object(items: Any, bands: Sequence[str]) -> list[Mapping[str, Any]]:
+def _per_object(items: Any, bands: Sequence[str], profile: SurveyProfile) -> list[Mapping[str, Any]]:
     """``items`` as one ``{band: path, URL or 2-D array}`` per object."""
     if isinstance(items, (np.ndarray, torch.Tensor)):
         array = np.asarray(items)
         if array.ndim != 4 or array.shape[1] != len(bands):
             raise ScoreError(f"raw images must be (N, {len(bands)}, H, W) for bands {list(bands)}, got {array.shape}")
-        sizes = {BANDS[band].size for band in bands}
+        sizes = {profile.band(band).size for band in bands}
         if len(sizes) > 1:
             raise ScoreError(
                 f"bands {list(bands)} have native stamps of different sizes ({sorted(sizes)} px): one (N, C, H, W) "
@@ -315,11 +338,12 @@ class ExportedModel:
     preprocess: PreprocessConfig
     nan_policy: str
     device: torch.device
+    profile: SurveyProfile = PROFILES[DEFAULT_PROFILE]  # the raw cutouts' layout (bands' HDUs, grids)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """(C, S, S): what ``predict`` takes."""
-        return (len(self.bands), *output_shape(self.preprocess))
+        return (len(self.bands), *output_shape(self.preprocess, self.profile))
 
     def predict(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """Lens probabilities for (N, C, S, S) images already preprocessed (``prepare``), like ``Run.predict``."""
@@ -334,7 +358,7 @@ class ExportedModel:
         """Raw cutouts (see ``predict_cutouts``), checked like ``lensray score`` reads them: CutoutError naming
         the object (``ids``, default its position), band and file for a missing band, an unreadable file, a
         wrong stamp size, a blank band, or NaN pixels under the ``reject`` policy."""
-        objects = _per_object(items, self.bands)
+        objects = _per_object(items, self.bands, self.profile)
         ids = list(range(len(objects))) if ids is None else [int(i) for i in ids]
         if len(ids) != len(objects):
             raise ScoreError(f"{len(ids)} ids for {len(objects)} objects")
@@ -342,30 +366,40 @@ class ExportedModel:
         return [self._read_one(obj, object_id, policy) for obj, object_id in zip(objects, ids, strict=True)]
 
     def _read_one(self, item: Mapping[str, Any], object_id: int, nan_policy: str) -> Cutout:
-        images, nan_pixels = {}, {}
+        decoded: dict[str, tuple[np.ndarray, int, Any]] = {}
+        files: dict[str, dict[str, int | str]] = {}  # path -> {band: HDU}: a file shared by bands is read once
+        urls: dict[str, str] = {}
         for band in self.bands:
             value = item.get(band)
             if value is None:
                 raise CutoutError(object_id, band, "<not given>", "missing", f"no {band} among {sorted(item)}")
             if _is_path(value):
-                url = str(value)
-                try:
-                    data = storage.read_bytes(url)
-                except FileNotFoundError:
-                    raise CutoutError(object_id, band, url, "missing", "no such file") from None
-                images[band], nan_pixels[band] = decode_band(data, object_id, band, url, nan_policy)
+                urls[band] = str(value)
+                files.setdefault(str(value), {})[band] = self.profile.band(band).hdu
             else:  # the same checks as a file's pixels
-                url = f"<array of object {object_id}>"
-                images[band], nan_pixels[band] = check_image(np.asarray(value), object_id, band, url, nan_policy)
-            problem = shape_problem(band, images[band].shape)
-            if problem:  # as sky.fits.read_band: a wrong-size stamp is refused, never resampled
-                raise CutoutError(object_id, band, url, "shape", f"stamp is {images[band].shape}, {problem}")
-        return Cutout(object_id=object_id, bands=images, nan_pixels=nan_pixels)
+                urls[band] = f"<array of object {object_id}>"
+                decoded[band] = (*check_image(np.asarray(value), object_id, band, urls[band], nan_policy), None)
+        for url, hdus in files.items():
+            try:
+                data = storage.read_bytes(url)
+            except FileNotFoundError:
+                raise CutoutError(object_id, next(iter(hdus)), url, "missing", "no such file") from None
+            decoded.update(decode_hdus(data, object_id, url, hdus, nan_policy))
+        for band in self.bands:
+            problem = stamp_problem(self.profile.band(band), decoded[band][0].shape)
+            if problem:  # as sky.fits.read_cutout: a wrong-size stamp is refused, never resampled
+                raise CutoutError(object_id, band, urls[band], "shape", f"stamp is {decoded[band][0].shape}, {problem}")
+        return Cutout(
+            object_id=object_id,
+            bands={band: decoded[band][0] for band in self.bands},
+            nan_pixels={band: decoded[band][1] for band in self.bands},
+            wcs={band: decoded[band][2] for band in self.bands},
+        )
 
     def prepare(self, cutouts: Sequence[Cutout]) -> np.ndarray:
         """Read cutouts -> (N, C, S, S) float32 network inputs, by ``lensray score``'s transform; PreprocessError
         naming the object when one cannot become an image (e.g. an extreme pixel)."""
-        prepared = preprocess_cutouts(cutouts, self.preprocess, self.bands)
+        prepared = preprocess_cutouts(cutouts, self.preprocess, self.bands, profile=self.profile)
         if prepared.rejects:
             raise PreprocessError(prepared.rejects[0].message)
         return np.asarray(prepared.images, dtype=np.float32)
@@ -381,14 +415,15 @@ class ExportedModel:
     ) -> np.ndarray:
         """Lens probabilities (N,) for raw cutouts, in the order given, as ``lensray score`` computes them.
 
-        ``items``: a list of ``{band: path or URL}`` (FITS, image in HDU 0) or ``{band: 2-D array}`` per
+        ``items``: a list of ``{band: path or URL}`` (FITS, the image in the band's HDU of the profile; bands
+        naming one multi-extension file read it once) or ``{band: 2-D array}`` per
         object; a ``{band: (N, H, W) array}`` mapping; or, when every band has one stamp size, an
         (N, C, H, W) array of raw fluxes in ``self.bands`` order. ``tta="d4"`` averages the 8 rotations and
         flips. ``ids`` name the objects in errors (default: their positions); ``nan_policy`` overrides the
         exported one. A bad object raises (see ``read``) instead of being skipped.
         """
         tta = check_tta(tta)
-        objects = _per_object(items, self.bands)
+        objects = _per_object(items, self.bands, self.profile)
         ids = list(range(len(objects))) if ids is None else list(ids)
         scores = []
         for first in range(0, len(objects), batch_size):

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from lensray.errors import EvaluateError, ScoreError
+from lensray import storage
+from lensray.errors import CheckpointError, EvaluateError, ScoreError
+from lensray.ingest.preprocess import profile_of
+from lensray.profiles import SurveyProfile
 from lensray.runtime import progress
 from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
+
+if TYPE_CHECKING:
+    from lensray.runs import ModelInput
 
 PREDICT_BATCH = 128
 
@@ -92,4 +98,76 @@ def predict_split(
         per_transform=per_transform,
         rows=rows,
         seconds=time.perf_counter() - started,
+    )
+
+
+# --- what a checkpoint's network takes, with its survey profile -----------------------------------------
+
+
+def checkpoint_input(
+    checkpoint_url: str, run_config: Any | None = None, profile: SurveyProfile | None = None
+) -> tuple[ModelInput, SurveyProfile]:
+    """``(runs.model_input, the survey profile of its training store)``: a run scores cutouts of the layout
+    it was trained on without being told again (the profile rides in the store's recorded transform; a
+    store that recorded none is ``euclid_challenge``). ``profile``, when given (``--profile``), must be
+    that one: scoring hsc cutouts with a challenge network is an error naming both.
+    """
+    from lensray.runs import MODEL_INPUT_FILE, model_input, read_json
+
+    url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
+    try:
+        record = read_json(url, dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"{url} is missing: {checkpoint_url} is not a lensray checkpoint folder") from None
+    trained = profile_of(record.get("transform"))
+    if profile is not None and profile != trained:
+        raise ScoreError(
+            f"{checkpoint_url} was trained on profile {trained.name} ({', '.join(trained.band_names)}), "
+            f"not the requested profile {profile.name} ({', '.join(profile.band_names)}): leave --profile out "
+            "or score with a network trained on that layout"
+        )
+    if "profile" not in (record.get("transform") or {}):
+        return model_input(checkpoint_url, run_config), trained
+    return _profiled_input(url, record, trained, run_config), trained
+
+
+def _profiled_input(url: str, record: dict[str, Any], profile: SurveyProfile, run_config: Any | None) -> ModelInput:
+    """``runs.model_input`` for a transform recorded with a profile: rebuilt with that profile it must equal
+    the record exactly (``runs.model_input`` rebuilds without one, so it would refuse every such record)."""
+    from lensray.config import PreprocessConfig
+    from lensray.ingest.preprocess import describe
+    from lensray.runs import ModelInput
+
+    transform, bands = record["transform"], record.get("bands")
+    try:
+        preprocess = PreprocessConfig(
+            mode=transform["mode"],
+            upsample=transform["interpolation"],
+            asinh_softening=transform["asinh_softening"],
+            border=transform["border"],
+            crop=transform["crop"],
+            bin=transform["bin"],
+            dtype=transform["dtype"],
+        )
+        rebuilt = describe(preprocess, profile, bands)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{url}: unusable transform record {transform}: {exc}") from exc
+    differing = sorted(k for k in set(rebuilt) | set(transform) if rebuilt.get(k) != transform.get(k))
+    if differing:
+        details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
+        raise CheckpointError(f"{url}: this lensray cannot reproduce the training transform ({details})")
+    if rebuilt["output_shape"] != [record["size"], record["size"]]:
+        raise CheckpointError(
+            f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}"
+        )
+    notes = []
+    if run_config is not None and tuple(run_config.data.bands) != tuple(bands):
+        notes.append(f"run config bands {list(run_config.data.bands)}, training store {bands} (used)")
+    return ModelInput(
+        bands=tuple(bands),
+        channels=int(record["channels"]),
+        size=int(record["size"]),
+        preprocess=preprocess,
+        store=record.get("store"),
+        notes=tuple(notes),
     )

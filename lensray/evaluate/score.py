@@ -32,8 +32,9 @@ import torch
 from lensray import storage
 from lensray.config import DataConfig, PreprocessConfig
 from lensray.errors import CatalogError, ScoreError
-from lensray.evaluate.inference import check_tta, predict_tta
-from lensray.runs import ModelInput, model_input
+from lensray.evaluate.inference import check_tta, checkpoint_input, predict_tta
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.runs import ModelInput
 from lensray.runtime import ensure_ray, progress
 from lensray.sky.symmetry import D4_ELEMENTS
 
@@ -68,7 +69,12 @@ def read_ids(url: str, data: DataConfig | None = None) -> tuple[np.ndarray, list
 
 
 def prepare_batch(
-    batch: dict[str, np.ndarray], images_url: str, bands: Sequence[str], preprocess: PreprocessConfig, nan_policy: str
+    batch: dict[str, np.ndarray],
+    images_url: str,
+    bands: Sequence[str],
+    preprocess: PreprocessConfig,
+    nan_policy: str,
+    profile: SurveyProfile | None = None,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read and preprocess a batch of IDs exactly as the ingest does (the same reader and
     ``preprocess_cutouts``, so the same rejects and reasons). Rejected IDs keep a NaN image and their reason."""
@@ -76,12 +82,12 @@ def prepare_batch(
     from lensray.sky.fits import read_cutouts
 
     ids = np.asarray(batch["id"], dtype=np.int64)
-    size = output_shape(preprocess)[0]
+    size = output_shape(preprocess, profile)[0]
     images = np.full((len(ids), len(bands), size, size), np.nan, dtype=np.float32)
     reasons = np.full(len(ids), "", dtype=object)
     messages = np.full(len(ids), "", dtype=object)
-    cutouts, unread = read_cutouts(images_url, ids.tolist(), bands, nan_policy)
-    prepared = preprocess_cutouts(cutouts, preprocess, bands)
+    cutouts, unread = read_cutouts(images_url, ids.tolist(), bands, nan_policy, profile=profile)
+    prepared = preprocess_cutouts(cutouts, preprocess, bands, profile=profile)
     position = {int(object_id): k for k, object_id in enumerate(ids)}
     for cutout, image, accepted in zip(cutouts, prepared.images, prepared.accepted, strict=True):
         if accepted:
@@ -256,7 +262,15 @@ def score_fingerprint(inputs: ScoreInputs, tta: str | None) -> dict[str, Any]:
         "nan_policy": inputs.nan_policy,
         "tta": tta,
         "ids_sha256": hashlib.sha256(np.ascontiguousarray(inputs.ids, dtype="<i8").tobytes()).hexdigest(),
+        **_profile_entry(inputs),
     }
+
+
+def _profile_entry(inputs: ScoreInputs) -> dict[str, Any]:
+    """The cutouts' layout, recorded when it is not the challenge's (whose jobs record what they always did)."""
+    if inputs.profile == PROFILES[DEFAULT_PROFILE]:
+        return {}
+    return {"profile": inputs.profile.model_dump(mode="json")}
 
 
 def plan_parts(
@@ -340,6 +354,7 @@ class ScoreInputs:
     repeated: tuple[int, ...]  # IDs listed more than once (scored once)
     started: float  # perf_counter when the job began: wall times count from it
     columns: pd.DataFrame | None = None  # id + ra/dec + kept catalogue columns, joined to the candidates
+    profile: SurveyProfile = PROFILES[DEFAULT_PROFILE]  # the cutouts' layout: the training store's
 
 
 @dataclass(frozen=True, eq=False)
@@ -365,15 +380,17 @@ def prepare_scoring(
     out_url: str | None = None,
     nan_policy: str | None = None,
     data: DataConfig | None = None,
+    profile: SurveyProfile | None = None,
 ) -> ScoreInputs:
     """Check everything that can fail before any Ray work: the checkpoint, the URLs, the catalogue (read
-    with ``data``'s catalogue options: id, coordinate and kept columns, format)."""
+    with ``data``'s catalogue options: id, coordinate and kept columns, format). The cutouts' layout is
+    the training store's profile; ``profile`` (``--profile``), when given, must be the same."""
     from lensray.runs import load_run, resolve_checkpoint
 
     started = time.perf_counter()
     checkpoint_url = resolve_checkpoint(checkpoint_url)
     run = load_run(checkpoint_url)  # fail fast on a bad checkpoint
-    prepared = model_input(checkpoint_url, run.config)
+    prepared, survey = checkpoint_input(checkpoint_url, run.config, profile)
     storage.check_reachable(images_url)
     if out_url is not None:
         storage.check_reachable(out_url, must_exist=False)
@@ -390,6 +407,7 @@ def prepare_scoring(
         repeated=tuple(repeated),
         started=started,
         columns=columns if columns.shape[1] > 1 else None,
+        profile=survey,
     )
 
 
@@ -415,6 +433,7 @@ def _scoring_dataset(
         "bands": inputs.prepared.bands,
         "preprocess": inputs.prepared.preprocess,
         "nan_policy": inputs.nan_policy,
+        "profile": inputs.profile,
     }
     scorer = {"checkpoint_url": inputs.checkpoint_url, "tta": tta, "device": device, "parts": plan, "ids": ids}
     scorer.update(batch_size=batch_size, threads=None if gpus else 1)
@@ -527,11 +546,18 @@ def gallery_images(inputs: ScoreInputs, top: pd.DataFrame) -> np.ndarray:
     from lensray.sky.fits import read_cutouts
 
     prepared = inputs.prepared
-    cutouts, failed = read_cutouts(inputs.images_url, top["id"].tolist(), prepared.bands, inputs.nan_policy)
+    cutouts, failed = read_cutouts(
+        inputs.images_url, top["id"].tolist(), prepared.bands, inputs.nan_policy, profile=inputs.profile
+    )
     if failed:  # they were read a moment ago: the data changed under us
         raise ScoreError(f"top candidates could not be re-read for the gallery: {[str(f) for f in failed]}")
     images = preprocess_batch(
-        [c.bands for c in cutouts], prepared.preprocess, prepared.bands, [c.object_id for c in cutouts]
+        [c.bands for c in cutouts],
+        prepared.preprocess,
+        prepared.bands,
+        [c.object_id for c in cutouts],
+        profile=inputs.profile,
+        wcs=[c.wcs for c in cutouts],
     )
     return np.asarray(images, np.float32)
 
@@ -638,12 +664,14 @@ def score_catalog(
     data: DataConfig | None = None,
     part_size: int | None = None,
     fresh: bool = False,
+    profile: SurveyProfile | None = None,
 ) -> ScoreSummary:
     """Score every catalogue ID from raw cutouts; write ranked candidates, rejects and a gallery.
 
     ``data``: how the catalogue is read (``catalog_format``, ``id_column``, ``coord_columns``,
-    ``keep_columns``; its URLs are not used). Outputs (local or s3://): ``out_url`` (Parquet: rank, id,
-    score, with ``tta`` the 8 per-view scores ``score_d4_0..7``, then ``ra``, ``dec`` and the kept
+    ``keep_columns``; its URLs are not used). The cutouts are read in the training store's profile;
+    ``profile`` (``--profile``), when given, must be that one. Outputs (local or s3://): ``out_url``
+    (Parquet: rank, id, score, with ``tta`` the 8 per-view scores ``score_d4_0..7``, then ``ra``, ``dec`` and the kept
     columns, best first), ``<stem>_rejects.csv`` (id, reason, message of every
     cutout that could not be scored), ``<stem>_summary.json`` and ``<stem>_gallery.html`` (the top
     ``gallery`` candidates, every band, the network's input stretch, ID and score under each).
@@ -654,7 +682,7 @@ def score_catalog(
     refused unless ``fresh``, which discards them and starts afresh.
     """
     tta = check_tta(tta)
-    inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy, data)
+    inputs = prepare_scoring(checkpoint_url, images_url, catalog_url, out_url, nan_policy, data, profile)
     result = compute_scores(
         inputs,
         _sibling(out_url, "_parts"),
@@ -711,6 +739,7 @@ def summary_json(result: ScoreResult, wall_s: float) -> dict[str, Any]:
         "tta": result.tta,
         "bands": list(inputs.prepared.bands),
         "transform": inputs.prepared.preprocess.model_dump(mode="json", exclude={"out"}),
+        **_profile_entry(inputs),
         "nan_policy": inputs.nan_policy,
         "n_ids": len(inputs.ids),
         "n_scored": len(result.candidates),

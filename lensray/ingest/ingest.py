@@ -1,4 +1,5 @@
-"""Ray Data ingest: raw challenge-format FITS (local or object storage) -> one preprocessed Zarr store.
+"""Ray Data ingest: raw FITS cutouts in a survey profile's layout (``data.profile``; local or object
+storage) -> one preprocessed Zarr store, which records the profile (``meta["profile"]``).
 
 The driver reads the catalogue (any table ``sky.catalog.load_catalog`` reads), labels it (an unlabelled
 catalogue is stored with label -1: it can be scored, not trained on), sorts the IDs, assigns each a split from a hash of (seed, ID)
@@ -94,11 +95,11 @@ def _process_shard(
     dtype) becomes a named reject of its own; it never fails the task, so it never fails the run.
     """
     ids = item["ids"]
-    cutouts, read_rejects = read_cutouts(data.images, ids, data.bands, data.nan)
-    prepared = preprocess_cutouts(cutouts, preprocess, data.bands)
+    cutouts, read_rejects = read_cutouts(data.images, ids, data.bands, data.nan, profile=data.profile)
+    prepared = preprocess_cutouts(cutouts, preprocess, data.bands, profile=data.profile)
     kept = [cutout for cutout, ok in zip(cutouts, prepared.accepted, strict=True) if ok]
     row = {object_id: k for k, object_id in enumerate(ids)}
-    channels, size = len(data.bands), output_shape(preprocess)[0]
+    channels, size = len(data.bands), output_shape(preprocess, data.profile)[0]
     images = np.full((len(ids), channels, size, size), np.nan, dtype=preprocess.dtype)
     valid = np.zeros(len(ids), dtype=bool)
     order = [row[cutout.object_id] for cutout in cutouts]
@@ -134,7 +135,7 @@ def ingest(data: DataConfig, preprocess: PreprocessConfig, *, progress: bool = T
         labels=labels,
         split=assign_splits(ids, preprocess.val_fraction, preprocess.test_fraction, preprocess.split_seed),
         channels=len(data.bands),
-        size=output_shape(preprocess)[0],
+        size=output_shape(preprocess, data.profile)[0],
         dtype=preprocess.dtype,
         shard_size=preprocess.shard_size,
         meta=_store_meta(data, preprocess, catalog, labelled),
@@ -192,7 +193,8 @@ def _store_meta(
     with the default columns gives exactly the meta it always did (so older stores still resume)."""
     meta = {
         "preprocess": preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
-        "transform": describe(preprocess),
+        "transform": describe(preprocess, data.profile, data.bands),
+        "profile": data.profile.model_dump(mode="json"),  # the layout read; LensStore.profile
         "label_rule": labelled.rule,  # a challenge rule, "column:<name>" or "unlabelled"
         "bands": list(data.bands),
         "nan_policy": data.nan,

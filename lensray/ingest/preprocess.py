@@ -1,5 +1,10 @@
-"""Raw cutout -> network input: per-band normalisation, NIR resampling onto the VIS grid, stacking,
-central crop and integer binning. Pure numpy (+ astropy's stretches); no I/O, no Ray, no torch.
+"""Raw cutout -> network input: per-band normalisation, resampling onto the reference band's grid,
+stacking, central crop and integer binning. Pure numpy (+ astropy's stretches and ``reproject``); no I/O,
+no Ray, no torch.
+
+The grid is the survey profile's (``lensray.profiles``; default ``euclid_challenge``): its *reference*
+band (VIS for Euclid, i for HSC and LSST) is the network's grid, and every function here takes the
+profile (``profile=``, None: the challenge's).
 
 Order of operations, per band, and why
 --------------------------------------
@@ -7,14 +12,16 @@ Order of operations, per band, and why
    percentiles). Resampling correlates neighbouring pixels and lowers the measured noise by a
    position-dependent factor, so sigma measured after upsampling would be biased low.
 2. **The affine part** of the mode (subtract, divide) on the native pixels.
-3. **Resampling** (NIR only) onto the VIS grid. Interpolation is linear with weights summing to one, so
-   it commutes with step 2, and it acts on (scaled) flux, where interpolation is meaningful.
-4. **The pointwise non-linear part** (arcsinh, clip, LogStretch) on the VIS grid. Stretching after
+3. **Resampling** onto the reference grid (bands not already on it). Interpolation is linear with
+   weights summing to one, so it commutes with step 2, and it acts on (scaled) flux, where
+   interpolation is meaningful.
+4. **The pointwise non-linear part** (arcsinh, clip, LogStretch) on the reference grid. Stretching after
    interpolation keeps bicubic overshoot inside the documented range (clips happen last).
-For VIS (no resampling) this is exactly "normalise the stamp", i.e. ``normalise_band``. Because every
-statistic comes from the native stamp and steps 3-4 are per pixel, the central crop can be taken before
-step 3 (only the cropped block is resampled and stretched) with the same result as cropping afterwards.
-Then the bands are stacked in the requested order, binned (block mean) and cast to ``config.dtype``.
+For the reference band (no resampling) this is exactly "normalise the stamp", i.e. ``normalise_band``.
+Because every statistic comes from the native stamp and steps 3-4 are per pixel, the central crop can be
+taken before step 3 (only the cropped block is resampled and stretched) with the same result as cropping
+afterwards. Then the bands are stacked in the requested order, binned (block mean) and cast to
+``config.dtype``.
 
 Modes (per band; ``x`` = native pixels)
 ---------------------------------------
@@ -35,10 +42,23 @@ Modes (per band; ``x`` = native pixels)
 
 Geometry
 --------
-VIS stamps must be 200x200 at 0.1"/px; NIR stamps (nominally 66x66 at 0.3"/px, a few are 65 or 67 px
-on a side) are sampled at the VIS pixel centres mapped into their own pixel coordinates, assuming both
-stamps are centred on the same sky position. Outside the NIR footprint (66 x 0.3" = 19.8" < 20") the
-edge value is repeated, like ``scipy.ndimage.map_coordinates(mode="nearest")``.
+The reference stamp must be exactly its band's ``size`` (challenge: VIS 200x200 at 0.1"/px); other
+bands their ``size`` give or take their ``size_tolerance`` (challenge NIR: 66 +- 6 px at 0.3"/px). A
+band reaches the reference grid one of three ways, per stamp:
+
+* **cropped**, like the reference itself, when it has the reference's pixel scale and stamp size and no
+  WCS says otherwise (Euclid MER, HSC and LSST cutouts: every band on one grid);
+* **by pixel-scale ratio** (separable bilinear/bicubic, ``resample_to_vis``): the reference pixel
+  centres are mapped into the band's own pixel coordinates assuming both stamps are centred on the same
+  sky position; outside the band's footprint (challenge: 66 x 0.3" = 19.8" < 20") the edge value is
+  repeated, like ``scipy.ndimage.map_coordinates(mode="nearest")``;
+* **by WCS** (``reproject.reproject_interp``, order ``bilinear``) when both the band's and the reference's
+  headers carry a celestial WCS *and* that WCS disagrees with the centred pixel-scale mapping by more
+  than ``WCS_TOLERANCE_PX`` band pixels anywhere on the reference stamp (an offset, a rotation, another
+  scale). A WCS that agrees with it (e.g. the simulator's, centred on the object) takes the cheaper
+  path above, so the challenge layout keeps exactly today's bits and speed with or without WCS headers.
+  The band is edge-padded by ``WCS_EDGE_PAD`` pixels first (the same edge repetition); reference pixels
+  still outside it are 0 after the affine step (the background level for ``asinh``).
 """
 
 from __future__ import annotations
@@ -46,15 +66,19 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from astropy.visualization import LogStretch
 
 from lensray.config import PreprocessConfig
 from lensray.errors import PreprocessError
-from lensray.sky.bands import BAND_NAMES, BANDS, VIS_PIXEL_SCALE, VIS_SIZE, shape_problem
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.sky.bands import VIS_PIXEL_SCALE, VIS_SIZE, stamp_problem
 from lensray.sky.fits import Cutout, Reject
+
+if TYPE_CHECKING:
+    from astropy.wcs import WCS
 
 MAD_TO_SIGMA = 1.4826  # MAD -> sigma for Gaussian noise
 LOG_STRETCH_A = 1000.0  # astropy's default, used by the study
@@ -64,6 +88,10 @@ CLIP_LOWER_FACTOR = -0.7
 KEYS_A = -0.5  # Keys (1981) cubic convolution: reproduces quadratics exactly
 MODES = ("asinh", "log", "clip")
 METHODS = ("bilinear", "bicubic")
+# A band's WCS that maps the reference stamp within this many band pixels of the centred pixel-scale
+# mapping is resampled by that (exact, cached, fast) mapping rather than by reproject.
+WCS_TOLERANCE_PX = 0.01
+WCS_EDGE_PAD = 2  # band pixels of edge repetition around a stamp resampled by WCS
 
 
 class BandScaling(NamedTuple):
@@ -329,19 +357,33 @@ def resample_to_vis(
 # Cutouts
 
 
-def output_shape(config: PreprocessConfig) -> tuple[int, int]:
-    """(S, S): the side after the optional central crop and the binning."""
-    side = config.crop if config.crop is not None else VIS_SIZE
-    if side > VIS_SIZE:
-        raise ValueError(f"preprocess.crop={side} is larger than the {VIS_SIZE}-px VIS stamp")
+def _survey(profile: SurveyProfile | None) -> SurveyProfile:
+    return PROFILES[DEFAULT_PROFILE] if profile is None else profile
+
+
+def output_shape(config: PreprocessConfig, profile: SurveyProfile | None = None) -> tuple[int, int]:
+    """(S, S): the side after the optional central crop (default: the reference stamp) and the binning."""
+    reference = _survey(profile).reference_band
+    side = config.crop if config.crop is not None else reference.size
+    if side > reference.size:
+        raise ValueError(f"preprocess.crop={side} is larger than the {reference.size}-px {reference.name} stamp")
     if side % config.bin:
         raise ValueError(f"preprocess.bin={config.bin} does not divide the {side}-px side")
     return side // config.bin, side // config.bin
 
 
-def describe(config: PreprocessConfig) -> dict[str, Any]:
-    """The transform as recorded in the store's metadata (JSON-serialisable)."""
-    return {
+def describe(
+    config: PreprocessConfig, profile: SurveyProfile | None = None, bands: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """The transform as recorded in the store's metadata (JSON-serialisable).
+
+    For the default ``euclid_challenge`` profile it is exactly what it always was (so older stores and
+    runs compare equal); any other profile adds the profile itself (``profile``), the reference grid's
+    pixel scale and each channel's native pixel scale (``native_pixel_scales``, in ``bands`` order:
+    what the two-branch network splits its channels by).
+    """
+    survey = _survey(profile)
+    record = {
         "mode": config.mode,
         "interpolation": config.upsample,
         "asinh_softening": config.asinh_softening,
@@ -349,40 +391,122 @@ def describe(config: PreprocessConfig) -> dict[str, Any]:
         "crop": config.crop,
         "bin": config.bin,
         "dtype": config.dtype,
-        "output_shape": list(output_shape(config)),
+        "output_shape": list(output_shape(config, survey)),
         "log_stretch_a": LOG_STRETCH_A,
         "clip_percentiles": list(CLIP_PERCENTILES),
         "clip_lower_factor": CLIP_LOWER_FACTOR,
         "bicubic": f"Keys a={KEYS_A}",
         "order": "stats on native pixels -> affine -> resample NIR to VIS grid -> crop -> stretch -> stack -> bin",
     }
+    if survey == PROFILES[DEFAULT_PROFILE]:
+        return record
+    channels = _check_band_order(survey.band_names if bands is None else bands, survey)
+    record["order"] = (
+        "stats on native pixels -> affine -> resample to the reference grid (WCS or pixel-scale ratio) -> crop "
+        "-> stretch -> stack -> bin"
+    )
+    record["reference_pixel_scale"] = survey.reference_band.pixel_scale
+    record["native_pixel_scales"] = [survey.band(band).pixel_scale for band in channels]
+    record["profile"] = survey.model_dump(mode="json")
+    return record
 
 
-def _check_band_order(band_order: Sequence[str]) -> tuple[str, ...]:
+def profile_of(transform: Mapping[str, Any] | None) -> SurveyProfile:
+    """The survey profile a recorded transform was made for (a record without one: ``euclid_challenge``)."""
+    recorded = (transform or {}).get("profile")
+    return PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+
+
+def _check_band_order(band_order: Sequence[str], profile: SurveyProfile | None = None) -> tuple[str, ...]:
+    survey = _survey(profile)
     bands = tuple(band_order)
     if not bands:
         raise ValueError("band_order is empty: at least one band is required")
-    unknown = [b for b in bands if b not in BANDS]
+    unknown = [b for b in bands if b not in survey.band_names]
     if unknown:
-        raise ValueError(f"unknown band(s) {unknown}; expected a subset of {list(BAND_NAMES)}")
+        raise ValueError(f"unknown band(s) {unknown}; expected a subset of {list(survey.band_names)}")
     if len(set(bands)) != len(bands):
         raise ValueError(f"duplicate band in band_order {list(bands)}")
     return bands
 
 
-def _native_stamp(cutout: Mapping[str, np.ndarray], band: str, label: str) -> np.ndarray:
+def _native_stamp(cutout: Mapping[str, np.ndarray], band: str, label: str, profile: SurveyProfile) -> np.ndarray:
     if band not in cutout:
         raise PreprocessError(f"{label}: band {band} is missing (have {sorted(cutout)})")
     stamp = np.asarray(cutout[band], dtype=np.float32)  # also makes FITS big-endian data native
     if stamp.ndim != 2:
         raise PreprocessError(f"{label}: band {band} must be a 2-D image, got shape {stamp.shape}")
-    problem = shape_problem(band, stamp.shape)
+    problem = stamp_problem(profile.band(band), stamp.shape)
     if problem:
         raise PreprocessError(f"{label}: band {band} is {stamp.shape}, {problem}")
     bad = int(np.count_nonzero(~np.isfinite(stamp)))
     if bad:
         raise PreprocessError(f"{label}: band {band} has {bad} non-finite pixel(s); apply the NaN policy first")
     return stamp
+
+
+# --------------------------------------------------------------------------------------------------
+# Resampling by WCS
+
+
+def wcs_disagreement(
+    band_wcs: WCS,
+    reference_wcs: WCS,
+    band_shape: tuple[int, int],
+    band_scale: float,
+    reference_side: int,
+    reference_scale: float,
+) -> float:
+    """How far (band pixels, the worst of the reference stamp's corners and centre) the WCS mapping of
+    reference pixels into the band differs from the centred pixel-scale mapping ``resample_to_vis`` uses."""
+    ends = np.array([0.0, (reference_side - 1) / 2, reference_side - 1.0])
+    x, y = (grid.ravel() for grid in np.meshgrid(ends, ends))
+    ra, dec = reference_wcs.pixel_to_world_values(x, y)
+    bx, by = band_wcs.world_to_pixel_values(ra, dec)
+    ratio = reference_scale / band_scale
+    ex = (band_shape[1] - 1) / 2 + (x - (reference_side - 1) / 2) * ratio
+    ey = (band_shape[0] - 1) / 2 + (y - (reference_side - 1) / 2) * ratio
+    worst = np.max(np.abs(np.concatenate([bx - ex, by - ey])))
+    return float(worst) if np.isfinite(worst) else float("inf")
+
+
+def resample_by_wcs(scaled: np.ndarray, band_wcs: WCS, reference_wcs: WCS, start: int, side: int) -> np.ndarray:
+    """One affinely scaled stamp (h, w) onto the ``side`` x ``side`` block of the reference grid that
+    starts at pixel (``start``, ``start``), through the two WCSs (bilinear) -> float32."""
+    from reproject import reproject_interp  # imported on first use: only stamps needing it pay for it
+
+    padded = np.pad(scaled, WCS_EDGE_PAD, mode="edge")
+    source = band_wcs.deepcopy()
+    source.wcs.crpix = source.wcs.crpix + WCS_EDGE_PAD
+    target = reference_wcs[start : start + side, start : start + side]
+    out = reproject_interp((padded, source), target, shape_out=(side, side), order="bilinear", return_footprint=False)
+    return np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0)
+
+
+def _wcs_members(
+    members: list[int],
+    band: str,
+    wcs: Sequence[Mapping[str, WCS | None]] | None,
+    profile: SurveyProfile,
+    shape: tuple[int, int],
+) -> list[int]:
+    """The stamps among ``members`` (all of ``shape``) whose band and reference WCSs call for reproject."""
+    if wcs is None or band == profile.reference:
+        return []
+    spec, reference = profile.band(band), profile.reference_band
+    chosen = []
+    for i in members:
+        own, ref = wcs[i].get(band), wcs[i].get(profile.reference)
+        if own is None or ref is None:
+            continue
+        gap = wcs_disagreement(own, ref, shape, spec.pixel_scale, reference.size, reference.pixel_scale)
+        if gap > WCS_TOLERANCE_PX:
+            chosen.append(i)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Cutouts
 
 
 def _bin_mean(images: np.ndarray, factor: int) -> np.ndarray:
@@ -400,36 +524,59 @@ def _bin_mean(images: np.ndarray, factor: int) -> np.ndarray:
 def preprocess_batch(
     cutouts: Sequence[Mapping[str, np.ndarray]],
     config: PreprocessConfig,
-    band_order: Sequence[str] = BAND_NAMES,
+    band_order: Sequence[str] | None = None,
     ids: Sequence[int] | None = None,
+    *,
+    profile: SurveyProfile | None = None,
+    wcs: Sequence[Mapping[str, WCS | None]] | None = None,
 ) -> np.ndarray:
-    """Many cutouts (band name -> native stamp) -> (N, C, S, S) of ``config.dtype``, channels in ``band_order``.
+    """Many cutouts (band name -> native stamp) -> (N, C, S, S) of ``config.dtype``, channels in ``band_order``
+    (default: all of ``profile``'s bands, in its order).
 
     Bit-identical to ``preprocess_cutout`` on each cutout, whatever the thread count: every step is per
-    stamp (order statistics, fixed-order tap sums, elementwise ops), stamps are only grouped by shape to
-    vectorise. ``ids`` only label error messages. Bands in a cutout but not in ``band_order`` are ignored.
+    stamp (order statistics, fixed-order tap sums, elementwise ops, one reproject call per stamp), stamps
+    are only grouped by shape to vectorise. ``wcs``: per cutout, band name -> celestial WCS or None (see
+    the module docstring for when it is used). ``ids`` only label error messages. Bands in a cutout but
+    not in ``band_order`` are ignored.
     """
-    bands = _check_band_order(band_order)
+    survey = _survey(profile)
+    bands = _check_band_order(survey.band_names if band_order is None else band_order, survey)
     if ids is not None and len(ids) != len(cutouts):
         raise ValueError(f"{len(ids)} ids for {len(cutouts)} cutouts")
-    side = output_shape(config)[0] * config.bin
-    crop = config.crop
-    start = _crop_start(VIS_SIZE, crop)
+    if wcs is not None and len(wcs) != len(cutouts):
+        raise ValueError(f"{len(wcs)} WCS mappings for {len(cutouts)} cutouts")
+    side = output_shape(config, survey)[0] * config.bin
+    reference = survey.reference_band
+    start = _crop_start(reference.size, config.crop)
     stacked = np.empty((len(cutouts), len(bands), side, side), dtype=np.float32)
     labels = [f"object {ids[i]}" if ids is not None else f"cutout {i}" for i in range(len(cutouts))]
     for channel, band in enumerate(bands):
+        spec = survey.band(band)
         by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        stamps = [_native_stamp(cutout, band, labels[i]) for i, cutout in enumerate(cutouts)]
+        stamps = [_native_stamp(cutout, band, labels[i], survey) for i, cutout in enumerate(cutouts)]
         for i, stamp in enumerate(stamps):
             by_shape[stamp.shape].append(i)
-        for members in by_shape.values():
+        for shape, members in by_shape.items():
             native = np.stack([stamps[i] for i in members])
             scaling = band_scaling(native, config.mode, config.border, config.asinh_softening)
-            if BANDS[band].pixel_scale == VIS_PIXEL_SCALE:
+            by_wcs = set(_wcs_members(members, band, wcs, survey, shape))
+            if spec.pixel_scale == reference.pixel_scale and shape == (reference.size, reference.size):
                 scaled = _apply_affine(native[:, start : start + side, start : start + side], scaling)
             else:
                 scaled = _apply_affine(native, scaling)
-                scaled = resample_to_vis(scaled, BANDS[band].pixel_scale, method=config.upsample, crop=crop)
+                scaled = resample_to_vis(
+                    scaled,
+                    spec.pixel_scale,
+                    (reference.size, reference.size),
+                    reference.pixel_scale,
+                    config.upsample,
+                    config.crop,
+                )
+            if by_wcs:  # these stamps' WCS says the centred grids are wrong: reproject them instead
+                affine = _apply_affine(native, scaling)
+                for k, i in enumerate(members):
+                    if i in by_wcs:
+                        scaled[k] = resample_by_wcs(affine[k], wcs[i][band], wcs[i][survey.reference], start, side)
             stacked[members, channel] = _stretch(scaled, scaling, config.mode)
     return _bin_mean(stacked, config.bin).astype(config.dtype, copy=False)
 
@@ -437,11 +584,21 @@ def preprocess_batch(
 def preprocess_cutout(
     bands: Mapping[str, np.ndarray],
     config: PreprocessConfig,
-    band_order: Sequence[str] = BAND_NAMES,
+    band_order: Sequence[str] | None = None,
     object_id: int | None = None,
+    *,
+    profile: SurveyProfile | None = None,
+    wcs: Mapping[str, WCS | None] | None = None,
 ) -> np.ndarray:
     """One cutout (band name -> native stamp) -> (C, S, S) of ``config.dtype``; see ``preprocess_batch``."""
-    return preprocess_batch([bands], config, band_order, None if object_id is None else [object_id])[0]
+    return preprocess_batch(
+        [bands],
+        config,
+        band_order,
+        None if object_id is None else [object_id],
+        profile=profile,
+        wcs=None if wcs is None else [wcs],
+    )[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -457,7 +614,11 @@ class Prepared(NamedTuple):
 
 
 def preprocess_cutouts(
-    cutouts: Sequence[Cutout], config: PreprocessConfig, band_order: Sequence[str] = BAND_NAMES
+    cutouts: Sequence[Cutout],
+    config: PreprocessConfig,
+    band_order: Sequence[str] | None = None,
+    *,
+    profile: SurveyProfile | None = None,
 ) -> Prepared:
     """Preprocess read cutouts as one batch; a cutout that cannot become an image is refused by itself.
 
@@ -465,20 +626,31 @@ def preprocess_cutouts(
     ``overflow``: a value that would be written is not finite in ``config.dtype`` (an extreme native
     pixel, e.g. 3e38, overflows the arithmetic or the cast). What is written is what is judged, so an
     extreme pixel that a mode maps into range (log, clip) is kept; inf is never written. Accepted rows
-    are bit-identical to ``preprocess_batch`` (each stamp is computed by itself).
+    are bit-identical to ``preprocess_batch`` (each stamp is computed by itself). ``profile``: the cutouts'
+    survey (default: the challenge's); each cutout's WCS decides how its bands are resampled.
     """
-    bands = _check_band_order(band_order)
-    size = output_shape(config)[0]
+    survey = _survey(profile)
+    bands = _check_band_order(survey.band_names if band_order is None else band_order, survey)
+    size = output_shape(config, survey)[0]
     images = np.full((len(cutouts), len(bands), size, size), np.nan, dtype=config.dtype)
     refused: dict[int, Reject] = {}
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is found below, per object, and named
         try:
             if cutouts:
-                images[:] = preprocess_batch([c.bands for c in cutouts], config, bands, [c.object_id for c in cutouts])
+                images[:] = preprocess_batch(
+                    [c.bands for c in cutouts],
+                    config,
+                    bands,
+                    [c.object_id for c in cutouts],
+                    profile=survey,
+                    wcs=[c.wcs for c in cutouts],
+                )
         except PreprocessError:  # find which ones: one at a time
             for k, cutout in enumerate(cutouts):
                 try:
-                    images[k] = preprocess_cutout(cutout.bands, config, bands, cutout.object_id)
+                    images[k] = preprocess_cutout(
+                        cutout.bands, config, bands, cutout.object_id, profile=survey, wcs=cutout.wcs
+                    )
                 except PreprocessError as exc:
                     refused[k] = Reject(cutout.object_id, "preprocess", str(exc))
     not_finite = ~np.isfinite(images).all(axis=(1, 2, 3))

@@ -10,7 +10,8 @@ Layout under the store URL (a local path or ``s3://bucket/prefix``)::
     valid         (N,) bool   chunk = ``shard_size``: each ingest task writes only its own chunk.
     shard_done    (n_shards,) int8, chunk = 1: set to 1 by a shard's task after everything else.
     shard_reports/shard-000012.json   the shard's rejects and counters.
-    root attributes: ``state`` (creating | ready | finalized), ``layout``, ``fingerprint``, ``meta``.
+    root attributes: ``state`` (creating | ready | finalized), ``layout``, ``fingerprint``, ``meta``
+                  (``meta["profile"]``: the survey profile ingested, read back as ``LensStore.profile``).
 
 Ingest protocol: the driver calls ``create_store`` (or reopens a store with the same fingerprint to
 resume), one task per shard calls ``write_shard`` for shards not in ``completed_shards``, then the
@@ -60,6 +61,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from lensray import storage
 from lensray._version import __version__
 from lensray.errors import StorageError, StoreError, StoreIncompleteError, StoreMismatchError
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 LABELS: dict[int, str] = {1: "lens", 0: "non-lens", -1: "unlabelled"}
@@ -792,6 +794,12 @@ class LensStore:
         return self.layout["n"]
 
     @property
+    def profile(self) -> SurveyProfile:
+        """The survey profile the store was ingested from (a store that recorded none: ``euclid_challenge``)."""
+        recorded = self.meta.get("profile")
+        return PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.layout["channels"], self.layout["height"], self.layout["width"])
 
@@ -929,8 +937,13 @@ class LensStore:
             for name, row in rows.items():
                 cells = f"{row['lens']:8d} {row['non-lens']:9d} {row['unlabelled']:11d} {sum(row.values()):8d}"
                 lines.append(f"  {name:8s} {cells}")
-        skip = {"created", "lensray_version", "finalized", "counts", "rejects"}
+        skip = {"created", "lensray_version", "finalized", "counts", "rejects", "profile"}
+        survey = self.profile
+        scales = ", ".join(f'{b.name} {b.pixel_scale:g}"/px' for b in survey.bands)
+        lines.append(f"  {'profile':10s} {survey.name}: {scales}; reference {survey.reference}")
         for key, value in meta.items():
+            if key == "transform" and isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != "profile"}  # printed whole just above
             if key not in skip:
                 lines.append(f"  {key:10s} {_describe(value)}")
         if self.finalized and meta["rejects"]:

@@ -3,8 +3,9 @@ config section (whose fields are its tunable options, ``model.<name>.<field>`` i
 
 Every model maps (N, in_channels, image_size, image_size) images to one lens logit per image, shape
 (N,) (apply a sigmoid for a probability; train with ``BCEWithLogitsLoss``). Builders also get the input
-``pixel_scale`` (arcsec per pixel: the VIS scale times the store's binning), which the two-branch
-network needs to pool the NIR bands back to their native sampling. Adding a network touches its own
+``pixel_scale`` (arcsec per pixel: the reference band's scale times the store's binning; an
+``InputScale`` that also carries each channel's native pixel scale), which the two-branch network needs
+to tell the reference-scale channels from the coarser ones and pool those back to their native sampling. Adding a network touches its own
 file, this registry and its config section.
 """
 
@@ -19,8 +20,9 @@ from torch import nn
 from lensray.config import ModelConfig
 from lensray.models.lastro import Lastro, build_lastro, describe_lastro, lastro_recipe
 from lensray.models.resnet import ResNet, build_resnet, describe_resnet, resnet_recipe
-from lensray.models.twobranch import TwoBranch, build_twobranch, describe_twobranch, twobranch_recipe
+from lensray.models.twobranch import InputScale, TwoBranch, build_twobranch, describe_twobranch, twobranch_recipe
 from lensray.models.vit import ViT, build_vit, describe_vit, vit_recipe
+from lensray.profiles import DEFAULT_PROFILE
 from lensray.sky.bands import VIS_PIXEL_SCALE
 
 ModelBuilder = Callable[..., nn.Module]  # (section, in_channels, image_size[, pixel_scale]) -> nn.Module
@@ -77,10 +79,20 @@ def build_model(
     return model_spec(config.name).build(model_section(config), in_channels, image_size, pixel_scale)
 
 
-def input_pixel_scale(transform: dict[str, Any] | None) -> float:
-    """Arcsec per network input pixel for a store's recorded ``transform`` (its ``bin``): the VIS
-    scale times the binning; the VIS scale for a store that recorded none."""
-    return VIS_PIXEL_SCALE * int((transform or {}).get("bin") or 1)
+def input_pixel_scale(transform: dict[str, Any] | None) -> InputScale:
+    """Arcsec per network input pixel for a store's recorded ``transform``: the reference band's scale
+    (``reference_pixel_scale``; a challenge store records none: VIS) times the binning, carrying the
+    channels' native scales (``native_pixel_scales``; None for a challenge store: VIS first, then NIR)."""
+    transform = transform or {}
+    reference = float(transform.get("reference_pixel_scale") or VIS_PIXEL_SCALE)
+    native = transform.get("native_pixel_scales")
+    profile = (transform.get("profile") or {}).get("name", DEFAULT_PROFILE)
+    return InputScale(
+        reference * int(transform.get("bin") or 1),
+        native=None if native is None else tuple(float(s) for s in native),
+        reference=reference,
+        profile=profile,
+    )
 
 
 def describe_model(config: ModelConfig) -> str:
@@ -100,6 +112,7 @@ def tunable_prefixes() -> dict[str, str]:
 
 __all__ = [
     "MODELS",
+    "InputScale",
     "Lastro",
     "ModelBuilder",
     "ModelSpec",

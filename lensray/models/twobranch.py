@@ -10,7 +10,12 @@ stack of conv-BN-ReLU pairs with 2x2 max-pools; each branch's last map is averag
 are concatenated, and a dense layer gives one logit. A global average (``pooled`` 1) made the network fit
 the sanity check's 64 cutouts too slowly to pass it (eval loss 0.36-0.48 after 60 steps at Adam 3e-4). With one band (VIS only) the network is the VIS branch alone.
 
-Channel 0 is taken to be VIS (the store's band order puts VIS first when it is among the bands).
+Which channels are which comes from the store's profile: ``pixel_scale`` is an ``InputScale`` carrying
+each channel's native pixel scale; channels at the reference scale feed the first branch, the coarser
+ones the second, pooled to the finest of their native scales. A store that recorded no native scales
+(the challenge layout) has channel 0 = VIS and the rest NIR at 0.3". A profile whose bands are all on
+the reference scale (HSC, LSST, Euclid MER) has nothing for the second branch: that is a ConfigError at
+build time (use lastro, resnet or vit).
 """
 
 from __future__ import annotations
@@ -19,15 +24,59 @@ import torch
 from torch import nn
 
 from lensray.config import TwoBranchConfig
+from lensray.errors import ConfigError
 from lensray.models.init_weights import kaiming_init
+from lensray.profiles import DEFAULT_PROFILE
 from lensray.sky.bands import BANDS, NIR_BANDS, VIS_PIXEL_SCALE
 
 NIR_PIXEL_SCALE = BANDS[NIR_BANDS[0]].pixel_scale
 
 
-def nir_side(image_size: int, pixel_scale: float = VIS_PIXEL_SCALE) -> int:
-    """NIR pixels a side of an ``image_size`` input of ``pixel_scale`` arcsec per pixel (>= 1)."""
-    return max(1, round(image_size * pixel_scale / NIR_PIXEL_SCALE))
+class InputScale(float):
+    """Arcsec per network input pixel, carrying what the store recorded about its channels: ``native``
+    (each channel's native pixel scale, None where the store recorded none: the challenge layout),
+    ``reference`` (the reference band's native scale) and the ``profile``'s name."""
+
+    native: tuple[float, ...] | None
+    reference: float
+    profile: str
+
+    def __new__(
+        cls,
+        value: float,
+        native: tuple[float, ...] | None = None,
+        reference: float = VIS_PIXEL_SCALE,
+        profile: str = DEFAULT_PROFILE,
+    ) -> InputScale:
+        scale = super().__new__(cls, value)
+        scale.native, scale.reference, scale.profile = native, float(reference), profile
+        return scale
+
+    def __reduce__(self) -> tuple:
+        return (InputScale, (float(self), self.native, self.reference, self.profile))
+
+
+def channel_groups(in_channels: int, pixel_scale: float) -> tuple[list[int], list[int], float]:
+    """(channels at the reference scale, coarser channels, the coarse branch's pixel scale) for the input."""
+    native = getattr(pixel_scale, "native", None)
+    if native is None:  # the challenge layout: VIS first, the NIR bands after it
+        return [0], list(range(1, in_channels)), NIR_PIXEL_SCALE
+    if len(native) != in_channels:
+        raise ConfigError(f"twobranch: {in_channels} input channels but {len(native)} native pixel scales recorded")
+    finest = min(native)  # the reference scale when the reference band is among the channels
+    fine = [k for k, s in enumerate(native) if s <= finest * (1 + 1e-6)]
+    coarse = [k for k in range(in_channels) if k not in fine]
+    if not coarse:
+        raise ConfigError(
+            f"twobranch needs bands at two pixel scales; profile {pixel_scale.profile} has one "
+            f'({finest:g}"/px): use lastro/resnet/vit'
+        )
+    return fine, coarse, min((native[k] for k in coarse), default=NIR_PIXEL_SCALE)
+
+
+def nir_side(image_size: int, pixel_scale: float = VIS_PIXEL_SCALE, nir_scale: float = NIR_PIXEL_SCALE) -> int:
+    """Coarse-band pixels a side of an ``image_size`` input of ``pixel_scale`` arcsec per pixel (>= 1)."""
+    return max(1, round(image_size * pixel_scale / nir_scale))
 
 
 def _branch(config: TwoBranchConfig, in_channels: int, blocks: int) -> tuple[nn.Sequential, int]:
@@ -67,12 +116,16 @@ class TwoBranch(nn.Module):
         if config.kernel % 2 == 0:
             raise ValueError(f"twobranch: kernel={config.kernel} must be odd")
         self.config = config
-        self.nir_side = nir_side(image_size, pixel_scale)
-        self.vis, features = _branch(config, 1, config.blocks)
+        fine, coarse, coarse_scale = channel_groups(in_channels, pixel_scale)
+        # Not in the state dict: the channel split is rebuilt from the store's record, like the shapes.
+        self.register_buffer("fine_channels", torch.tensor(fine), persistent=False)
+        self.register_buffer("coarse_channels", torch.tensor(coarse, dtype=torch.long), persistent=False)
+        self.nir_side = nir_side(image_size, pixel_scale, coarse_scale)
+        self.vis, features = _branch(config, len(fine), config.blocks)
         self.nir: nn.Module | None = None
-        if in_channels > 1:
+        if coarse:
             self.nir_pool = nn.AdaptiveAvgPool2d(self.nir_side)
-            self.nir, nir_features = _branch(config, in_channels - 1, config.nir_blocks or config.blocks)
+            self.nir, nir_features = _branch(config, len(coarse), config.nir_blocks or config.blocks)
             features += nir_features
         self.head = nn.Sequential(
             nn.Linear(features, config.dense),
@@ -84,11 +137,12 @@ class TwoBranch(nn.Module):
             kaiming_init(self)
 
     def split(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(VIS (N, 1, H, W), NIR at native sampling (N, C - 1, h, h) or None): what each branch sees."""
-        vis = images[:, :1]
+        """(reference-scale channels (N, c, H, W), coarser ones at their native sampling (N, C - c, h, h)
+        or None): what each branch sees (challenge: VIS, then the NIR bands)."""
+        vis = images.index_select(1, self.fine_channels)
         if self.nir is None:
             return vis, None
-        return vis, self.nir_pool(images[:, 1:])
+        return vis, self.nir_pool(images.index_select(1, self.coarse_channels))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         vis, nir = self.split(images)

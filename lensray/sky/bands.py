@@ -1,12 +1,17 @@
-"""The challenge 2.0 band layout: names, pixel grids and where each band's FITS file lives.
+"""Band geometry helpers: the challenge layout's names (kept for the simulator and old callers) and the
+stamp-size rule every profile's bands follow.
 
-A leaf (no I/O): ``lensray.simulate`` writes this layout, ``sky.fits`` reads it, ``ingest.preprocess``
-resamples between its grids.
+A leaf (no I/O). The survey layouts themselves are ``lensray.profiles`` (``data.profile``); the constants
+here are the ``euclid_challenge`` profile's, derived from it so that the two can never disagree.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, BandProfile
+
+CHALLENGE = PROFILES[DEFAULT_PROFILE]
 
 
 @dataclass(frozen=True)
@@ -16,33 +21,33 @@ class BandSpec:
     pixel_scale: float  # arcsec per pixel
 
 
-BANDS: dict[str, BandSpec] = {
-    "VIS": BandSpec("VIS", 200, 0.1),
-    "Y": BandSpec("Y", 66, 0.3),
-    "J": BandSpec("J", 66, 0.3),
-    "H": BandSpec("H", 66, 0.3),
-}
-BAND_NAMES: tuple[str, ...] = tuple(BANDS)
-NIR_BANDS: tuple[str, ...] = ("Y", "J", "H")
-VIS_SIZE: int = BANDS["VIS"].size
-VIS_PIXEL_SCALE: float = BANDS["VIS"].pixel_scale
+BANDS: dict[str, BandSpec] = {b.name: BandSpec(b.name, b.size, b.pixel_scale) for b in CHALLENGE.bands}
+BAND_NAMES: tuple[str, ...] = CHALLENGE.band_names
+NIR_BANDS: tuple[str, ...] = tuple(b for b in BAND_NAMES if b != CHALLENGE.reference)
+VIS_SIZE: int = CHALLENGE.reference_band.size
+VIS_PIXEL_SCALE: float = CHALLENGE.reference_band.pixel_scale
 # NIR stamps a few pixels off the nominal 66 are real-data quirks; anything further off is a wrong file
 # (e.g. a VIS stamp in an NIR folder) and is refused instead of being resampled into nonsense.
-MAX_NIR_SIZE_DEVIATION = 6
+MAX_NIR_SIZE_DEVIATION = CHALLENGE.band("Y").size_tolerance
 
 
-def shape_problem(band: str, shape: tuple[int, ...]) -> str | None:
-    """Why a 2-D stamp of ``shape`` cannot be ``band``'s (None if it can): a band on the VIS grid must be
-    exactly its nominal size (it is cropped, never resampled), other bands at most a few pixels off."""
-    spec = BANDS[band]
-    if spec.pixel_scale == VIS_PIXEL_SCALE:
+def stamp_problem(spec: BandProfile, shape: tuple[int, ...]) -> str | None:
+    """Why a 2-D stamp of ``shape`` cannot be band ``spec``'s (None if it can): a band without a
+    ``size_tolerance`` (the reference, bands cropped like it) must be exactly its nominal size; other bands
+    at most ``size_tolerance`` pixels off on each side."""
+    if not spec.size_tolerance:
         expected = (spec.size, spec.size)
         return None if tuple(shape) == expected else f"expected {expected}"
-    if any(abs(side - spec.size) > MAX_NIR_SIZE_DEVIATION for side in shape):
-        return f"expected about {spec.size}x{spec.size} (at most {MAX_NIR_SIZE_DEVIATION} px off)"
+    if any(abs(side - spec.size) > spec.size_tolerance for side in shape):
+        return f"expected about {spec.size}x{spec.size} (at most {spec.size_tolerance} px off)"
     return None
 
 
+def shape_problem(band: str, shape: tuple[int, ...]) -> str | None:
+    """``stamp_problem`` for a band of the challenge layout."""
+    return stamp_problem(CHALLENGE.band(band), shape)
+
+
 def band_relpath(band: str, object_id: int) -> str:
-    """``EUC_VIS/imageEUC_VIS-200001.fits``: the file of one ID's band under the data root."""
-    return f"EUC_{band}/imageEUC_{band}-{int(object_id)}.fits"
+    """``EUC_VIS/imageEUC_VIS-200001.fits``: the file of one ID's band under the data root (challenge layout)."""
+    return CHALLENGE.relpath(band, object_id)
