@@ -27,9 +27,10 @@ import yaml
 from lensray import storage
 from lensray.config import LensrayConfig, PreprocessConfig, config_from_dict, parse_yaml
 from lensray.errors import CheckpointError, ConfigError, SearchError
-from lensray.ingest.preprocess import describe
+from lensray.ingest.preprocess import describe, profile_of
 from lensray.models import build_model, input_pixel_scale
 from lensray.models.inference import predict
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -52,6 +53,7 @@ class ModelInput:
     preprocess: PreprocessConfig
     store: str | None
     notes: tuple[str, ...] = ()  # differences from the run's config (the store's record wins)
+    profile: SurveyProfile = PROFILES[DEFAULT_PROFILE]  # the survey layout of the training store's cutouts
 
 
 def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInput:
@@ -84,9 +86,10 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
             bin=transform["bin"],
             dtype=transform["dtype"],
         )
-    except (KeyError, ValueError) as exc:
+        profile = profile_of(transform)  # the survey layout the store was ingested from
+        rebuilt = describe(preprocess, profile, bands)
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{url}: unusable transform record {transform}: {exc}") from exc
-    rebuilt = describe(preprocess)
     differing = sorted(k for k in set(rebuilt) | set(transform) if rebuilt.get(k) != transform.get(k))
     if differing:
         details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
@@ -97,7 +100,7 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
         )
     notes = []
     if run_config is not None:
-        configured = describe(run_config.preprocess)
+        configured = describe(run_config.preprocess, profile, bands)
         for key in sorted(k for k in configured if configured[k] != transform.get(k)):
             notes.append(
                 f"run config preprocess {key}={configured[key]!r}, training store {transform.get(key)!r} (used)"
@@ -111,6 +114,7 @@ def model_input(checkpoint_url: str, run_config: Any | None = None) -> ModelInpu
         preprocess=preprocess,
         store=record.get("store"),
         notes=tuple(notes),
+        profile=profile,
     )
 
 

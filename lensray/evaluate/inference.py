@@ -13,9 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lensray import storage
-from lensray.errors import CheckpointError, EvaluateError, ScoreError
-from lensray.ingest.preprocess import profile_of
+from lensray.errors import EvaluateError, ScoreError
 from lensray.profiles import SurveyProfile
 from lensray.runtime import progress
 from lensray.sky.symmetry import D4_ELEMENTS, d4_transform
@@ -112,62 +110,14 @@ def checkpoint_input(
     store that recorded none is ``euclid_challenge``). ``profile``, when given (``--profile``), must be
     that one: scoring hsc cutouts with a challenge network is an error naming both.
     """
-    from lensray.runs import MODEL_INPUT_FILE, model_input, read_json
+    from lensray.runs import model_input
 
-    url = storage.join(checkpoint_url, MODEL_INPUT_FILE)
-    try:
-        record = read_json(url, dict)
-    except FileNotFoundError:
-        raise CheckpointError(f"{url} is missing: {checkpoint_url} is not a lensray checkpoint folder") from None
-    trained = profile_of(record.get("transform"))
-    if profile is not None and profile != trained:
+    taken = model_input(checkpoint_url, run_config)
+    if profile is not None and profile != taken.profile:
+        trained = taken.profile
         raise ScoreError(
             f"{checkpoint_url} was trained on profile {trained.name} ({', '.join(trained.band_names)}), "
             f"not the requested profile {profile.name} ({', '.join(profile.band_names)}): leave --profile out "
             "or score with a network trained on that layout"
         )
-    if "profile" not in (record.get("transform") or {}):
-        return model_input(checkpoint_url, run_config), trained
-    return _profiled_input(url, record, trained, run_config), trained
-
-
-def _profiled_input(url: str, record: dict[str, Any], profile: SurveyProfile, run_config: Any | None) -> ModelInput:
-    """``runs.model_input`` for a transform recorded with a profile: rebuilt with that profile it must equal
-    the record exactly (``runs.model_input`` rebuilds without one, so it would refuse every such record)."""
-    from lensray.config import PreprocessConfig
-    from lensray.ingest.preprocess import describe
-    from lensray.runs import ModelInput
-
-    transform, bands = record["transform"], record.get("bands")
-    try:
-        preprocess = PreprocessConfig(
-            mode=transform["mode"],
-            upsample=transform["interpolation"],
-            asinh_softening=transform["asinh_softening"],
-            border=transform["border"],
-            crop=transform["crop"],
-            bin=transform["bin"],
-            dtype=transform["dtype"],
-        )
-        rebuilt = describe(preprocess, profile, bands)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{url}: unusable transform record {transform}: {exc}") from exc
-    differing = sorted(k for k in set(rebuilt) | set(transform) if rebuilt.get(k) != transform.get(k))
-    if differing:
-        details = ", ".join(f"{k}: recorded {transform.get(k)!r}, this lensray {rebuilt.get(k)!r}" for k in differing)
-        raise CheckpointError(f"{url}: this lensray cannot reproduce the training transform ({details})")
-    if rebuilt["output_shape"] != [record["size"], record["size"]]:
-        raise CheckpointError(
-            f"{url}: transform output {rebuilt['output_shape']} != network input size {record['size']}"
-        )
-    notes = []
-    if run_config is not None and tuple(run_config.data.bands) != tuple(bands):
-        notes.append(f"run config bands {list(run_config.data.bands)}, training store {bands} (used)")
-    return ModelInput(
-        bands=tuple(bands),
-        channels=int(record["channels"]),
-        size=int(record["size"]),
-        preprocess=preprocess,
-        store=record.get("store"),
-        notes=tuple(notes),
-    )
+    return taken, taken.profile
