@@ -335,6 +335,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key")
+        elif not item["loc"]:  # a check across sections: its message names the keys; the input is the whole file
+            lines.append(f"  {item['msg']}")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
