@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lensray.config import ModelConfig, config_from_dict, dump_config, load_config
 from lensray.errors import ConfigError
@@ -212,3 +214,23 @@ def test_finetune_mismatches_are_config_errors_naming_the_difference(stores: dic
     ):
         check(f"data.stores=['{stores['a']}', '{stores['j']}']")
     assert source_run in str(pytest.raises(ConfigError, check, f"data.store={stores['j']}").value)
+
+
+def test_tune_passes_stores_init_and_freeze_through(
+    stores: dict[str, str], source_run: str, tmp_path: Path, tiny_search_tree: Any
+) -> None:
+    from lensray.train.tune import run_tune, tune_spec_from_dict
+
+    tree = tiny_search_tree(str(tmp_path), "mixed", init_from=source_run, freeze=1)
+    tree["run"]["data"] = {"stores": [{"url": stores["a"], "weight": 0.8}, {"url": stores["b"], "weight": 0.2}]}
+    tree["run"]["model"] = {"lastro": {"pairs": 2, "filters": 4, "dense": [8]}}
+    tree["space"] = {"train.freeze": {"grid": [0, 2]}}
+    spec = tune_spec_from_dict(tree, "t")
+    trial = spec.trial_config({"train.freeze": 2}, out=str(tmp_path), name="train")
+    assert trial.train.freeze == 2 and trial.train.init_from == source_run
+    assert [(s.url, s.weight) for s in trial.data.stores] == [(stores["a"], 0.8), (stores["b"], 0.2)]
+    assert tune_spec_from_dict(yaml.safe_load(spec.dump()), "saved").run == spec.run
+    tree["run"]["train"]["freeze"] = 3
+    with pytest.raises(ConfigError, match="train.freeze=3: Lastro has 2 blocks"):
+        run_tune(tune_spec_from_dict(tree, "t"))  # before any trial starts
+    assert not (tmp_path / "mixed").exists()
