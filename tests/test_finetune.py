@@ -234,3 +234,37 @@ def test_tune_passes_stores_init_and_freeze_through(
     with pytest.raises(ConfigError, match="train.freeze=3: Lastro has 2 blocks"):
         run_tune(tune_spec_from_dict(tree, "t"))  # before any trial starts
     assert not (tmp_path / "mixed").exists()
+
+
+def test_cli_store_repeated_with_weights_and_finetune_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensray.cli import _train_config, build_parser, resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+
+    def config(*argv: str) -> Any:
+        return _train_config(resolve_paths(parser.parse_args(["train", *argv])))
+
+    mixed = config(
+        "--store",
+        "sim.zarr",
+        "--store",
+        "s3://b/real.zarr",
+        "--store-weights",
+        "0.8,0.2",
+        "--init-from",
+        "runs/src",
+        "--freeze",
+        "1",
+    )
+    assert mixed.data.store is None
+    assert [(s.url, s.weight) for s in mixed.data.stores] == [
+        (str(tmp_path / "sim.zarr"), 0.8),
+        ("s3://b/real.zarr", 0.2),
+    ]
+    assert mixed.train.init_from == str(tmp_path / "runs/src") and mixed.train.freeze == 1
+    assert [s.weight for s in config("--store", "a.zarr", "--store", "b.zarr").data.stores] == [1.0, 1.0]
+    single = config("--store", "a.zarr")
+    assert single.data.store == str(tmp_path / "a.zarr") and single.data.stores == ()
+    with pytest.raises(ConfigError, match="--store-weights gives 1 weights for 2 --store"):
+        config("--store", "a.zarr", "--store", "b.zarr", "--store-weights", "1")
