@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lensray._version import __version__
 from lensray.config import (
@@ -278,7 +279,7 @@ def cmd_store_info(url: str) -> int:
 
 
 TRAIN_FLAGS = (
-    Flag("--store", "data.store", "URL of the preprocessed store to train on"),
+    Flag("--store", "data.store", "URL of the preprocessed store to train on; repeat it to train on several at once"),
     Flag("--model", "model.name", "lastro | resnet"),
     Flag("--epochs", "train.epochs", "maximum epochs", int),
     Flag("--batch-size", "train.batch_size", "global batch size (split across workers)", int),
@@ -289,7 +290,42 @@ TRAIN_FLAGS = (
     Flag("--workers", "resources.num_workers", "data-parallel workers", int),
     _device_flag("cuda: one GPU per worker (NCCL); cpu: gloo; auto: cuda when GPUs are there (default: the config)"),
     Flag("--max-failures", "train.max_failures", "worker restarts Ray may make", int),
+    Flag("--init-from", "train.init_from", "fine-tune: start from this run's best checkpoint (or a checkpoint folder)"),
+    Flag("--freeze", "train.freeze", "fine-tune: keep the network's first N blocks fixed", int),
 )
+
+
+class _Stores(argparse.Action):
+    """``--store``: one use gives a URL (``data.store``), several a list (``data.stores``, see ``_train_config``)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, option: Any = None
+    ) -> None:
+        given = getattr(namespace, self.dest, None)
+        setattr(
+            namespace, self.dest, value if given is None else [*(given if isinstance(given, list) else [given]), value]
+        )
+
+
+def _train_config(args: argparse.Namespace) -> LensrayConfig:
+    """``train``'s config: several ``--store`` (with ``--store-weights w1,w2,...``, default all 1) become
+    ``data.stores``; one stays ``data.store`` unless weighted."""
+    stores, weights = args.store, args.store_weights
+    if isinstance(stores, list) or weights is not None:
+        urls = stores if isinstance(stores, list) else [stores] if stores else []
+        values = [1.0] * len(urls)
+        if weights is not None:
+            try:
+                values = [float(w) for w in weights.split(",") if w.strip()]
+            except ValueError:
+                raise ConfigError(f"--store-weights {weights!r}: comma-separated numbers expected") from None
+            if len(values) != len(urls):
+                raise ConfigError(f"--store-weights gives {len(values)} weights for {len(urls)} --store")
+        entries = [{"url": url, "weight": weight} for url, weight in zip(urls, values, strict=True)]
+        args = argparse.Namespace(**{**vars(args), "store": None})
+        # JSON is YAML: URLs with colons stay strings.
+        args.overrides = [*args.overrides, "data.store=", f"data.stores={json.dumps(entries)}"]
+    return _resolve(args, TRAIN_FLAGS)
 
 
 def cmd_train(config: LensrayConfig, *, resume: bool, sanity_only: bool) -> int:
@@ -652,12 +688,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(handler=lambda args: cmd_store_info(args.url))
 
     train = _subparser(sub, "train", common)
-    _add_flags(train, TRAIN_FLAGS)
+    _add_flags(train, [flag for flag in TRAIN_FLAGS if flag.flag != "--store"])
+    train.add_argument(
+        "--store", action=_Stores, default=None, help=f"{TRAIN_FLAGS[0].help} [data.store / data.stores]"
+    )
+    train.add_argument(
+        "--store-weights",
+        default=None,
+        help="with several --store: each one's share of the training samples, e.g. 0.8,0.2 [data.stores]",
+    )
     train.add_argument("--resume", action="store_true", help="continue the run --name from its latest checkpoint")
     train.add_argument("--sanity", action="store_true", help="only overfit a small fixed batch and report")
-    train.set_defaults(
-        handler=lambda args: cmd_train(_resolve(args, TRAIN_FLAGS), resume=args.resume, sanity_only=args.sanity)
-    )
+    train.set_defaults(handler=lambda args: cmd_train(_train_config(args), resume=args.resume, sanity_only=args.sanity))
 
     tune = _subparser(sub, "tune", common)
     _add_flags(tune, TUNE_FLAGS)

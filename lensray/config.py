@@ -72,6 +72,20 @@ class SimulateConfig(Section):
     duplicate_id_rate: float = Field(0.01, ge=0.0, le=1.0)  # catalogue rows repeating an earlier ID
 
 
+class StoreWeight(Section):
+    """One of the stores trained on together (``data.stores``) and its share of the training samples."""
+
+    url: str  # a preprocessed Zarr store (local path or s3://); a relative path: the folder the command ran in
+    weight: float = Field(1.0, gt=0.0)  # relative: each training sample comes from this store with weight / sum
+
+    @field_validator("url")
+    @classmethod
+    def _absolute(cls, url: str) -> str:
+        if not url.strip():
+            raise ValueError("a store URL cannot be empty")
+        return storage.absolute_path(url)
+
+
 class DataConfig(Section):
     """Where the raw cutouts live and in which survey layout, which catalogue columns to read, how they are labelled."""
 
@@ -92,6 +106,41 @@ class DataConfig(Section):
     label_column: str | None = None
     coord_columns: tuple[str, str] | None = None  # (ra, dec) columns in degrees, carried to candidates as ra, dec
     keep_columns: tuple[str, ...] = ()  # further catalogue columns carried to candidates under their own names
+    # Training on several stores at once (instead of `store`, not with it): a list of {url, weight} (a bare
+    # URL: weight 1). Each training sample comes from store k with probability weight_k / sum; validation
+    # is reported per store. Evaluate and score use one store (`store`).
+    stores: tuple[StoreWeight, ...] = ()
+
+    @field_validator("stores", mode="before")
+    @classmethod
+    def _bare_urls(cls, stores: Any) -> Any:
+        if isinstance(stores, (list, tuple)):
+            return tuple({"url": s} if isinstance(s, str) else s for s in stores)
+        return stores
+
+    @field_validator("stores")
+    @classmethod
+    def _stores_distinct(cls, stores: tuple[StoreWeight, ...]) -> tuple[StoreWeight, ...]:
+        urls = [s.url for s in stores]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"store repeated in {urls}")
+        return stores
+
+    @model_validator(mode="after")
+    def _one_kind_of_store(self) -> DataConfig:
+        if self.store is not None and self.stores:
+            raise ValueError(f"give data.store ({self.store}) or data.stores, not both")
+        return self
+
+    def training_stores(self) -> tuple[StoreWeight, ...]:
+        """The stores to train on with their weights: ``stores``, or ``store`` alone with weight 1."""
+        if self.stores:
+            return self.stores
+        if self.store is None:
+            raise ConfigError(
+                "data.store (or data.stores) is required: the URL of a store written by `lensray preprocess`"
+            )
+        return (StoreWeight(url=self.store),)
 
     @field_validator("id_column", "label_column")
     @classmethod
@@ -284,6 +333,19 @@ class TrainConfig(Section):
     name: str | None = None  # run name under `out`
     num_to_keep: int = Field(2, ge=1)  # checkpoint folders kept: the latest plus the best by val AUC
     max_failures: int = Field(0, ge=-1)  # Ray Train restarts after a worker dies
+    # Fine-tuning: start from the weights of a run folder (its best checkpoint) or a checkpoint folder (local
+    # or s3://); the model config must build the same network and the store have the same bands. None: fresh.
+    init_from: str | None = None
+    # Keep the first N blocks of the network fixed (lensray/models/freeze.py says what a block is per network;
+    # their batch norms stay in eval mode). 0: train everything.
+    freeze: int = Field(0, ge=0)
+    select_on: int = Field(0, ge=0)  # with data.stores: the store (position in the list) whose val AUC selects
+
+    @field_validator("init_from")
+    @classmethod
+    def _absolute_source(cls, url: str | None) -> str | None:
+        # Resolved on the driver: Ray workers run in folders of their own.
+        return storage.absolute_path(url) if url is not None else None
 
 
 class ResourcesConfig(Section):

@@ -478,6 +478,176 @@ class WorkerFeed:
             yield images, labels
 
 
+# --- several stores at once (data.stores) ------------------------------------------------------
+
+
+class MixedBatchSampler:
+    """Batches of ``(store index, position)`` arrays for one rank, from several stores: every sample of a
+    batch comes from store k with probability ``weights[k]`` (normalised), drawn independently per
+    sample, so batches mix the stores. Positions index each store's ``labels``; each rank draws only
+    from its contiguous share of every store (``shard_bounds``). ``balanced``: exactly half lenses per
+    batch as ``BalancedBatchSampler`` (the class of a sample is fixed first, then its store), drawn with
+    replacement within each store's class; otherwise uniformly with replacement within each store's
+    share. Deterministic per (seed, epoch, rank).
+    """
+
+    def __init__(
+        self,
+        labels: list[np.ndarray],
+        weights: list[float],
+        batch_size: int,
+        steps: int,
+        seed: int,
+        *,
+        balanced: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(labels) != len(weights) or not labels:
+            raise FeedError(f"{len(labels)} label arrays for {len(weights)} store weights")
+        if any(w <= 0 for w in weights):
+            raise FeedError(f"store weights must be positive, got {list(weights)}")
+        if batch_size < (2 if balanced else 1) or steps < 1:
+            raise FeedError(f"batch_size and steps too small: {batch_size} and {steps}")
+        if not 0 <= rank < world_size:
+            raise FeedError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.probabilities = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+        self.batch_size, self.steps, self.seed, self.rank, self.balanced = batch_size, steps, seed, rank, balanced
+        self.epoch = 0
+        self.shares, self.pools = [], []  # per store: the rank's positions; (non-lenses, lenses) in it
+        for k, store_labels in enumerate(labels):
+            lo, hi = shard_bounds(len(store_labels), world_size)[rank : rank + 2]
+            share = np.arange(lo, hi, dtype=np.int64)
+            pools = (share[store_labels[share] == 0], share[store_labels[share] == 1]) if balanced else (share,)
+            if any(len(pool) == 0 for pool in pools):
+                raise FeedError(
+                    f"rank {rank} of {world_size}: its share of store {k} ({len(share)} samples) lacks "
+                    + ("lenses or non-lenses for balanced sampling" if balanced else "samples")
+                )
+            self.shares.append(share)
+            self.pools.append(pools)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rng = _rng(self.seed, self.epoch, self.rank, _SAMPLING_STREAM)
+        size, half = self.batch_size, self.batch_size // 2
+        for step in range(self.steps):
+            stores = rng.choice(len(self.probabilities), size=size, p=self.probabilities)
+            classes = np.zeros(size, dtype=np.int64)
+            if self.balanced:
+                classes[: half + (size % 2) * (step % 2)] = 1  # as BalancedBatchSampler: odd sizes alternate
+            positions = np.empty(size, dtype=np.int64)
+            for k, pools in enumerate(self.pools):
+                for c, pool in enumerate(pools):
+                    slots = np.flatnonzero((stores == k) & (classes == c))
+                    positions[slots] = pool[rng.integers(0, len(pool), len(slots))]
+            order = rng.permutation(size)
+            yield stores[order], positions[order]
+
+
+class _MixedImages:
+    """Images of a rank's shares of several stores; ``take`` assembles a batch of (store, local position)."""
+
+    def __init__(self, parts: list[_Images]) -> None:
+        self.parts = parts
+        self.mode = parts[0].mode
+
+    def take(self, batch: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        stores, local = batch
+        first = self.parts[0].store
+        out = torch.empty((len(local), *first.sample_shape), dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype)
+        for k in np.unique(stores):
+            slots = np.flatnonzero(stores == k)
+            out[torch.from_numpy(slots)] = self.parts[k].take(local[slots])
+        return out
+
+
+class MixedFeed:
+    """One worker's training batches from several stores (``data.stores``), like ``WorkerFeed``: each
+    sample from store k with probability weight_k (``MixedBatchSampler``), the rank's share of every
+    store's labelled rows in RAM or streamed (decided once for all shares together), the same
+    augmentation. One epoch (unless ``train.steps_per_epoch``) is a pass over the stores' rows together.
+    The stores must share bands, geometry and dtype (``trainer.check_stores``).
+    """
+
+    def __init__(
+        self,
+        stores: list[str | LensStore],
+        weights: list[float],
+        train: TrainConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        local_world_size: int = 1,
+        batch_size: int | None = None,
+        split: SplitName = "train",
+        ram_fraction: float = DEFAULT_RAM_FRACTION,
+        pin_memory: bool = False,
+    ) -> None:
+        self.stores = [_open(store) for store in stores]
+        self.augment: Augment = train.augment
+        self.jitter = Jitter.from_config(train, self.stores[0].meta.get("transform"))
+        self.seed, self.rank, self.pin_memory, self.epoch = train.seed, rank, pin_memory, 0
+        self.batch_size = batch_size if batch_size is not None else per_worker_batch_size(train.batch_size, world_size)
+        rows = [labelled_rows(store, split) for store in self.stores]
+        self.labels = [store.labels[r].astype(np.int8) for store, r in zip(self.stores, rows, strict=True)]
+        total = sum(len(r) for r in rows)
+        steps = train.steps_per_epoch or default_steps(total, self.batch_size * world_size, world_size)
+        self.sampler = MixedBatchSampler(
+            self.labels,
+            weights,
+            self.batch_size,
+            steps,
+            train.seed,
+            balanced=train.balanced,
+            rank=rank,
+            world_size=world_size,
+        )
+        self._offsets = [int(share[0]) for share in self.sampler.shares]
+        share_rows = [r[share] for r, share in zip(rows, self.sampler.shares, strict=True)]
+        share_bytes = sum(
+            len(r) * math.prod(store.sample_shape) * store.dtype.itemsize
+            for r, store in zip(share_rows, self.stores, strict=True)
+        )
+        self.mode = choose_feed(train.feed, share_bytes, local_world_size=local_world_size, ram_fraction=ram_fraction)
+        self.images = _MixedImages(
+            [_Images(store, r, self.mode) for store, r in zip(self.stores, share_rows, strict=True)]
+        )
+
+    @property
+    def steps(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(
+            int(_rng(self.seed, self.epoch, self.rank, _AUGMENT_STREAM).integers(2**62))
+        )
+        offsets = np.asarray(self._offsets)
+        local_batches = ((stores, positions - offsets[stores]) for stores, positions in self.sampler)
+        for (stores, local), images in _take_all(self.images, local_batches):
+            images = augment(images, self.augment, generator, dtype=torch.float32)
+            if self.jitter.active:
+                images = apply_jitter(images, self.jitter, generator)
+            positions = local + offsets[stores]
+            labels = np.array([self.labels[k][p] for k, p in zip(stores, positions, strict=True)], dtype=np.float32)
+            labels = torch.from_numpy(labels)
+            if self.pin_memory:
+                images, labels = images.pin_memory(), labels.pin_memory()
+            yield images, labels
+
+
 def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     """Sorted positions of a fixed subset: ``size // 2`` lenses and the rest non-lenses, drawn
     without replacement, the same for every call with the same ``seed``.

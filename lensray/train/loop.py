@@ -35,8 +35,9 @@ _LN2 = math.log(2.0)  # the loss of a network that has learnt nothing on balance
 
 
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """Adam, AdamW or SGD over all of ``model``'s parameters (SGD with the usual momentum 0.9)."""
-    params = model.parameters()
+    """Adam, AdamW or SGD over ``model``'s trainable parameters (SGD with the usual momentum 0.9); those
+    frozen for fine-tuning (``requires_grad`` off) get no optimiser state and no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.name == "adamw":

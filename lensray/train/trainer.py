@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 from queue import Empty
@@ -48,7 +48,7 @@ from lensray.config import LensrayConfig, config_from_dict, dump_config
 from lensray.errors import CheckpointError, Interrupted, TrainError, root_cause
 from lensray.evaluate.metrics import summarise
 from lensray.ingest.store import LensStore
-from lensray.models import build_model, input_pixel_scale
+from lensray.models.freeze import Frozen
 from lensray.models.inference import unwrap, validate
 from lensray.runs import (
     CONFIG_FILE,
@@ -62,7 +62,8 @@ from lensray.runs import (
     complete_checkpoints,  # epoch -> newest complete folder
 )
 from lensray.runtime import ensure_ray, quiet
-from lensray.train.feed import EvalFeed, WorkerFeed, labelled_rows, sanity_set
+from lensray.train.feed import EvalFeed, MixedFeed, WorkerFeed, sanity_set
+from lensray.train.finetune import build_for, check_training, open_stores, prepare_weights
 from lensray.train.loop import (
     EarlyStopping,
     LoopState,
@@ -118,17 +119,17 @@ def runs_root(config: LensrayConfig) -> str:
 # --- the sanity check, alone (``lensray train --sanity``) ---------------------------------------
 
 
-def _build(config: LensrayConfig, store: LensStore) -> torch.nn.Module:
-    """The configured network for the store's inputs (bands, side, pixel scale after its binning)."""
-    scale = input_pixel_scale(store.meta.get("transform"))
-    return build_model(config.model, store.sample_shape[0], store.sample_shape[1], scale)
+_build = build_for  # the configured network for a store's inputs
 
 
 def run_sanity_check(config: LensrayConfig, device: torch.device | str = "cpu") -> SanityResult:
-    """Overfit a small fixed batch with the configured model and optimiser; raises SanityCheckError."""
-    store = LensStore.open(_store_url(config))
+    """Overfit a small fixed batch with the configured model and optimiser (from ``train.init_from``'s
+    weights, with ``train.freeze``, when set) on the first training store; raises SanityCheckError."""
+    store = check_training(config)[0]
     torch.manual_seed(config.train.seed)
-    model = _build(config, store).to(device)
+    model = _build(config, store)
+    prepare_weights(model, config, store, fresh=True)
+    model = model.to(device)
     return _sanity(model, store, config, device)
 
 
@@ -145,12 +146,6 @@ def describe_sanity(result: SanityResult) -> str:
         f"sanity check passed: on {len(result.losses)} steps over a fixed set, training loss {result.start:.3f} -> "
         f"eval-mode loss {result.end:.3f} (< {result.limit:.2f} needed) in {result.seconds:.1f} s"
     )
-
-
-def _store_url(config: LensrayConfig) -> str:
-    if config.data.store is None:
-        raise TrainError("data.store is required: the URL of a store written by `lensray preprocess`")
-    return config.data.store
 
 
 # --- one epoch's record -------------------------------------------------------------------------
@@ -176,14 +171,20 @@ class EpochRecord:
     world_size: int
     replica_spread: float  # 0 when DDP keeps replicas identical
     resumed_from: int  # > 0: this epoch ran after a restart from that epoch's checkpoint
+    # With data.stores: val AUC per store URL (val_* above: the store train.select_on names); else empty.
+    val_auc_stores: dict[str, float] = field(default_factory=dict)
+    trainable_params: int = 0  # parameter elements trained
+    frozen_params: int = 0  # parameter elements kept fixed (train.freeze)
+    frozen: list[str] = field(default_factory=list)  # the frozen layers' name prefixes
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> EpochRecord:
-        """The record of a history row or reported metrics (keys Ray or Tune added are dropped)."""
-        return cls(**{f.name: row[f.name] for f in fields(cls)})
+        """The record of a history row or reported metrics (keys Ray or Tune added are dropped; keys a
+        record of an older lensray lacks take their defaults)."""
+        return cls(**{f.name: row[f.name] for f in fields(cls) if f.name in row})
 
 
 @dataclass(frozen=True)
@@ -279,17 +280,23 @@ class _Worker:
     rank: int
     world_size: int
     device: torch.device
-    store: LensStore
+    stores: list[LensStore]  # the training stores (data.store, or data.stores in order)
     model: torch.nn.Module  # DDP-wrapped when there are several workers
     optimizer: torch.optim.Optimizer
     scheduler: Scheduler
     stopper: EarlyStopping
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
-    feed: WorkerFeed
-    val_feed: EvalFeed
+    feed: WorkerFeed | MixedFeed
+    val_feeds: list[EvalFeed]  # one per training store
     progress: Any  # the driver's progress queue, or None
+    frozen: Frozen  # train.freeze: what stays fixed
     ema: AveragedModel | None = None  # optim.ema_decay: the weights validated and saved
+
+    @property
+    def store(self) -> LensStore:
+        """The store whose validation selects the model (``train.select_on``)."""
+        return self.stores[self.config.train.select_on]
 
     def tell(self, text: str) -> None:
         _tell(self.progress, self.rank, text)
@@ -330,23 +337,27 @@ def _start_worker(loop_config: dict[str, Any], *, fresh: bool) -> _Worker:
     context = ray.train.get_context()
     rank, progress = context.get_world_rank(), loop_config.get("progress")
     device = ray.train.torch.get_device()
-    store = LensStore.open(_store_url(config))
+    stores = open_stores(config)
+    store = stores[0]
     torch.manual_seed(config.train.seed)
-    model = _build(config, store).to(device)
+    model = _build(config, store)
+    # Before the optimiser (trainable parameters only) and DDP (which skips frozen ones) exist.
+    frozen = prepare_weights(model, config, store, fresh=fresh)
+    model = model.to(device)
     if config.train.sanity and fresh:
         _tell(progress, rank, describe_sanity(_sanity(model, store, config, device)))
     ema = make_ema(model, config.optim)  # of the bare model, before DDP wraps it
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, config.optim)
     amp_dtype, scaler = amp_settings(config.train.amp, device)
-    feed, val_feed = _feeds(store, config, context, device)
+    feed, val_feeds = _feeds(stores, config, context, device)
     return _Worker(
         config=config,
         run_url=loop_config["run_url"],
         rank=rank,
         world_size=context.get_world_size(),
         device=device,
-        store=store,
+        stores=stores,
         model=model,
         optimizer=optimizer,
         scheduler=make_scheduler(optimizer, config.optim, config.train.epochs),
@@ -355,35 +366,38 @@ def _start_worker(loop_config: dict[str, Any], *, fresh: bool) -> _Worker:
         amp_dtype=amp_dtype,
         scaler=scaler,
         feed=feed,
-        val_feed=val_feed,
+        val_feeds=val_feeds,
         progress=progress,
+        frozen=frozen,
     )
 
 
-def _feeds(store: LensStore, config: LensrayConfig, context: Any, device: torch.device) -> tuple[WorkerFeed, EvalFeed]:
-    """This rank's training feed and its block of the validation set (Ray Train ``context``)."""
+def _feeds(
+    stores: list[LensStore], config: LensrayConfig, context: Any, device: torch.device
+) -> tuple[WorkerFeed | MixedFeed, list[EvalFeed]]:
+    """This rank's training feed (one store: ``WorkerFeed``; several: ``MixedFeed`` by their weights)
+    and its block of each store's validation set (Ray Train ``context``)."""
     rank, world_size = context.get_world_rank(), context.get_world_size()
     local_world_size = context.get_local_world_size()
-    feed = WorkerFeed(
-        store,
-        config.train,
-        rank=rank,
-        world_size=world_size,
-        local_world_size=local_world_size,
-        pin_memory=device.type == "cuda",
-    )
-    val_feed = EvalFeed(
-        store,
-        split="val",
-        subset=config.train.val_subset,
-        seed=config.train.seed,
-        rank=rank,
-        world_size=world_size,
-        batch_size=EVAL_BATCH,
-        feed=config.train.feed,
-        local_world_size=local_world_size,
-    )
-    return feed, val_feed
+    common = {"rank": rank, "world_size": world_size, "local_world_size": local_world_size}
+    if len(stores) == 1:
+        feed: WorkerFeed | MixedFeed = WorkerFeed(stores[0], config.train, **common, pin_memory=device.type == "cuda")
+    else:
+        weights = [entry.weight for entry in config.data.training_stores()]
+        feed = MixedFeed(stores, weights, config.train, **common, pin_memory=device.type == "cuda")
+    val_feeds = [
+        EvalFeed(
+            store,
+            split="val",
+            subset=config.train.val_subset,
+            seed=config.train.seed,
+            batch_size=EVAL_BATCH,
+            feed=config.train.feed,
+            **common,
+        )
+        for store in stores
+    ]
+    return feed, val_feeds
 
 
 # The errors of a state.pt that does not load: cut short by a kill mid-upload, deleted meanwhile, or
@@ -435,9 +449,14 @@ def _run_epoch(worker: _Worker, epoch: int, *, resumed_from: int) -> tuple[Epoch
         model, worker.feed, worker.optimizer, device=device, amp_dtype=amp_dtype, scaler=worker.scaler, ema=worker.ema
     )
     judged = worker.ema.module if worker.ema is not None else unwrap(model)
-    labels, scores = validate(judged, worker.val_feed, device=device, amp_dtype=amp_dtype)
-    # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
-    gathered = gather_epoch(worker.world_size, worker.val_feed.ids, labels, scores, stats, _weights_checksum(model))
+    checksum = _weights_checksum(model)
+    per_store = []
+    for val_feed in worker.val_feeds:
+        labels, scores = validate(judged, val_feed, device=device, amp_dtype=amp_dtype)
+        # Only rank 0's report reaches Ray: every rank's predictions are gathered first.
+        per_store.append(gather_epoch(worker.world_size, val_feed.ids, labels, scores, stats, checksum))
+    # The model is selected (schedule, early stopping, best checkpoint) on one store's val AUC.
+    gathered = per_store[worker.config.train.select_on]
     metrics = summarise(gathered.labels, gathered.scores)
     worker.scheduler.step(metrics["auc"])
     stop = worker.stopper.step(metrics["auc"])
@@ -445,7 +464,16 @@ def _run_epoch(worker: _Worker, epoch: int, *, resumed_from: int) -> tuple[Epoch
     record = epoch_record(
         epoch + 1, gathered, metrics, lr=lr, epoch_s=time.perf_counter() - started, resumed_from=resumed_from
     )
-    return record, gathered, stop
+    extra: dict[str, Any] = {
+        "trainable_params": worker.frozen.trainable,
+        "frozen_params": worker.frozen.frozen,
+        "frozen": list(worker.frozen.prefixes),
+    }
+    if len(per_store) > 1:
+        extra["val_auc_stores"] = {
+            store.url: summarise(g.labels, g.scores)["auc"] for store, g in zip(worker.stores, per_store, strict=True)
+        }
+    return replace(record, **extra), gathered, stop
 
 
 def _report(
@@ -543,9 +571,11 @@ def _write_checkpoint(
         "channels": store.sample_shape[0],
         "size": store.sample_shape[1],
         "bands": store.meta.get("bands"),
-        "store": store.url,
+        "store": store.url,  # with data.stores: the one that selects the model (they share bands and geometry)
         "transform": store.meta.get("transform"),
     }
+    if len(worker.stores) > 1:
+        model_input["stores"] = [s.url for s in worker.stores]
     (folder / MODEL_INPUT_FILE).write_text(json.dumps(model_input))
 
 
@@ -624,8 +654,14 @@ class _Progress:
 
 def epoch_line(record: EpochRecord, epochs: int, eta_s: float) -> str:
     """``epoch 2/10  train loss 0.4312  val AUC 0.912  TPR10 0.41  1750 img/s  ETA 1m20s``."""
+    per_store = ""
+    if record.val_auc_stores:  # data.stores: each store's val AUC, by its folder name
+        aucs = ", ".join(
+            f"{url.rstrip('/').rsplit('/', 1)[-1]} {auc:.3f}" for url, auc in record.val_auc_stores.items()
+        )
+        per_store = f" ({aucs})"
     return (
-        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.4f}  val AUC {record.val_auc:.3f}  "
+        f"epoch {record.epoch}/{epochs}  train loss {record.train_loss:.4f}  val AUC {record.val_auc:.3f}{per_store}  "
         f"TPR10 {record.val_tpr10:.2f}  {record.samples_per_s:.0f} img/s  ETA {_duration(eta_s)}"
     )
 
@@ -797,11 +833,11 @@ def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
     """The run's name and URL, after checking the store and that the run exists exactly when ``resume``."""
     if resume and config.train.name is None:
         raise TrainError("--resume needs the run's name (train.name / --name)")
-    store = LensStore.open(_store_url(config))  # fail fast on a wrong URL or an unfinished store
-    for split in ("train", "val"):  # on the driver: an unlabelled store is refused before Ray Train starts
-        labelled_rows(store, split)
-    if len(store.indices("val")) < 2:
-        raise TrainError(f"{store.url}: the validation split is too small to compute AUC")
+    # Fail fast on a wrong URL, an unfinished or unlabelled store, stores that do not go together, a
+    # network that does not fit train.init_from or train.freeze.
+    for store in check_training(config):
+        if len(store.indices("val")) < 2:
+            raise TrainError(f"{store.url}: the validation split is too small to compute AUC")
     name = run_name(config)
     run_url = storage.join(runs_root(config), name)
     exists = _run_exists(run_url)

@@ -455,15 +455,16 @@ def run_tune(spec: TuneSpec, *, resume: bool = False, callbacks: list[Any] | Non
     """Run the search (or, with ``resume``, continue the interrupted one of the same name).
 
     ``callbacks`` are extra Tune callbacks (e.g. to watch or interrupt a search)."""
-    from lensray.ingest.store import LensStore
+    from lensray.train.finetune import check_training
 
     spec = _named(spec, resume)
     experiment = spec.experiment_url()
     spec = _check_experiment(spec, experiment, resume)
-    if spec.run.data.store is None:
+    if spec.run.data.store is None and not spec.run.data.stores:
         raise SearchError("data.store is required: the URL of a store written by `lensray preprocess` (--store)")
-    # Fail fast: a wrong URL, an unfinished store, a net too deep.
-    check_models(spec, LensStore.open(spec.run.data.store))
+    # Fail fast: a wrong URL, an unfinished store, stores that do not go together, a source network
+    # (train.init_from) or train.freeze the base config does not fit, a net too deep.
+    check_models(spec, check_training(spec.run)[0])
     ensure_ray()
     # The legacy reporter is the one that takes metric columns (the new one shows the first four keys).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
