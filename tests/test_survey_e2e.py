@@ -1,6 +1,6 @@
 """Every shipped survey profile end to end, on files in the survey's own layout (issue 15): simulate a small
 set -> ingest it from its Parquet catalogue (label and RA/Dec columns) -> train one short epoch -> score the
-raw cutouts, with RA/Dec and a requested column carried to the candidates. The challenge profile takes the
+raw cutouts, with RA/Dec and a requested column carried to the candidates -> the grading page's pictures. The challenge profile takes the
 same path in test_score.py and test_pipeline.py (its catalogue has no coordinates)."""
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from tiny_run import tiny_run_config
 from lensray import storage
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
 from lensray.evaluate.score import score_catalog
+from lensray.grade.images import COMPOSITE
+from lensray.grade.server import grading_session
 from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
 from lensray.profiles import PROFILES
@@ -62,3 +64,10 @@ def test_profile_simulate_ingest_train_score(name: str, tmp_path: Path, ray_clus
     np.testing.assert_allclose(candidates["ra"], matched["ra"])
     np.testing.assert_allclose(candidates["dec"], matched["dec"])
     np.testing.assert_allclose(candidates[keep], matched[keep])
+
+    # The grading page reads the same cutouts in the profile the candidates were scored in.
+    session = grading_session(out, str(tmp_path / "grades.parquet"), grader="tester")
+    assert session.profile == profile and session.bands == profile.band_names
+    best = int(candidates["id"].iloc[0])
+    for picture in (profile.reference, COMPOSITE):
+        assert session.png(best, picture).startswith(b"\x89PNG")

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lensray.profiles import SurveyProfile
 from lensray.sky.fits import Cutout, read_cutout
 
 COMPOSITE = "rgb"  # the image name of the colour composite beside the band names
@@ -63,10 +64,13 @@ def _png(array: np.ndarray, cmap: str | None = None) -> bytes:
     return sink.getvalue()
 
 
-def candidate_pngs(images_url: str, object_id: int, bands: Sequence[str]) -> dict[str, bytes]:
-    """``{band: PNG, "rgb": PNG}`` of one candidate (the composite with three bands or more). A bad or
-    missing cutout raises ``sky.fits.CutoutError`` naming the ID, band and URL."""
-    cutout: Cutout = read_cutout(images_url, object_id, bands, "zero")
+def candidate_pngs(
+    images_url: str, object_id: int, bands: Sequence[str], profile: SurveyProfile | None = None
+) -> dict[str, bytes]:
+    """``{band: PNG, "rgb": PNG}`` of one candidate, read in the survey ``profile``'s layout (default: the
+    challenge's; the composite with three bands or more). A bad or missing cutout raises
+    ``sky.fits.CutoutError`` naming the ID, band and URL."""
+    cutout: Cutout = read_cutout(images_url, object_id, bands, "zero", profile=profile)
     pngs = {band: grey_png(cutout.bands[band]) for band in bands}
     if len(bands) >= 3:
         pngs[COMPOSITE] = composite_png([cutout.bands[band] for band in bands])

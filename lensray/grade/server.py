@@ -26,7 +26,7 @@ from lensray.errors import GradeError
 from lensray.grade.candidates import Selection, read_candidates, score_summary, select, shown
 from lensray.grade.grades import GRADES, GradeBook, grade_record
 from lensray.grade.images import COMPOSITE, candidate_pngs
-from lensray.sky.bands import BAND_NAMES
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 from lensray.sky.fits import CutoutError
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,16 @@ class GradingSession:
     """One grader's session: the sequence to grade, the grades file, the pictures (cached per candidate)."""
 
     def __init__(
-        self, selection: Selection, book: GradeBook, grader: str, images_url: str | None, bands: tuple[str, ...]
+        self,
+        selection: Selection,
+        book: GradeBook,
+        grader: str,
+        images_url: str | None,
+        bands: tuple[str, ...],
+        profile: SurveyProfile = PROFILES[DEFAULT_PROFILE],
     ) -> None:
         self.selection, self.book, self.grader = selection, book, grader
-        self.images_url, self.bands = images_url, bands
+        self.images_url, self.bands, self.profile = images_url, bands, profile
         self.rows = selection.frame.to_dict(orient="records")
         self.by_id = {int(row["id"]): row for row in self.rows}
         self._pngs: OrderedDict[int, dict[str, bytes] | str] = OrderedDict()
@@ -114,7 +120,7 @@ class GradingSession:
             cached = self._pngs.get(object_id)
         if cached is None:
             try:
-                cached = candidate_pngs(self.images_url, object_id, self.bands)
+                cached = candidate_pngs(self.images_url, object_id, self.bands, self.profile)
             except CutoutError as exc:
                 cached = str(exc)  # remembered: a missing file stays missing while the page is open
             with self._lock:
@@ -140,8 +146,8 @@ def grading_session(
     seed: int = 0,
     grader: str | None = None,
 ) -> GradingSession:
-    """A session on the candidates of ``lensray score``: the images and bands default to those the candidates
-    were scored from (their ``_summary.json``), the grader to the login name."""
+    """A session on the candidates of ``lensray score``: the images, bands and survey profile default to those
+    the candidates were scored from (their ``_summary.json``), the grader to the login name."""
     import getpass
 
     candidates = read_candidates(candidates_url)
@@ -149,12 +155,15 @@ def grading_session(
     grader = (grader if grader is not None else getpass.getuser()).strip()
     if not grader:
         raise GradeError("--grader cannot be empty")
+    recorded = summary.get("profile")  # scores of challenge cutouts record none
+    profile = PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
     return GradingSession(
         select(candidates, order, top, random_low, seed),
         GradeBook(out),
         grader,
         images_url or summary.get("images"),
-        tuple(bands or summary.get("bands") or BAND_NAMES),
+        tuple(bands or summary.get("bands") or profile.band_names),
+        profile,
     )
 
 
