@@ -174,3 +174,26 @@ def test_a_search_top_trials_make_an_ensemble(tune_search) -> None:
     assert all(m.checkpoint.startswith(experiment) for m in spec.members) and "top 2 by val_auc" in spec.source
     with pytest.raises(SearchError, match="2 trial"):
         ensemble_from_search(experiment, top=3)
+
+
+def test_ensemble_flags_are_paths_made_absolute_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lensray.cli import build_parser, resolve_paths
+    from lensray.evaluate.ensemble import resolve_ensemble
+
+    monkeypatch.chdir(tmp_path)
+    parser = build_parser()
+    for argv in (
+        ["score", "--runs", "runs/a", "s3://b/runs/b", "--images", "raw", "--catalog", "c.csv", "--out", "c.parquet"],
+        ["evaluate", "--from-search", "exp/search", "--top", "2", "--store", "s.zarr", "--out", "ev"],
+        ["compare", "runs/c", "--runs", "runs/a", "runs/b", "--out", "cmp"],
+    ):
+        args = resolve_paths(parser.parse_args(argv))
+        for value in [*(args.members or []), *([args.from_search] if args.from_search else [])]:
+            assert value.startswith(("s3://", str(tmp_path))), (argv, value)
+    assert parser.parse_args(["compare", "runs/c", "--runs", "runs/a", "runs/b", "--out", "o"]).runs == ["runs/c"]
+    with pytest.raises(SystemExit):  # one run or an ensemble, not both
+        parser.parse_args(["score", "--run", "r", "--runs", "a", "b", "--out", "o"])
+    with pytest.raises(EvaluateError, match="--top goes with --from-search"):
+        resolve_ensemble(["a", "b"], None, 3)
+    with pytest.raises(SearchError, match="at least 2"):
+        resolve_ensemble(None, "exp", 1)
