@@ -98,7 +98,7 @@ def _resolve(args: argparse.Namespace, flags: Sequence[Flag]) -> LensrayConfig:
 
 
 # Arguments that hold a path or URL; the config's own (PATH_KEYS) are resolved when it is loaded.
-PATH_ARGS = ("config", "run", "runs", "out", "store", "url", "images", "catalog", "storage")
+PATH_ARGS = ("config", "run", "runs", "members", "from_search", "out", "store", "url", "images", "catalog", "storage")
 
 
 def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
@@ -380,13 +380,21 @@ def cmd_tune(config_path: str | None, overrides: list[str], *, resume: bool) -> 
 EVALUATE_FLAGS = (Flag("--store", "data.store", "URL of the preprocessed store to evaluate on"),)
 
 
+def _model(args: argparse.Namespace) -> Any:
+    """``--run URL``, or the ensemble of ``--runs A B C`` / ``--from-search EXP --top K``."""
+    from lensray.evaluate.ensemble import resolve_ensemble
+
+    ensemble = resolve_ensemble(args.members, args.from_search, args.top)
+    return ensemble if ensemble is not None else args.run
+
+
 def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
     from lensray.evaluate.evaluate import evaluate_run
 
     if config.data.store is None:
         raise ConfigError("data.store is required (--store URL)")
     report = evaluate_run(
-        args.run,
+        _model(args),
         config.data.store,
         args.out,
         args.split,
@@ -401,8 +409,12 @@ def cmd_evaluate(config: LensrayConfig, args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lensray.evaluate.compare import compare_runs
+    from lensray.evaluate.ensemble import resolve_ensemble
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
+    ensemble = resolve_ensemble(args.members, args.from_search, args.top)
+    if not args.runs and ensemble is None:
+        raise ConfigError("compare needs runs (RUN ...) or an ensemble (--runs A B ... or --from-search EXP)")
     table = compare_runs(
         args.runs,
         args.out,
@@ -411,6 +423,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         names=names,
         store=args.store,
         device=torch_device(args.device),
+        ensemble=ensemble,
     )
     print(table)
     return 0
@@ -434,7 +447,7 @@ def cmd_score(config: LensrayConfig, args: argparse.Namespace) -> int:
     if config.data.images is None or config.data.catalog is None:
         raise ConfigError("data.images and data.catalog are required (--images URL --catalog URL)")
     candidates = score_catalog(
-        args.run,
+        _model(args),
         config.data.images,
         config.data.catalog,
         args.out,
@@ -570,24 +583,30 @@ HELP = {  # subcommand: (one-line help, description, examples)
     ),
     "evaluate": (
         "metrics, curves, galleries and an HTML report for a split",
-        "Score one run on a split of a store and write report.html, metrics.json, predictions.csv and the plots.",
+        "Score one run (or an ensemble: --runs, --from-search) on a split of a store and write report.html, metrics.json, predictions.csv and the plots.",
         "lensray evaluate --run runs/lastro-1 --store store.zarr --out eval/\n"
-        "lensray evaluate --run s3://b/runs/lastro-1 --store s3://b/store.zarr --tta d4 --out s3://b/eval",
+        "lensray evaluate --run s3://b/runs/lastro-1 --store s3://b/store.zarr --tta d4 --out s3://b/eval\n"
+        "lensray evaluate --from-search experiments/lastro-search --top 3 --store store.zarr --out eval-ensemble/",
     ),
     "compare": (
         "a Table-I-style comparison of runs with overlaid ROC curves",
         "Score several runs on the test split of their stores: ACC, AUC, TPR0, TPR10, epochs, images seen, "
-        "training time, paired AUC differences and overlaid ROC curves.",
-        "lensray compare runs/study_* runs/platform_lastro_* --out compare/",
+        "training time, paired AUC differences and overlaid ROC curves. With an ensemble (--runs A B C, or "
+        "--from-search EXP --top K): its row, its members' rows, and the ensemble against its best member.",
+        "lensray compare runs/study_* runs/platform_lastro_* --out compare/\n"
+        "lensray compare --runs runs/lastro-1 runs/lastro-2 runs/resnet-1 --out compare-ensemble/",
     ),
     "score": (
         "score a catalogue of raw cutouts -> ranked candidates (Ray Data)",
-        "Score every cutout of a catalogue with a trained run and write the ranked candidates (Parquet) with an "
+        "Score every cutout of a catalogue with a trained run (or an ensemble: --runs A B C, --from-search EXP "
+        "--top K; its score is the members' mean, score_std their spread) and write the ranked candidates (Parquet) with an "
         "HTML gallery of the top ones.",
         "lensray score --run runs/lastro-1 --images s3://b/raw --catalog s3://b/raw/ids.csv "
         "--out s3://b/candidates.parquet\n"
         "lensray score --run runs/lastro-1 --images cutouts/ --catalog survey.fits --id-column objid "
-        "--coord-columns RA_deg,DEC_deg --keep-columns mag_r --out candidates.parquet",
+        "--coord-columns RA_deg,DEC_deg --keep-columns mag_r --out candidates.parquet\n"
+        "lensray score --runs runs/lastro-1 runs/lastro-2 runs/resnet-1 --tta d4 --images cutouts/ "
+        "--catalog ids.csv --out candidates.parquet",
     ),
     "export": (
         "export a trained model (safetensors + its input contract) for use without a cluster",
@@ -736,9 +755,27 @@ def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICES, help=f"where {what} (auto: CUDA when available)")
 
 
+def _add_ensemble(parser: argparse.ArgumentParser, required_run: bool) -> None:
+    """``--run`` (one network) or an ensemble: ``--runs A B C`` or ``--from-search EXP [--top K]``."""
+    group = parser.add_mutually_exclusive_group(required=required_run)
+    if required_run:
+        group.add_argument("--run", help="checkpoint URL, or a run folder (its best checkpoint)")
+    group.add_argument(
+        "--runs",
+        dest="members",
+        nargs="+",
+        metavar="RUN",
+        help="an ensemble of these runs or checkpoints: the mean of their probabilities, score_std their spread",
+    )
+    group.add_argument(
+        "--from-search", metavar="EXPERIMENT", help="an ensemble of the top --top trials of a `lensray tune` search"
+    )
+    parser.add_argument("--top", type=int, help="with --from-search: how many trials, best val_auc first (default 3)")
+
+
 def _add_evaluate(evaluate: argparse.ArgumentParser) -> None:
     _add_flags(evaluate, EVALUATE_FLAGS)
-    evaluate.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    _add_ensemble(evaluate, required_run=True)
     evaluate.add_argument(
         "--out", required=True, help="folder (local path or s3://prefix) for report.html, metrics.json, PNGs"
     )
@@ -751,7 +788,8 @@ def _add_evaluate(evaluate: argparse.ArgumentParser) -> None:
 
 
 def _add_compare(compare: argparse.ArgumentParser) -> None:
-    compare.add_argument("runs", nargs="+", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
+    compare.add_argument("runs", nargs="*", metavar="RUN", help="checkpoint URLs or run folders (best checkpoint)")
+    _add_ensemble(compare, required_run=False)
     compare.add_argument(
         "--out", required=True, help="folder (local path or s3://prefix) for compare.md, compare.html, compare.json"
     )
@@ -765,7 +803,7 @@ def _add_compare(compare: argparse.ArgumentParser) -> None:
 
 def _add_score(score: argparse.ArgumentParser) -> None:
     _add_flags(score, SCORE_FLAGS)
-    score.add_argument("--run", required=True, help="checkpoint URL, or a run folder (its best checkpoint)")
+    _add_ensemble(score, required_run=True)
     score.add_argument(
         "--out", required=True, help="candidates Parquet URL (local or s3://); siblings: _rejects.csv, ..."
     )

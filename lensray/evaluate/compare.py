@@ -3,9 +3,11 @@ epochs, training time) and their ROC curves overlaid, as Markdown, HTML and JSON
 
 Each run is scored on the test split of the store it was trained on (recorded in its checkpoint), so
 runs trained under different label rules -- one store per rule -- are each judged by their own labels.
-A run folder stands for its best checkpoint (highest ``val_auc``). ``compute_comparison`` returns a
-``Comparison`` (rows, paired differences, ROC curves); ``write_comparison`` writes compare.md/.html/.json
-and the ROC plot; ``compare_runs`` does both.
+A run folder stands for its best checkpoint (highest ``val_auc``). An ensemble (``ensemble.EnsembleSpec``)
+adds a row for itself and one per member, all from one pass over the store (each object read once for every
+member), and the paired AUC difference between the ensemble and its best member on the test objects.
+``compute_comparison`` returns a ``Comparison`` (rows, paired differences, ROC curves); ``write_comparison``
+writes compare.md/.html/.json and the ROC plot; ``compare_runs`` does both.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,17 @@ from lensray import storage
 from lensray.config import LensrayConfig
 from lensray.errors import EvaluateError
 from lensray.evaluate import metrics
+from lensray.evaluate.ensemble import EnsembleSpec, load_ensemble
 from lensray.evaluate.evaluate import jsonable, plain_fields
 from lensray.evaluate.inference import SplitPredictions, predict_split
 from lensray.models import describe_model, model_recipe
 from lensray.runs import HISTORY_FILE, MODEL_INPUT_FILE, resolve_checkpoint
 from lensray.runtime import progress
 
+GAIN_COLUMNS = ("ensemble", "member", "auc_ensemble", "auc_member", "delta_auc", "low", "high", "p_not_better")
+GAIN_COLUMNS += ("tpr10_ensemble", "tpr10_member", "n")
+GAIN_HEADERS = ("ensemble", "best member", "AUC ens.", "AUC member", "AUC(ens.) - AUC(member)", "95% low")
+GAIN_HEADERS += ("95% high", "P(ens. <= member)", "TPR10 ens.", "TPR10 member", "test objects")
 PAIRED_COLUMNS = ("better", "worse", "delta_auc", "low", "high", "p_not_better", "n")
 PAIRED_HEADERS = ("run A", "run B", "AUC(A) - AUC(B)", "95% low", "95% high", "P(A <= B)", "test objects")
 COLUMNS = (
@@ -95,7 +102,7 @@ class RunRow:
     tpr10: float
     n: int
     n_pos: int
-    best_epoch: int
+    best_epoch: int | None  # None for an ensemble
     epochs: int
     train_images: int | None
     train_s: float
@@ -125,6 +132,53 @@ class PairedDifference:
         return plain_fields(self)
 
 
+@dataclass(frozen=True)
+class EnsembleGain:
+    """AUC(ensemble) - AUC(its best member on these objects), signed, with the paired-bootstrap interval."""
+
+    ensemble: str
+    member: str
+    auc_ensemble: float
+    auc_member: float
+    delta_auc: float
+    low: float
+    high: float
+    p_not_better: float  # the fraction of resamples in which the ensemble does not beat the member
+    tpr10_ensemble: float
+    tpr10_member: float
+    n: int
+    resamples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return plain_fields(self)
+
+
+def ensemble_gain(
+    name: str, ensemble: SplitPredictions, members: Sequence[tuple[str, SplitPredictions]]
+) -> EnsembleGain | None:
+    """The ensemble against its best member by AUC on the same objects (the member most favoured by the very
+    objects it is judged on, so the ensemble's gain is not flattered); None with one class only."""
+    y = ensemble.labels
+    if y.sum() in (0, y.size):
+        return None
+    best_name, best = max(members, key=lambda item: metrics.auc(y, item[1].scores))
+    d = metrics.paired_auc_difference(y, ensemble.scores, best.scores)
+    return EnsembleGain(
+        ensemble=name,
+        member=best_name,
+        auc_ensemble=metrics.auc(y, ensemble.scores),
+        auc_member=metrics.auc(y, best.scores),
+        delta_auc=d.difference,
+        low=d.low,
+        high=d.high,
+        p_not_better=d.p_not_better,
+        tpr10_ensemble=metrics.tpr10(y, ensemble.scores),
+        tpr10_member=metrics.tpr10(y, best.scores),
+        n=int(y.size),
+        resamples=d.resamples,
+    )
+
+
 @dataclass(frozen=True, eq=False)
 class Comparison:
     """The runs' rows, their paired AUC differences and ROC curves (runs with both classes only)."""
@@ -134,6 +188,7 @@ class Comparison:
     rows: tuple[RunRow, ...]
     paired: tuple[PairedDifference, ...]
     rocs: tuple[tuple[str, metrics.RocCurve], ...]  # (legend label, curve)
+    ensemble: EnsembleGain | None = None  # with an ensemble: it against its best member
 
     def as_dict(self) -> dict[str, Any]:
         """compare.json's content (before ``jsonable``)."""
@@ -142,6 +197,7 @@ class Comparison:
             "tta": self.tta,
             "rows": [row.as_dict() for row in self.rows],
             "paired": [pair.as_dict() for pair in self.paired],
+            "ensemble": None if self.ensemble is None else self.ensemble.as_dict(),
         }
 
 
@@ -166,6 +222,9 @@ class ComparisonTable:
 
     def __str__(self) -> str:
         text = markdown_table(self.rows)
+        if self.comparison.ensemble is not None:
+            gain = [self.comparison.ensemble.as_dict()]
+            text += "\n\nensemble vs its best member:\n" + markdown_table(gain, GAIN_COLUMNS, GAIN_HEADERS)
         if self.paired:
             text += "\n\npaired AUC differences:\n" + markdown_table(self.paired, PAIRED_COLUMNS, PAIRED_HEADERS)
         return text + f"\n\nwritten: {self.markdown_path}, {self.html_path}, {self.json_path}"
@@ -232,10 +291,19 @@ def _score_run(
         raise EvaluateError(f"{checkpoint}: no training store recorded; pass a store to evaluate on")
     lens_store = LensStore.open(store_url)
     predictions = predict_split(run, lens_store, split, tta)
+    name = checkpoint.rstrip("/").rsplit("/", 2)[-2] if name is None else name
+    return _run_row(name, run, lens_store, predictions, split, tta), predictions
+
+
+def _run_row(
+    name: str, run: Any, lens_store: Any, predictions: SplitPredictions, split: str, tta: str | None
+) -> RunRow:
+    """A loaded run's row from its predictions on ``lens_store``'s split."""
     y, s = predictions.labels, predictions.scores
+    checkpoint = run.checkpoint_url
     history = _run_history(checkpoint, run.history)
-    row = RunRow(
-        name=checkpoint.rstrip("/").rsplit("/", 2)[-2] if name is None else name,
+    return RunRow(
+        name=name,
         network=describe_model(run.config.model),
         options=describe_options(run.config, (lens_store.meta.get("transform") or {}).get("mode")),
         label_rule=lens_store.meta.get("label_rule", run.config.data.labels),
@@ -250,11 +318,54 @@ def _score_run(
         train_images=_images_seen(history),
         train_s=float(sum(epoch.get("epoch_s", 0.0) for epoch in history)),
         checkpoint=checkpoint,
+        store=lens_store.url,
+        split=split,
+        tta=tta,
+    )
+
+
+def _score_ensemble(
+    spec: EnsembleSpec, name: str, split: str, tta: str | None, store: str | None, device: str
+) -> tuple[list[tuple[RunRow, SplitPredictions]], EnsembleGain | None]:
+    """The ensemble's row first, then one per member, from one pass over the split; and its gain."""
+    from lensray.ingest.store import LensStore
+
+    store_url = store or spec.store
+    if not store_url:
+        raise EvaluateError(f"the members of the {spec.label} were trained on different stores; pass a store")
+    model = load_ensemble(spec, device)
+    lens_store = LensStore.open(store_url)
+    predictions = predict_split(model, lens_store, split, tta)
+    scored = []
+    for k, (member, run) in enumerate(zip(spec.members, model.runs, strict=True)):
+        own = replace(predictions, scores=predictions.members[:, k], per_transform=None, members=None)
+        scored.append((_run_row(member.name, run, lens_store, own, split, tta), own))
+    y, s = predictions.labels, predictions.scores
+    rows = [row for row, _ in scored]
+    networks = sorted({row.network for row in rows})
+    budget = [row.train_images for row in rows]
+    ensemble_row = RunRow(
+        name=name,
+        network=f"ensemble of {len(rows)}: {', '.join(networks)}",
+        options=f"mean probability of {', '.join(row.name for row in rows)}",
+        label_rule=rows[0].label_rule,
+        acc=metrics.acc(y, s),
+        auc=metrics.auc(y, s),
+        tpr0=metrics.tpr0(y, s),
+        tpr10=metrics.tpr10(y, s),
+        n=int(y.size),
+        n_pos=int(np.count_nonzero(y)),
+        best_epoch=None,
+        epochs=sum(row.epochs for row in rows),
+        train_images=None if None in budget else sum(budget),
+        train_s=sum(row.train_s for row in rows),
+        checkpoint=", ".join(spec.checkpoints),
         store=store_url,
         split=split,
         tta=tta,
     )
-    return row, predictions
+    gain = ensemble_gain(name, predictions, [(row.name, p) for row, p in scored])
+    return [(ensemble_row, predictions), *scored], gain
 
 
 def compute_comparison(
@@ -265,23 +376,34 @@ def compute_comparison(
     names: Sequence[str] | None = None,
     store: str | None = None,
     device: str = "cpu",
+    ensemble: EnsembleSpec | None = None,
+    ensemble_name: str = "ensemble",
 ) -> Comparison:
-    """Score every run on ``split`` of its own training store (or ``store``): rows, pairs, ROC curves."""
-    if not runs:
+    """Score every run on ``split`` of its own training store (or ``store``): rows, pairs, ROC curves.
+    With ``ensemble``: its row (``ensemble_name``) and its members' rows after the runs', and ``ensemble``
+    (the ensemble against its best member)."""
+    if not runs and ensemble is None:
         raise EvaluateError("compare needs at least one run")
     if names is not None and len(names) != len(runs):
         raise EvaluateError(f"{len(names)} names for {len(runs)} runs")
-    rows, rocs, scored = [], [], []
-    with progress(len(runs), "compare", "run") as bar:
+    results: list[tuple[RunRow, SplitPredictions]] = []
+    gain = None
+    with progress(len(runs) + (ensemble is not None), "compare", "run") as bar:
         for k, url in enumerate(runs):
-            row, predictions = _score_run(url, names[k] if names else None, split, tta, store, device)
-            rows.append(row)
-            scored.append(predictions)
-            if 0 < row.n_pos < row.n:
-                rocs.append((f"{row.name} (AUC {row.auc:.3f})", metrics.roc(predictions.labels, predictions.scores)))
+            results.append(_score_run(url, names[k] if names else None, split, tta, store, device))
             bar.update()
-    paired = paired_differences([row.name for row in rows], scored)
-    return Comparison(split=split, tta=tta, rows=tuple(rows), paired=paired, rocs=tuple(rocs))
+        if ensemble is not None:
+            scored, gain = _score_ensemble(ensemble, ensemble_name, split, tta, store, device)
+            results += scored
+            bar.update()
+    rows = [row for row, _ in results]
+    rocs = [
+        (f"{row.name} (AUC {row.auc:.3f})", metrics.roc(p.labels, p.scores))
+        for row, p in results
+        if 0 < row.n_pos < row.n
+    ]
+    paired = paired_differences([row.name for row in rows], [p for _, p in results])
+    return Comparison(split=split, tta=tta, rows=tuple(rows), paired=paired, rocs=tuple(rocs), ensemble=gain)
 
 
 # --- writing --------------------------------------------------------------------------------------
@@ -296,16 +418,23 @@ def compare_runs(
     names: Sequence[str] | None = None,
     store: str | None = None,
     device: str = "cpu",
+    ensemble: EnsembleSpec | None = None,
 ) -> ComparisonTable:
-    """Score every run on ``split`` of its own training store (or ``store``) and write the comparison
-    into ``out_dir``: a local folder or an s3:// prefix (files rendered in memory, written through ``storage``)."""
-    comparison = compute_comparison(runs, split=split, tta=tta, names=names, store=store, device=device)
+    """Score every run (and ``ensemble`` with its members) on ``split`` of its own training store (or
+    ``store``) and write the comparison into ``out_dir``: a local folder or an s3:// prefix (files rendered
+    in memory, written through ``storage``)."""
+    comparison = compute_comparison(
+        runs, split=split, tta=tta, names=names, store=store, device=device, ensemble=ensemble
+    )
     return write_comparison(comparison, out_dir)
 
 
 def comparison_markdown(comparison: Comparison) -> str:
     rows = [row.as_dict() for row in comparison.rows]
     markdown = markdown_table(rows) + "\n"
+    if comparison.ensemble is not None:
+        markdown += "\nThe ensemble against its best member (same test objects, paired bootstrap):\n\n"
+        markdown += markdown_table([comparison.ensemble.as_dict()], GAIN_COLUMNS, GAIN_HEADERS) + "\n"
     if comparison.paired:
         paired = [pair.as_dict() for pair in comparison.paired]
         markdown += "\nPaired AUC differences (same test objects, 2,000 bootstrap resamples):\n\n"
@@ -331,6 +460,12 @@ def comparison_blocks(comparison: Comparison, roc_png: bytes) -> list[str | tupl
             ("run", "test objects", "lenses", "checkpoint", "store"),
         ),
     ]
+    if comparison.ensemble is not None:
+        blocks += [
+            "<p>The ensemble (the mean of its members' probabilities) against its best member on the same "
+            "objects (the member with the highest AUC on them); the interval is the paired bootstrap's 95 %.</p>",
+            html_table([comparison.ensemble.as_dict()], GAIN_COLUMNS, GAIN_HEADERS),
+        ]
     if comparison.paired:
         blocks += [
             "<p>Paired AUC differences: runs scored on the same test objects with the same labels, "

@@ -32,6 +32,7 @@ from numpy.typing import ArrayLike
 from lensray import storage
 from lensray.errors import EvaluateError
 from lensray.evaluate import metrics
+from lensray.evaluate.ensemble import EnsembleSpec, load_model
 from lensray.evaluate.inference import PREDICT_BATCH, SplitPredictions, check_tta, predict_rows, predict_split
 from lensray.runs import MODEL_INPUT_FILE, resolve_checkpoint
 
@@ -380,7 +381,7 @@ class Evaluation:
     split: str
     tta: str | None
     device: str
-    epoch: int
+    epoch: int | None  # None for an ensemble (its members' epochs are in ``members``)
     model: str
     label_rule: str | None
     bands: list[str] | None  # as the store records them
@@ -397,6 +398,7 @@ class Evaluation:
     trained_balanced: bool
     galleries: tuple[Gallery, ...]
     display_bands: tuple[str, ...]  # the bands' names, or "band k" when the store has none
+    members: tuple[dict[str, Any], ...] = ()  # an ensemble's members: name, checkpoint, epoch, their own AUC
 
     @property
     def n(self) -> int:
@@ -414,21 +416,29 @@ class Evaluation:
         """metrics.json's content (before ``jsonable``)."""
         head = {k: getattr(self, k) for k in ("checkpoint", "store", "split", "tta", "device", "epoch", "model")}
         head |= {"label_rule": self.label_rule, "bands": self.bands, "transform": self.transform}
-        return head | {
-            "n": self.n,
-            "n_pos": self.n_pos,
-            "n_neg": self.n_neg,
-            "thresholds": plain_fields(self.thresholds),
-            "metrics": self.headline.as_dict(),
-            "roc": self.roc._asdict(),
-            "precision_recall": plain_fields(self.precision_recall),
-            "calibration": plain_fields(self.calibration),
-            "survey": self.survey.as_dict(),
-            "timing": plain_fields(self.timing),
-            "run_metrics": self.run_metrics,
-            "trained_balanced": self.trained_balanced,
-            "gallery": {g.kind.name: [{"id": i.id, "score": i.score} for i in g.items] for g in self.galleries},
-        }
+        return (
+            head
+            | {
+                "n": self.n,
+                "n_pos": self.n_pos,
+                "n_neg": self.n_neg,
+                "thresholds": plain_fields(self.thresholds),
+                "metrics": self.headline.as_dict(),
+                "roc": self.roc._asdict(),
+                "precision_recall": plain_fields(self.precision_recall),
+                "calibration": plain_fields(self.calibration),
+                "survey": self.survey.as_dict(),
+                "timing": plain_fields(self.timing),
+                "run_metrics": self.run_metrics,
+                "trained_balanced": self.trained_balanced,
+                "gallery": {g.kind.name: [{"id": i.id, "score": i.score} for i in g.items] for g in self.galleries},
+            }
+            | (
+                {"members": list(self.members), "mean_score_std": float(self.predictions.spread.mean())}
+                if self.members
+                else {}
+            )
+        )
 
 
 def _check_geometry(checkpoint_url: str, store: Any) -> None:
@@ -455,15 +465,32 @@ def validation_threshold(run: Any, store: Any, tta: str | None, batch_size: int 
         position = {int(i): k for k, i in enumerate(store.ids)}
         rows = [position.get(int(i)) for i in stored["ids"]]
         if all(r is not None and store.valid[r] for r in rows):
-            scores, _ = predict_rows(run, store, np.asarray(rows, np.int64), tta, batch_size, f"re-score val ({tta})")
+            scores = predict_rows(
+                run, store, np.asarray(rows, np.int64), tta, batch_size, f"re-score val ({tta})"
+            ).scores
             source = f"the validation set re-scored with {tta} test-time averaging"
         else:
             source += f" (without {tta}: the validation IDs are not in {store.url})"
     return metrics.choose_threshold(labels, scores, "acc"), source
 
 
+def _members(model: Any, predictions: SplitPredictions) -> tuple[dict[str, Any], ...]:
+    """An ensemble's members as metrics.json lists them, each with its own AUC on the evaluated objects."""
+    if predictions.members is None:
+        return ()
+    return tuple(
+        {"name": m.name, "checkpoint": m.checkpoint, "epoch": run.epoch, "model": run.config.model.name, "auc": auc}
+        for m, run, auc in zip(
+            model.members,
+            model.runs,
+            (metrics.auc(predictions.labels, column) for column in predictions.members.T),
+            strict=True,
+        )
+    )
+
+
 def compute_evaluation(
-    checkpoint_url: str,
+    checkpoint_url: str | EnsembleSpec,
     store_url: str,
     split: str = "test",
     tta: str | None = None,
@@ -474,16 +501,18 @@ def compute_evaluation(
     gallery: int = GALLERY_SIZE,
     batch_size: int = PREDICT_BATCH,
 ) -> Evaluation:
-    """Every number of ``evaluate_run`` (see there), without writing anything."""
+    """Every number of ``evaluate_run`` (see there), without writing anything. ``checkpoint_url``: a
+    checkpoint, a run folder, or an ensemble (``ensemble.EnsembleSpec``: the members' mean, with their spread)."""
     from lensray.ingest.store import LensStore
-    from lensray.runs import load_run
 
     tta = check_tta(tta)
     _check_prevalence(prevalence)
-    checkpoint_url = resolve_checkpoint(checkpoint_url)
-    run = load_run(checkpoint_url, device=device)
+    ensemble = checkpoint_url if isinstance(checkpoint_url, EnsembleSpec) else None
+    checkpoint_url = ensemble.label if ensemble else resolve_checkpoint(checkpoint_url)
+    run = load_model(ensemble or checkpoint_url, device=device)
     store = LensStore.open(store_url)
-    _check_geometry(checkpoint_url, store)
+    for checkpoint in ensemble.checkpoints if ensemble else (checkpoint_url,):
+        _check_geometry(checkpoint, store)
     predictions = predict_split(run, store, split, tta, batch_size)
     y, s = predictions.labels, predictions.scores
     n_pos = int(y.sum())
@@ -500,8 +529,8 @@ def compute_evaluation(
         split=split,
         tta=tta,
         device=device,
-        epoch=run.epoch,
-        model=run.config.model.name,
+        epoch=None if ensemble else run.epoch,
+        model=f"ensemble of {len(ensemble.members)}" if ensemble else run.config.model.name,
         label_rule=store.meta.get("label_rule"),
         bands=bands,
         transform=store.meta.get("transform"),
@@ -513,10 +542,11 @@ def compute_evaluation(
         calibration=reliability,
         survey=survey_table(y, s, thresholds, chosen, prevalence),
         timing=Timing(predictions.seconds, y.size * (8 if tta else 1) / max(predictions.seconds, 1e-9)),
-        run_metrics=run.metrics,
-        trained_balanced=run.config.train.balanced,
+        run_metrics={} if ensemble else run.metrics,
+        trained_balanced=all(r.config.train.balanced for r in (run.runs if ensemble else [run])),
         galleries=pick_galleries(store, predictions, gallery),
         display_bands=tuple(bands or (f"band {k}" for k in range(store.sample_shape[0]))),
+        members=_members(run, predictions),
     )
 
 
@@ -561,7 +591,7 @@ class EvaluationReport:
 
 
 def evaluate_run(
-    checkpoint_url: str,
+    checkpoint_url: str | EnsembleSpec,
     store_url: str,
     out_dir: str | Path,
     split: str = "test",
@@ -574,7 +604,8 @@ def evaluate_run(
     batch_size: int = PREDICT_BATCH,
     appendix: Sequence[str | tuple[str, bytes]] = (),
 ) -> EvaluationReport:
-    """Evaluate ``checkpoint_url`` (a checkpoint or a run folder: its best) on ``split`` of ``store_url``;
+    """Evaluate ``checkpoint_url`` (a checkpoint, a run folder: its best, or an ``EnsembleSpec``) on ``split``
+    of ``store_url``;
     write ``report.html``, ``metrics.json``, ``predictions.csv`` and the PNGs into ``out_dir`` (a local
     folder or an s3:// prefix: every file is rendered in memory and written through ``storage``).
     ``appendix``: more report blocks (HTML, or (caption, PNG) pairs) placed after the galleries, e.g. a
@@ -643,10 +674,12 @@ def predictions_csv(p: SplitPredictions) -> str:
     handle = io.StringIO(newline="")
     writer = csv.writer(handle)
     extra = [f"score_d4_{k}" for k in range(p.per_transform.shape[1])] if p.per_transform is not None else []
-    writer.writerow(["id", "label", "score", *extra])
+    spread = p.spread
+    writer.writerow(["id", "label", "score", *(["score_std"] if spread is not None else []), *extra])
     for k in range(len(p.ids)):
         per = [repr(float(v)) for v in p.per_transform[k]] if p.per_transform is not None else []
-        writer.writerow([int(p.ids[k]), int(p.labels[k]), repr(float(p.scores[k])), *per])
+        std = [repr(float(spread[k]))] if spread is not None else []
+        writer.writerow([int(p.ids[k]), int(p.labels[k]), repr(float(p.scores[k])), *std, *per])
     return handle.getvalue()
 
 
@@ -680,8 +713,18 @@ Blocks = list[str | tuple[str, bytes]]
 
 def _intro_block(ev: Evaluation) -> str:
     esc = html.escape
+    what = f"Checkpoint <code>{esc(ev.checkpoint)}</code> (epoch {ev.epoch}, {ev.model})"
+    if ev.members:
+        listed = ", ".join(
+            f"{esc(m['name'])} (<code>{esc(m['checkpoint'])}</code>, epoch {m['epoch']}, AUC {m['auc']:.3f})"
+            for m in ev.members
+        )
+        what = (
+            f"The mean of {len(ev.members)} networks' probabilities (an ensemble; mean spread over members "
+            f"{ev.predictions.spread.mean():.4f}): {listed}"
+        )
     return (
-        f"<p>Checkpoint <code>{esc(ev.checkpoint)}</code> (epoch {ev.epoch}, {ev.model}); store "
+        f"<p>{what}; store "
         f"<code>{esc(ev.store)}</code>, split <b>{ev.split}</b>: {ev.n} objects, {ev.n_pos} "
         f"lenses, label rule {ev.label_rule}; test-time averaging: {ev.tta or 'none'}; device "
         f"{ev.device}. Validation-chosen threshold from {ev.thresholds.validation_source}.</p>"

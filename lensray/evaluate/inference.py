@@ -1,7 +1,8 @@
 """Scores for images: D4 test-time averaging over a loaded run, and whole store splits in batches.
 
 ``predict_tta`` is the one place that turns preprocessed images into scores for ``evaluate``,
-``compare`` and ``score``.
+``compare`` and ``score``; ``predict_scored`` also takes an ensemble (``evaluate.ensemble``), whose members
+each go through ``predict_tta``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,33 @@ def predict_tta(
     return per_transform.mean(axis=1), per_transform
 
 
+def member_spread(members: np.ndarray | None) -> np.ndarray | None:
+    """The standard deviation over an ensemble's members (axis 1; numpy's population std, ddof=0)."""
+    return None if members is None else members.std(axis=1)
+
+
+@dataclass(frozen=True, eq=False)
+class Scored:
+    """Scores of a batch: the mean, the D4 views (N, 8) with test-time averaging, and for an ensemble
+    every member's own score (N, M), whose spread over members is ``spread``."""
+
+    scores: np.ndarray
+    per_transform: np.ndarray | None
+    members: np.ndarray | None = None
+
+    @property
+    def spread(self) -> np.ndarray | None:
+        return member_spread(self.members)
+
+
+def predict_scored(run: Any, images: np.ndarray | torch.Tensor, tta: str | None, batch_size: int = 256) -> Scored:
+    """``predict_tta`` for a run; for an ensemble (anything with ``predict_members``) the members' mean,
+    each member with its own test-time averaging, and every member's score."""
+    if hasattr(run, "predict_members"):
+        return run.predict_members(images, check_tta(tta), batch_size=batch_size)
+    return Scored(*predict_tta(run, images, tta, batch_size=batch_size))
+
+
 @dataclass(frozen=True, eq=False)
 class SplitPredictions:
     ids: np.ndarray
@@ -60,42 +88,55 @@ class SplitPredictions:
     per_transform: np.ndarray | None  # (N, 8) with D4 test-time averaging
     rows: np.ndarray  # store rows
     seconds: float
+    members: np.ndarray | None = None  # (N, M): each member's score, for an ensemble
+
+    @property
+    def spread(self) -> np.ndarray | None:
+        """The std over an ensemble's members per object (None for a single run)."""
+        return member_spread(self.members)
+
+
+def _concatenated(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.concatenate(parts) if parts and parts[0] is not None else None
 
 
 def predict_rows(
     run: Any, store: Any, rows: np.ndarray, tta: str | None, batch_size: int = PREDICT_BATCH, desc: str = "predict"
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """``predict_tta`` over the store's ``rows``, read ``batch_size`` at a time, with a progress bar."""
-    scores, per_transform = [], []
+) -> Scored:
+    """``predict_scored`` over the store's ``rows``, read ``batch_size`` at a time (one read per row for
+    every member of an ensemble), with a progress bar."""
+    parts: list[Scored] = []
     with progress(len(rows), desc, "img") as bar:
         for first in range(0, len(rows), batch_size):
             batch = rows[first : first + batch_size]
-            mean, per = predict_tta(run, store.read(batch), tta, batch_size=batch_size)
-            scores.append(mean)
-            if per is not None:
-                per_transform.append(per)
+            parts.append(predict_scored(run, store.read(batch), tta, batch_size=batch_size))
             bar.update(len(batch))
-    if not scores:
-        return np.empty(0), None
-    return np.concatenate(scores), np.concatenate(per_transform) if per_transform else None
+    if not parts:
+        return Scored(np.empty(0), None)
+    return Scored(
+        np.concatenate([p.scores for p in parts]),
+        _concatenated([p.per_transform for p in parts]),
+        _concatenated([p.members for p in parts]),
+    )
 
 
 def predict_split(
     run: Any, store: Any, split: str = "test", tta: str | None = None, batch_size: int = PREDICT_BATCH
 ) -> SplitPredictions:
-    """The run's scores for every labelled object of the store's split, read in batches."""
+    """The run's (or ensemble's) scores for every labelled object of the store's split, read in batches."""
     rows = np.sort(np.concatenate([store.indices(split, label=1), store.indices(split, label=0)]))
     if rows.size == 0:
         raise EvaluateError(f"{store.url}: the {split} split holds no labelled objects")
     started = time.perf_counter()
-    scores, per_transform = predict_rows(run, store, rows, tta, batch_size, f"predict {split}")
+    scored = predict_rows(run, store, rows, tta, batch_size, f"predict {split}")
     return SplitPredictions(
         ids=store.ids[rows],
         labels=store.labels[rows].astype(np.int8),
-        scores=scores,
-        per_transform=per_transform,
+        scores=scored.scores,
+        per_transform=scored.per_transform,
         rows=rows,
         seconds=time.perf_counter() - started,
+        members=scored.members,
     )
 
 

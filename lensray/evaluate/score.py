@@ -10,6 +10,9 @@ listed with its reason in the rejects file, never scored (a zero image would get
 rejects, the gallery's images, timings) and ``write_scores`` writes the files; ``score_catalog`` does all three.
 The catalogue is any table ``sky.catalog.load_catalog`` reads (CSV, FITS, ECSV, Parquet; the ID column
 ``DataConfig.id_column``); candidates carry its ``coord_columns`` as ``ra``/``dec`` and its ``keep_columns``.
+
+An ensemble (``ensemble.EnsembleSpec``) scores like a run: each actor holds every member, each cutout is read
+and preprocessed once for all of them, the score is the members' mean and ``score_std`` their spread.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ import torch
 from lensray import storage
 from lensray.config import DataConfig, PreprocessConfig
 from lensray.errors import CatalogError, ScoreError
-from lensray.evaluate.inference import check_tta, checkpoint_input, predict_tta
+from lensray.evaluate.ensemble import EnsembleSpec, load_model
+from lensray.evaluate.inference import check_tta, checkpoint_input, predict_scored
 from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
 from lensray.runs import ModelInput
 from lensray.runtime import ensure_ray, progress
@@ -100,18 +104,23 @@ def prepare_batch(
 def score_prepared(
     run: Any, prepared: dict[str, np.ndarray], tta: str | None, batch_size: int
 ) -> dict[str, np.ndarray]:
-    """The scores of a prepared batch (``prepare_batch``'s dict): its accepted images through ``predict_tta``,
-    NaN for the rejects, which keep their reason and message; with ``tta`` also the 8 per-view scores."""
+    """The scores of a prepared batch (``prepare_batch``'s dict): its accepted images through ``predict_scored``,
+    NaN for the rejects, which keep their reason and message; with ``tta`` also the 8 per-view scores; for an
+    ensemble also ``score_std``, the spread over its members."""
     ok = prepared["reason"] == ""
     n = len(prepared["id"])
-    scores = np.full(n, np.nan)
+    scores, spread = np.full(n, np.nan), np.full(n, np.nan)
     per_transform = np.full((n, D4_ELEMENTS), np.nan)
     if ok.any():
-        mean, per = predict_tta(run, np.asarray(prepared["image"])[ok], tta, batch_size=batch_size)
-        scores[ok] = mean
-        if per is not None:
-            per_transform[ok] = per
+        scored = predict_scored(run, np.asarray(prepared["image"])[ok], tta, batch_size=batch_size)
+        scores[ok] = scored.scores
+        if scored.per_transform is not None:
+            per_transform[ok] = scored.per_transform
+        if scored.members is not None:
+            spread[ok] = scored.spread
     out = {"id": np.asarray(prepared["id"], np.int64), "score": scores}
+    if hasattr(run, "predict_members"):
+        out["score_std"] = spread
     if tta:
         out.update({f"score_d4_{k}": per_transform[:, k] for k in range(D4_ELEMENTS)})
     out.update({"reason": np.asarray(prepared["reason"], str), "message": np.asarray(prepared["message"], str)})
@@ -144,7 +153,7 @@ class PartScorer:
 
     def __init__(
         self,
-        checkpoint_url: str,
+        checkpoint_url: str | EnsembleSpec,
         tta: str | None,
         device: str,
         parts: PartPlan,
@@ -155,11 +164,9 @@ class PartScorer:
     ) -> None:
         import ray
 
-        from lensray.runs import load_run
-
         if threads:
             torch.set_num_threads(threads)
-        self.run = load_run(checkpoint_url, device=device)
+        self.run = load_model(checkpoint_url, device=device)
         self.tta, self.parts, self.batch_size, self.prepare = tta, parts, batch_size, prepare
         self.ids = ray.get(ids[0]) if prepare is not None else None
 
@@ -253,9 +260,11 @@ def score_fingerprint(inputs: ScoreInputs, tta: str | None) -> dict[str, Any]:
     transform, the images, the NaN policy, TTA and the IDs. A rerun resumes only when all of it is the same."""
     from lensray.runs import STATE_FILE
 
-    weights = storage.read_bytes(storage.join(inputs.checkpoint_url, STATE_FILE))
+    checkpoints = inputs.ensemble.checkpoints if inputs.ensemble else (inputs.checkpoint_url,)
+    digests = [hashlib.sha256(storage.read_bytes(storage.join(c, STATE_FILE))).hexdigest() for c in checkpoints]
     return {
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        # One run: its weights' digest; an ensemble: the digest of its members' digests, in order.
+        "weights_sha256": digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest(),
         "bands": list(inputs.prepared.bands),
         "transform": inputs.prepared.preprocess.model_dump(mode="json", exclude={"out", "workers", "strict"}),
         "images": inputs.images_url,
@@ -314,11 +323,11 @@ def _remove_parts(parts_url: str, names: Any) -> None:
 
 def read_parts(plan: PartPlan, tta: str | None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(id + scores of the scored IDs, id/reason/message of the rejects)`` read back from every part, one
-    part at a time: the driver never holds more than the IDs and their scores."""
+    part at a time: the driver never holds more than the IDs and their scores (``score``, ``score_std`` for an
+    ensemble, the D4 views with ``tta``: the columns the parts hold)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    score_columns = ["id", "score", *(f"score_d4_{k}" for k in range(D4_ELEMENTS) if tta)]
     found = finished_parts(plan.url)
     missing = sorted(set(range(plan.n_parts)) - set(found))
     if missing:
@@ -327,6 +336,7 @@ def read_parts(plan: PartPlan, tta: str | None) -> tuple[pd.DataFrame, pd.DataFr
     def read(part: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         table = pq.read_table(io.BytesIO(storage.read_bytes(plan.part_url(part))))
         ok = pc.equal(table["reason"], "")
+        score_columns = [name for name in table.column_names if name not in ("reason", "message")]
         return (
             table.filter(ok).select(score_columns).to_pandas(),
             table.filter(pc.invert(ok)).select(["id", "reason", "message"]).to_pandas(),
@@ -355,6 +365,12 @@ class ScoreInputs:
     started: float  # perf_counter when the job began: wall times count from it
     columns: pd.DataFrame | None = None  # id + ra/dec + kept catalogue columns, joined to the candidates
     profile: SurveyProfile = PROFILES[DEFAULT_PROFILE]  # the cutouts' layout: the training store's
+    ensemble: EnsembleSpec | None = None  # an ensemble's members (``checkpoint_url`` is then its label)
+
+    @property
+    def model(self) -> str | EnsembleSpec:
+        """What the actors load: the checkpoint, or the ensemble."""
+        return self.ensemble or self.checkpoint_url
 
 
 @dataclass(frozen=True, eq=False)
@@ -374,7 +390,7 @@ class ScoreResult:
 
 
 def prepare_scoring(
-    checkpoint_url: str,
+    checkpoint_url: str | EnsembleSpec,
     images_url: str,
     catalog_url: str,
     out_url: str | None = None,
@@ -383,14 +399,17 @@ def prepare_scoring(
     profile: SurveyProfile | None = None,
 ) -> ScoreInputs:
     """Check everything that can fail before any Ray work: the checkpoint, the URLs, the catalogue (read
-    with ``data``'s catalogue options: id, coordinate and kept columns, format). The cutouts' layout is
-    the training store's profile; ``profile`` (``--profile``), when given, must be the same."""
+    with ``data``'s catalogue options: id, coordinate and kept columns, format). ``checkpoint_url``: a
+    checkpoint, a run folder (its best checkpoint) or an ensemble, whose members share their input. The
+    cutouts' layout is the training store's profile; ``profile`` (``--profile``), when given, must be the same."""
     from lensray.runs import load_run, resolve_checkpoint
 
     started = time.perf_counter()
-    checkpoint_url = resolve_checkpoint(checkpoint_url)
-    run = load_run(checkpoint_url)  # fail fast on a bad checkpoint
-    prepared, survey = checkpoint_input(checkpoint_url, run.config, profile)
+    ensemble = checkpoint_url if isinstance(checkpoint_url, EnsembleSpec) else None
+    checkpoint_url = ensemble.label if ensemble else resolve_checkpoint(checkpoint_url)
+    runs = load_model(ensemble).runs if ensemble else [load_run(checkpoint_url)]  # fail fast on a bad checkpoint
+    run = runs[0]
+    prepared, survey = checkpoint_input(ensemble.checkpoints[0] if ensemble else checkpoint_url, run.config, profile)
     storage.check_reachable(images_url)
     if out_url is not None:
         storage.check_reachable(out_url, must_exist=False)
@@ -408,6 +427,7 @@ def prepare_scoring(
         started=started,
         columns=columns if columns.shape[1] > 1 else None,
         profile=survey,
+        ensemble=ensemble,
     )
 
 
@@ -435,7 +455,7 @@ def _scoring_dataset(
         "nan_policy": inputs.nan_policy,
         "profile": inputs.profile,
     }
-    scorer = {"checkpoint_url": inputs.checkpoint_url, "tta": tta, "device": device, "parts": plan, "ids": ids}
+    scorer = {"checkpoint_url": inputs.model, "tta": tta, "device": device, "parts": plan, "ids": ids}
     scorer.update(batch_size=batch_size, threads=None if gpus else 1)
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
     if split:
@@ -597,7 +617,8 @@ class ScoreSummary:
             lines.append(f"  gallery of the top {len(self.top)}: {self.gallery_path}")
         for row in self.top.head(5).itertuples():
             where = f"  RA {row.ra:.5f} Dec {row.dec:+.5f}" if hasattr(row, "ra") else ""
-            lines.append(f"    #{row.rank:<4d} ID {row.id}  score {row.score:.4f}{where}")
+            spread = f" +- {row.score_std:.4f}" if hasattr(row, "score_std") else ""
+            lines.append(f"    #{row.rank:<4d} ID {row.id}  score {row.score:.4f}{spread}{where}")
         for row in self.rejects.head(5).itertuples():
             lines.append(f"    rejected {row.id}: {row.message}")
         if self.repeated_ids:
@@ -650,7 +671,7 @@ def _device_and_actors(device: str, actors: int | None) -> tuple[str, int, float
 
 
 def score_catalog(
-    checkpoint_url: str,
+    checkpoint_url: str | EnsembleSpec,
     images_url: str,
     catalog_url: str,
     out_url: str,
@@ -666,7 +687,9 @@ def score_catalog(
     fresh: bool = False,
     profile: SurveyProfile | None = None,
 ) -> ScoreSummary:
-    """Score every catalogue ID from raw cutouts; write ranked candidates, rejects and a gallery.
+    """Score every catalogue ID from raw cutouts with a run, or an ensemble (``ensemble.EnsembleSpec``: the
+    members' mean score, and ``score_std`` their spread, after ``score``); write ranked candidates, rejects
+    and a gallery.
 
     ``data``: how the catalogue is read (``catalog_format``, ``id_column``, ``coord_columns``,
     ``keep_columns``; its URLs are not used). The cutouts are read in the training store's profile;
@@ -734,6 +757,10 @@ def summary_json(result: ScoreResult, wall_s: float) -> dict[str, Any]:
     inputs = result.inputs
     return {
         "checkpoint": inputs.checkpoint_url,
+        "members": None
+        if inputs.ensemble is None
+        else [{"name": m.name, "checkpoint": m.checkpoint} for m in inputs.ensemble.members],
+        "ensemble_source": None if inputs.ensemble is None else inputs.ensemble.source,
         "images": inputs.images_url,
         "catalog": inputs.catalog_url,
         "tta": result.tta,
@@ -774,7 +801,7 @@ def _parts_json(parts: PartPlan) -> dict[str, Any]:
 
 def _shown_columns(top: pd.DataFrame) -> list[str]:
     """The candidate columns a summary shows: rank, id, score and, when the catalogue gave them, ra and dec."""
-    return [name for name in ("rank", "id", "score", "ra", "dec") if name in top.columns]
+    return [name for name in ("rank", "id", "score", "score_std", "ra", "dec") if name in top.columns]
 
 
 def candidate_gallery_html(result: ScoreResult) -> str:
@@ -783,7 +810,8 @@ def candidate_gallery_html(result: ScoreResult) -> str:
 
     inputs, top, rejects = result.inputs, result.top, result.rejects
     prepared, esc = inputs.prepared, html.escape
-    captions = [f"#{r.rank} ID {r.id}\nscore {r.score:.4f}" for r in top.itertuples()]
+    spread = ["" if getattr(r, "score_std", None) is None else f" +- {r.score_std:.4f}" for r in top.itertuples()]
+    captions = [f"#{r.rank} ID {r.id}\nscore {r.score:.4f}{s}" for r, s in zip(top.itertuples(), spread, strict=True)]
     picture = gallery_png(result.gallery_images, captions, prepared.bands, per_row=max(1, 12 // len(prepared.bands)))
     blocks = [
         f"<p>Checkpoint <code>{esc(inputs.checkpoint_url)}</code>; catalogue <code>{esc(inputs.catalog_url)}</code>; "
