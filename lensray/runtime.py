@@ -57,6 +57,9 @@ def _hide_ray_notices() -> None:
         if not any(isinstance(f, _RayNotices) for f in logger.filters):
             logger.addFilter(_RayNotices())
     # Ray Data's per-dataset "Starting execution" / "Execution plan" lines: lensray shows its own progress.
+    # Importing ray.data configures its loggers (level INFO), so it is imported before the level is set.
+    import ray.data  # noqa: F401
+
     logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose() else logging.WARNING)
 
 

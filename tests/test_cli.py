@@ -198,6 +198,17 @@ def test_verbose_shows_the_traceback_and_quiet_or_verbose_go_before_or_after_the
         logging.getLogger("lensray").setLevel(logging.NOTSET)
 
 
+def test_ray_data_execution_lines_stay_hidden_without_verbose() -> None:
+    """Importing ray.data (which Ray Data jobs do after Ray starts) resets its loggers to INFO: its
+    'Starting execution' lines then filled every `lensray preprocess` and `score` output."""
+    probe = (
+        "import logging; from lensray import runtime; runtime._hide_ray_notices(); import ray.data; "
+        "print(logging.getLogger('ray.data').getEffectiveLevel())"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert int(done.stdout.split()[-1]) >= logging.WARNING, done.stderr
+
+
 def test_errors_from_ray_tasks_are_unwrapped_to_the_lensray_error(ray_cluster: None) -> None:
     import ray
 
