@@ -13,7 +13,7 @@ import pytest
 from tiny_run import tiny_run_config
 
 from lensray import storage
-from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
+from lensray.config import DataConfig, PreprocessConfig, SimulateConfig, load_config
 from lensray.evaluate.score import score_catalog
 from lensray.grade.images import COMPOSITE
 from lensray.grade.server import grading_session
@@ -52,6 +52,8 @@ def test_profile_simulate_ingest_train_score(name: str, tmp_path: Path, ray_clus
     assert store.read(np.arange(N)).shape == (N, len(profile.bands), CROP[name] // 2, CROP[name] // 2)
 
     run = train(tiny_run_config(store_url, tmp_path / "runs", name))
+    saved = load_config(Path(run.run_url) / "config.yaml")  # the run says what its network takes
+    assert saved.data.profile == profile and saved.data.bands == profile.band_names
     out = str(tmp_path / "candidates.parquet")
     summary = score_catalog(run.best_checkpoint, raw, catalog, out, device="cpu", gallery=4, data=data)
 

@@ -736,7 +736,8 @@ def train(config: LensrayConfig, *, resume: bool = False) -> TrainOutcome:
     epoch on the ``lensray`` logger (INFO). Ctrl-C raises ``Interrupted`` with the resume command."""
     import ray.train
 
-    name, run_url = _check_run(config, resume)
+    name, run_url, stores = _check_run(config, resume)
+    config = with_store_layout(config, stores[0])
     try:
         ensure_ray()
         resume_from = announce_resume(name, run_url, config.train.num_to_keep) if resume else None
@@ -829,13 +830,24 @@ def _history(run_url: str) -> list[dict[str, Any]]:
         return []
 
 
-def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
-    """The run's name and URL, after checking the store and that the run exists exactly when ``resume``."""
+def with_store_layout(config: LensrayConfig, store: LensStore) -> LensrayConfig:
+    """``config`` with the survey profile and bands of the store it trains on, so that the run's saved
+    config says what the network takes (the flags of `lensray train` name only the store)."""
+    bands = store.meta.get("bands")
+    if not bands or not set(bands) <= set(store.profile.band_names):  # a store not written by `preprocess`
+        return config
+    data = config.data.model_copy(update={"profile": store.profile, "bands": tuple(bands)})
+    return config.model_copy(update={"data": data})
+
+
+def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str, list[LensStore]]:
+    """The run's name, URL and stores, after checking the stores and that the run exists exactly when ``resume``."""
     if resume and config.train.name is None:
         raise TrainError("--resume needs the run's name (train.name / --name)")
     # Fail fast on a wrong URL, an unfinished or unlabelled store, stores that do not go together, a
     # network that does not fit train.init_from or train.freeze.
-    for store in check_training(config):
+    stores = check_training(config)
+    for store in stores:
         if len(store.indices("val")) < 2:
             raise TrainError(f"{store.url}: the validation split is too small to compute AUC")
     name = run_name(config)
@@ -845,7 +857,7 @@ def _check_run(config: LensrayConfig, resume: bool) -> tuple[str, str]:
         raise TrainError(f"{run_url} already exists: pass --resume to continue it, or choose another --name")
     if resume and not exists:
         raise TrainError(f"nothing to resume at {run_url}")
-    return name, run_url
+    return name, run_url, list(stores)
 
 
 def _run_exists(run_url: str) -> bool:
