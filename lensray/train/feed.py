@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -411,7 +411,44 @@ def _take_all(images: _Images, batches: Iterator[np.ndarray]) -> Iterator[tuple[
             yield done, future.result()
 
 
-class WorkerFeed:
+class _EpochFeed:
+    """What both training feeds share: the epoch, the step count and the per-sample augmentation, seeded
+    from (``train.seed``, epoch, rank). Subclasses set ``sampler``, ``seed``, ``rank``, ``augment``, ``jitter``
+    and ``pin_memory``."""
+
+    sampler: Any
+    seed: int
+    rank: int
+    epoch: int
+    augment: Augment
+    jitter: Jitter
+    pin_memory: bool
+
+    @property
+    def steps(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _augmented(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        images = augment(images, self.augment, generator, dtype=torch.float32)
+        return apply_jitter(images, self.jitter, generator) if self.jitter.active else images
+
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(
+            int(_rng(self.seed, self.epoch, self.rank, _AUGMENT_STREAM).integers(2**62))
+        )
+
+    def _pinned(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+
+
+class WorkerFeed(_EpochFeed):
     """One worker's training batches: ``(images float32 (B, C, H, W), labels float32 (B,))``.
 
     The rank's share is a contiguous block of the split's labelled rows (``shard_bounds``);
@@ -452,30 +489,12 @@ class WorkerFeed:
         self.mode = choose_feed(train.feed, share_bytes, local_world_size=local_world_size, ram_fraction=ram_fraction)
         self.images = _Images(self.store, share_rows, self.mode)
 
-    @property
-    def steps(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.steps
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(
-            int(_rng(self.seed, self.epoch, self.rank, _AUGMENT_STREAM).integers(2**62))
-        )
+        generator = self._generator()
         local_batches = (positions - self._offset for positions in self.sampler)
         for local, images in _take_all(self.images, local_batches):
-            images = augment(images, self.augment, generator, dtype=torch.float32)
-            if self.jitter.active:
-                images = apply_jitter(images, self.jitter, generator)
             labels = torch.from_numpy(self.labels[local + self._offset].astype(np.float32))
-            if self.pin_memory:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+            yield self._pinned(self._augmented(images, generator), labels)
 
 
 # --- several stores at once (data.stores) ------------------------------------------------------
@@ -567,7 +586,7 @@ class _MixedImages:
         return out
 
 
-class MixedFeed:
+class MixedFeed(_EpochFeed):
     """One worker's training batches from several stores (``data.stores``), like ``WorkerFeed``: each
     sample from store k with probability weight_k (``MixedBatchSampler``), the rank's share of every
     store's labelled rows in RAM or streamed (decided once for all shares together), the same
@@ -619,33 +638,14 @@ class MixedFeed:
             [_Images(store, r, self.mode) for store, r in zip(self.stores, share_rows, strict=True)]
         )
 
-    @property
-    def steps(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.steps
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        generator = torch.Generator().manual_seed(
-            int(_rng(self.seed, self.epoch, self.rank, _AUGMENT_STREAM).integers(2**62))
-        )
+        generator = self._generator()
         offsets = np.asarray(self._offsets)
         local_batches = ((stores, positions - offsets[stores]) for stores, positions in self.sampler)
         for (stores, local), images in _take_all(self.images, local_batches):
-            images = augment(images, self.augment, generator, dtype=torch.float32)
-            if self.jitter.active:
-                images = apply_jitter(images, self.jitter, generator)
             positions = local + offsets[stores]
             labels = np.array([self.labels[k][p] for k, p in zip(stores, positions, strict=True)], dtype=np.float32)
-            labels = torch.from_numpy(labels)
-            if self.pin_memory:
-                images, labels = images.pin_memory(), labels.pin_memory()
-            yield images, labels
+            yield self._pinned(self._augmented(images, generator), torch.from_numpy(labels))
 
 
 def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
