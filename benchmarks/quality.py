@@ -49,6 +49,7 @@ from sklearn.metrics import roc_auc_score
 
 from lensray.errors import LensrayError
 from lensray.ingest.store import LensStore
+from lensray.runs import HISTORY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTED_FIRST_ID = 900001  # shifted IDs never collide with the training set's (from 200001)
@@ -169,6 +170,8 @@ def train(
     if not timing.exists():
         started = time.perf_counter()
         steps = ["--steps-per-epoch", str(plan.steps_per_epoch)] if plan.steps_per_epoch else []
+        # A run killed after an epoch is continued (then the time counts from the resume only).
+        resume = ["--resume"] if (run / HISTORY_FILE).exists() else []
         lensray(
             "train",
             "--config",
@@ -186,6 +189,7 @@ def train(
             plan.device,
             "--set",
             f"train.seed={seed}",
+            *resume,
             *(arg for override in sets for arg in ("--set", override)),
         )
         timing.write_text(f"{time.perf_counter() - started:.1f}\n")
@@ -367,10 +371,9 @@ def ablation_markdown(rows: list[AblationRow]) -> str:
     formats = {"own_auc": ".3f", "shifted_auc": ".3f", "shifted_tpr10": ".2f", "gap": "+.3f", "train_min": ".1f"}
     for row in rows:
         summary = row.summary()
-        seeds = ",".join(str(int(run["seed"])) for run in row.runs) + (
-            f" ({len(row.failed)} failed)" if row.failed else ""
-        )
-        cells = [row.factor, row.setting, seeds or "-"]
+        seeds = ",".join(str(int(run["seed"])) for run in row.runs) or "-"
+        seeds += f" ({len(row.failed)} failed)" if row.failed else ""
+        cells = [row.factor, row.setting, seeds]
         for key, fmt in formats.items():
             if key not in summary:
                 cells.append("-")
