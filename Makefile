@@ -38,7 +38,9 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do [ $$b = benchmarks/quality.py ] || $(BIN)/python $$b || exit 1; done
 
 # `make quality`: own test vs a shifted simulation the model never saw (benchmarks/quality.py; README "Quality").
-# QUALITY_ARGS="--quick" runs the whole chain in minutes; "--full --gpu" at 4x200x200 on a CUDA machine.
+# QUALITY_ARGS="--quick" runs the whole chain in minutes; "--full --gpu" at 4x200x200 on a CUDA machine;
+# "--ablate" the ablation table (ablation.md: one change per row against LASTRO/challenge, seeds 0 1), and
+# "--ablate --quick" that chain on a small set.
 QUALITY_ARGS ?=
 quality: $(STAMP)
 	$(BIN)/python benchmarks/quality.py $(QUALITY_ARGS)

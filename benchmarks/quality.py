@@ -21,6 +21,16 @@ AUC >= 0.95, TPR10 >= 0.5 under ``challenge``, own minus shifted AUC <= 0.02.
                                  [--nets lastro] [--rules challenge paper] [--seeds 0]
     python benchmarks/quality.py --quick          # a few minutes: the whole chain on a small set
     python benchmarks/quality.py --full --gpu     # 4x200x200 on a CUDA machine
+    python benchmarks/quality.py --ablate [--quick] [--seeds 0 1]
+
+``--ablate`` writes ``ablation.md`` / ``ablation.json`` instead (issue 14's ablations): fixed rows, each one
+change against the baseline (LASTRO ``configs/lastro.yaml``, challenge rule, asinh, all bands, D4, randomised
+training data, the full ``--n-train``): input mode clip, VIS only, no augmentation, D4 + shift/flux/noise
+jitter, the classic (not randomised) training set, resnet / twobranch / vit, the first third of the IDs
+(``preprocess --limit``), the paper rule. Every row runs for every seed (default 0 1) and is judged on its
+own test split and the shifted set; one line per row gives the mean and min..max over seeds. Stores and runs
+are shared where rows coincide (the baseline's store serves every row that only changes training) and with
+the plain benchmark's (same names), so finished steps are skipped on a rerun.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from sklearn.metrics import roc_auc_score
 
 from lensray.errors import LensrayError
 from lensray.ingest.store import LensStore
+from lensray.runs import HISTORY_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTED_FIRST_ID = 900001  # shifted IDs never collide with the training set's (from 200001)
@@ -56,6 +67,7 @@ class Plan:
     steps_per_epoch: int | None
     full: bool
     device: str
+    ablate: bool = False
     data_seed: int = 2026
 
     @property
@@ -86,30 +98,40 @@ def lensray(*args: str) -> None:
 
 
 def simulate(plan: Plan) -> tuple[Path, Path]:
-    own, shifted = plan.out / "data_randomised", plan.out / "data_shifted"
-    for root, preset, n, seed, first in (
-        (own, "randomised", plan.n_train, plan.data_seed, 200001),
-        (shifted, "shifted", plan.n_shifted, plan.data_seed + 1, SHIFTED_FIRST_ID),
-    ):
-        if not (root / "truth.csv").exists():
-            lensray(
-                "simulate",
-                "--out",
-                str(root),
-                "--n",
-                str(n),
-                "--seed",
-                str(seed),
-                "--preset",
-                preset,
-                "--set",
-                f"simulate.first_id={first}",
-            )
-    return own, shifted
+    return simulate_set(plan, "randomised"), simulate_set(plan, "shifted")
 
 
-def preprocess(plan: Plan, data: Path, rule: str, name: str, evaluation_only: bool) -> Path:
-    store = plan.out / f"store_{name}_{rule}.zarr"
+def simulate_set(plan: Plan, preset: str) -> Path:
+    """One simulated set: ``randomised`` (training), ``shifted`` (evaluation only) or ``classic`` (the
+    randomisation ablation: the training set's size, seed and IDs, without domain randomisation)."""
+    n, seed, first = {
+        "randomised": (plan.n_train, plan.data_seed, 200001),
+        "classic": (plan.n_train, plan.data_seed, 200001),
+        "shifted": (plan.n_shifted, plan.data_seed + 1, SHIFTED_FIRST_ID),
+    }[preset]
+    root = plan.out / f"data_{preset}"
+    if not (root / "truth.csv").exists():
+        lensray(
+            "simulate",
+            "--out",
+            str(root),
+            "--n",
+            str(n),
+            "--seed",
+            str(seed),
+            "--preset",
+            preset,
+            "--set",
+            f"simulate.first_id={first}",
+        )
+    return root
+
+
+def preprocess(
+    plan: Plan, data: Path, rule: str, name: str, evaluation_only: bool, extra: tuple[str, ...] = (), tag: str = ""
+) -> Path:
+    """A store of ``data`` under ``rule``; ``extra`` preprocess arguments make a variant named by ``tag``."""
+    store = plan.out / f"store_{name}_{rule}{'_' + tag if tag else ''}.zarr"
     if not _store_finished(store):  # preprocess itself skips the shards a killed run finished
         # The shifted set is for evaluation only: nearly all of it is "test"; a small "val" split stays
         # because the report's validation-chosen threshold is read from it.
@@ -126,6 +148,7 @@ def preprocess(plan: Plan, data: Path, rule: str, name: str, evaluation_only: bo
             rule,
             *plan.geometry,
             *(splits if evaluation_only else []),
+            *extra,
         )
     return store
 
@@ -137,13 +160,18 @@ def _store_finished(store: Path) -> bool:
         return False
 
 
-def train(plan: Plan, net: str, rule: str, seed: int, store: Path) -> tuple[Path, float]:
-    name = f"{net}-{rule}-seed{seed}"
+def train(
+    plan: Plan, net: str, rule: str, seed: int, store: Path, tag: str = "", sets: tuple[str, ...] = ()
+) -> tuple[Path, float]:
+    """One run of ``configs/<net>.yaml``; ``sets`` are extra ``--set`` overrides, named in the run by ``tag``."""
+    name = f"{net}-{rule}{'-' + tag if tag else ''}-seed{seed}"
     run = plan.out / "runs" / name
     timing = run / "quality_train_s.txt"
     if not timing.exists():
         started = time.perf_counter()
         steps = ["--steps-per-epoch", str(plan.steps_per_epoch)] if plan.steps_per_epoch else []
+        # A run killed after an epoch is continued (then the time counts from the resume only).
+        resume = ["--resume"] if (run / HISTORY_FILE).exists() else []
         lensray(
             "train",
             "--config",
@@ -161,6 +189,8 @@ def train(plan: Plan, net: str, rule: str, seed: int, store: Path) -> tuple[Path
             plan.device,
             "--set",
             f"train.seed={seed}",
+            *resume,
+            *(arg for override in sets for arg in ("--set", override)),
         )
         timing.write_text(f"{time.perf_counter() - started:.1f}\n")
     return run, float(timing.read_text())
@@ -232,6 +262,141 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- Ablations (``--ablate``): one change per row against the baseline, every row for every seed --------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: the baseline (LASTRO, ``configs/lastro.yaml``, challenge rule, asinh, all bands, D4,
+    randomised training data, the full ``--n-train``) with a single change."""
+
+    factor: str
+    setting: str
+    net: str = "lastro"
+    rule: str = "challenge"
+    data: str = "randomised"  # preset of the training set; the shifted set is the same for every row
+    store_args: tuple[str, ...] = ()  # preprocess arguments for the training AND the shifted store
+    store_tag: str = ""
+    subset: bool = False  # train on the first n_train // 3 IDs (``preprocess --limit``)
+    train_sets: tuple[str, ...] = ()  # extra ``train --set`` overrides
+    run_tag: str = ""
+
+
+ABLATIONS = (
+    Variant("baseline", "lastro, challenge, asinh, all bands, d4, randomised, full n"),
+    Variant("input mode", "clip", store_args=("--set", "preprocess.mode=clip"), store_tag="clip"),
+    Variant("bands", "VIS only", store_args=("--bands", "VIS"), store_tag="vis"),
+    Variant("augmentation", "none", train_sets=("train.augment=none",), run_tag="noaug"),
+    Variant(
+        "augmentation",
+        "d4 + shift 1 px, flux 0.1, noise 0.05",
+        train_sets=("train.shift_px=1", "train.flux_jitter=0.1", "train.noise_jitter=0.05"),
+        run_tag="jitter",
+    ),
+    Variant("randomisation", "off (classic preset, same n and seed)", data="classic"),
+    Variant("network", "resnet", net="resnet"),
+    Variant("network", "twobranch", net="twobranch"),
+    Variant("network", "vit", net="vit"),
+    Variant("training-set size", "first 1/3 of the IDs", subset=True),
+    Variant("label rule", "paper", rule="paper"),
+)
+
+
+@dataclass
+class AblationRow:
+    factor: str
+    setting: str
+    runs: list[dict[str, float]] = field(default_factory=list)  # per seed: seed, train_min, own_auc, ...
+    failed: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Mean, min and max over the finished seeds of each figure."""
+        keys = ("own_auc", "shifted_auc", "shifted_tpr10", "gap", "train_min")
+        values = {k: np.array([run[k] for run in self.runs], dtype=float) for k in keys}
+        return {k: {"mean": v.mean(), "min": v.min(), "max": v.max()} for k, v in values.items() if v.size}
+
+
+def measure_variant(plan: Plan, variant: Variant, seed: int) -> dict[str, float]:
+    """Train one seed of a row; evaluate it on its own test split and on the shifted set."""
+    own_data, shifted_data = simulate_set(plan, variant.data), simulate_set(plan, "shifted")
+    store_kw = {"extra": variant.store_args, "tag": variant.store_tag}
+    full_store = preprocess(plan, own_data, variant.rule, variant.data, evaluation_only=False, **store_kw)
+    shifted_store = preprocess(plan, shifted_data, variant.rule, "shifted", evaluation_only=True, **store_kw)
+    train_store, subset_tag = full_store, ""
+    if variant.subset:
+        # Splits are a hash of (seed, ID), so the subset's training IDs are training IDs of the full store
+        # too: the run is judged on the full store's test split, the same one as the baseline's.
+        n = max(plan.n_train // 3, 1)
+        subset_tag = f"first{n}"
+        train_store = preprocess(plan, own_data, variant.rule, variant.data, False, ("--limit", str(n)), subset_tag)
+    tag = "-".join(
+        t
+        for t in (variant.data if variant.data != "randomised" else "", variant.store_tag, subset_tag, variant.run_tag)
+        if t
+    )
+    run, train_s = train(plan, variant.net, variant.rule, seed, train_store, tag, variant.train_sets)
+    own = headline(evaluate(plan, run, full_store, "own"))
+    shifted = headline(evaluate(plan, run, shifted_store, "shifted"))
+    return {
+        "seed": seed,
+        "train_min": train_s / 60,
+        "own_auc": own["auc"],
+        "own_tpr10": own["tpr10"],
+        "shifted_auc": shifted["auc"],
+        "shifted_tpr10": shifted["tpr10"],
+        "gap": own["auc"] - shifted["auc"],
+    }
+
+
+def ablate(plan: Plan) -> list[AblationRow]:
+    """Every row for every seed, the tables rewritten after each row (a long run can be read while it goes).
+    A failed command marks its row and seed and the next one starts; the exit status says so at the end."""
+    rows: list[AblationRow] = []
+    for variant in ABLATIONS:
+        row = AblationRow(variant.factor, variant.setting)
+        rows.append(row)
+        for seed in plan.seeds:
+            try:
+                row.runs.append(measure_variant(plan, variant, seed))
+            except subprocess.CalledProcessError as exc:
+                print(f"ablation {variant.factor}: {variant.setting}, seed {seed} failed: {exc}", flush=True)
+                row.failed.append(f"seed {seed}: {exc}")
+        write_ablation(plan, rows)
+    return rows
+
+
+def ablation_markdown(rows: list[AblationRow]) -> str:
+    head = ["factor", "setting", "seeds", "own AUC", "shifted AUC", "shifted TPR10", "gap", "train min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    formats = {"own_auc": ".3f", "shifted_auc": ".3f", "shifted_tpr10": ".2f", "gap": "+.3f", "train_min": ".1f"}
+    for row in rows:
+        summary = row.summary()
+        seeds = ",".join(str(int(run["seed"])) for run in row.runs) or "-"
+        seeds += f" ({len(row.failed)} failed)" if row.failed else ""
+        cells = [row.factor, row.setting, seeds]
+        for key, fmt in formats.items():
+            if key not in summary:
+                cells.append("-")
+                continue
+            s = summary[key]
+            spread = f" ({s['min']:{fmt}}..{s['max']:{fmt}})" if len(row.runs) > 1 else ""
+            cells.append(f"{s['mean']:{fmt}}{spread}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = "Mean over seeds (min..max); gap = own AUC - shifted AUC; own test of the size row: the full store's.\n"
+    return "\n".join(lines) + "\n\n" + note
+
+
+def write_ablation(plan: Plan, rows: list[AblationRow]) -> str:
+    table = ablation_markdown(rows)
+    (plan.out / "ablation.md").write_text(table)
+    record = {
+        "plan": {k: str(v) for k, v in asdict(plan).items()},
+        "rows": [asdict(r) | {"summary": r.summary()} for r in rows],
+    }
+    (plan.out / "ablation.json").write_text(json.dumps(record, indent=1))
+    return table
+
+
 def parse(argv: list[str] | None = None) -> Plan:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="quality_output")
@@ -239,13 +404,21 @@ def parse(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--n-shifted", type=int, default=4000)
     parser.add_argument("--nets", nargs="+", default=["lastro"])
     parser.add_argument("--rules", nargs="+", default=["challenge", "paper"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, help="default 0; 0 1 with --ablate")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--steps-per-epoch", type=int, default=150)
     parser.add_argument("--quick", action="store_true", help="a small set and a short run (minutes)")
     parser.add_argument("--full", action="store_true", help="4x200x200 instead of the CPU geometry 4x50x50")
     parser.add_argument("--gpu", action="store_true", help="train and evaluate on CUDA")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="the ablation table (ablation.md/.json): fixed rows against the LASTRO/challenge baseline; "
+        "--nets and --rules are not used",
+    )
     a = parser.parse_args(argv)
+    if a.seeds is None:
+        a.seeds = [0, 1] if a.ablate else [0]
     if a.quick:
         a.n_train, a.n_shifted, a.epochs, a.steps_per_epoch, a.rules = 800, 300, 4, 20, ["challenge"]
     return Plan(
@@ -259,12 +432,18 @@ def parse(argv: list[str] | None = None) -> Plan:
         a.steps_per_epoch,
         a.full,
         "cuda" if a.gpu else "cpu",
+        ablate=a.ablate,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     plan = parse(argv)
     plan.out.mkdir(parents=True, exist_ok=True)
+    if plan.ablate:
+        ablation = ablate(plan)
+        print("\n" + write_ablation(plan, ablation))
+        print(f"written: {plan.out / 'ablation.md'}, {plan.out / 'ablation.json'}")
+        return 1 if any(row.failed for row in ablation) else 0
     rows = measure(plan)
     table = markdown(rows)
     (plan.out / "quality.md").write_text(table)
