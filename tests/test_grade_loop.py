@@ -136,3 +136,17 @@ def test_the_command_prints_the_purity_per_round(
     assert main(["report-loop", *map(str, rounds), "--out", str(tmp_path / "out"), "--top", "4", "--truth", truth]) == 0
     printed = capsys.readouterr().out
     assert "round0: graded 4, fresh 50 %" in printed and "round1: graded 4, fresh 75 %, true fresh 75 %" in printed
+
+
+def test_a_round_not_graded_yet_has_no_graded_purity_but_its_true_one(rounds: list[Path], tmp_path: Path) -> None:
+    latest = tmp_path / "round2"
+    latest.mkdir()
+    order = [9, 5, 1, 2, 7, 3, 4, 6, 8, 10, 11, 12]
+    pd.DataFrame({"id": order, "score": np.linspace(0.9, 0.1, 12)}).to_parquet(latest / "candidates.parquet")
+    report = loop_report(
+        [*map(str, rounds), str(latest)], str(tmp_path / "out"), top=2, truth_url=str(tmp_path / "truth.csv")
+    )
+    row = report.rounds[2]
+    assert (row["graded"], row["graded_fresh"], row["graded_purity_fresh"]) == (0, 0, None)
+    assert row["true_purity_top"] == 1.0  # 9 and 5, both lenses (ranked by score: the file has no rank)
+    assert row["true_purity_fresh"] == 0.0  # every lens was graded before: the fresh top 2 are 8 and 10

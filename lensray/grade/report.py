@@ -240,7 +240,8 @@ def purity_png(report: LoopReport) -> bytes:
         values = [row.get(key) for row in report.rounds]
         if any(value is not None for value in values):
             plotted = [np.nan if value is None else value for value in values]
-            axes.plot(names, plotted, marker="o", label=key.replace("_", " "))
+            style = "--" if key.startswith("true") else "-"  # truth dashed: it often lies on the graded line
+            axes.plot(names, plotted, style, marker="o", label=key.replace("_", " "))
     axes.set_ylim(0, 1.02)
     axes.set_xlabel("round")
     axes.set_ylabel(f"purity in the top {report.top}")
