@@ -98,7 +98,21 @@ def _resolve(args: argparse.Namespace, flags: Sequence[Flag]) -> LensrayConfig:
 
 
 # Arguments that hold a path or URL; the config's own (PATH_KEYS) are resolved when it is loaded.
-PATH_ARGS = ("config", "run", "runs", "members", "from_search", "out", "store", "url", "images", "catalog", "storage")
+PATH_ARGS = (
+    "config",
+    "run",
+    "runs",
+    "members",
+    "from_search",
+    "out",
+    "store",
+    "url",
+    "images",
+    "catalog",
+    "storage",
+    "rounds",
+    "truth",
+)
 
 
 def resolve_paths(args: argparse.Namespace) -> argparse.Namespace:
@@ -524,6 +538,13 @@ def cmd_grades_to_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report_loop(args: argparse.Namespace) -> int:
+    from lensray.grade.report import loop_report
+
+    print(loop_report(args.rounds, args.out, top=args.top, truth_url=args.truth, truth_column=args.truth_column))
+    return 0
+
+
 DEMO_FLAGS = (
     Flag("--n", "simulate.n", "number of simulated objects", int),
     Flag("--seed", "simulate.seed", "random seed", int),
@@ -639,6 +660,17 @@ HELP = {  # subcommand: (one-line help, description, examples)
         "lensray grades-to-catalog grades.parquet --out labels.parquet\n"
         "lensray preprocess --catalog labels.parquet --label-column label --images raw/ --out graded.zarr",
     ),
+    "report-loop": (
+        "the discovery loop's rounds: purity in the top N per round, how the ranking changed",
+        "Report on the rounds of a discovery loop, oldest first. Each ROUND folder holds that round's "
+        "candidates.parquet (lensray score --out ROUND/candidates.parquet) and, once graded, its grades.parquet "
+        "(lensray grade --out ROUND/grades.parquet). Per round: lenses (A/B) among the graded top N, both among "
+        "the first N not graded in an earlier round (fresh: the honest figure) and the whole top N; with --truth, "
+        "the true purities too; between rounds: top-N overlap, Spearman correlation, IDs that entered / left. "
+        "Writes report.md, report.json and purity.png into --out.",
+        "lensray report-loop round0 round1 round2 --out loop_report --top 100\n"
+        "lensray report-loop sim/round* --out loop_report --truth sim/survey/truth.csv",
+    ),
     "demo": (
         "run the whole chain on a small simulated set, locally",
         "Simulate, ingest, train, search, compare and evaluate on a small simulated set on a local Ray instance "
@@ -743,6 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_catalog.add_argument("grades", metavar="GRADES", help="a grades Parquet file (local or URL)")
     to_catalog.add_argument("--out", required=True, help="labelled catalogue Parquet (ID, label, ra, dec)")
     to_catalog.set_defaults(handler=cmd_grades_to_catalog)
+    _add_report_loop(_subparser(sub, "report-loop", common))
 
     demo = _subparser(sub, "demo", common)
     _add_flags(demo, DEMO_FLAGS)
@@ -848,6 +881,15 @@ def _add_grade(grade: argparse.ArgumentParser) -> None:
     )
     grade.add_argument("--open", action="store_true", help="open the page in the default browser")
     grade.set_defaults(handler=cmd_grade)
+
+
+def _add_report_loop(report: argparse.ArgumentParser) -> None:
+    report.add_argument("rounds", nargs="+", metavar="ROUND", help="round folders, oldest first (local or URLs)")
+    report.add_argument("--out", required=True, help="folder for report.md, report.json, purity.png")
+    report.add_argument("--top", type=int, default=100, help="N: purity in the top N (default 100)")
+    report.add_argument("--truth", help="CSV or Parquet table of ID and is_lens (e.g. a simulation's truth.csv)")
+    report.add_argument("--truth-column", default="is_lens", help="--truth's label column (default is_lens)")
+    report.set_defaults(handler=cmd_report_loop)
 
 
 def _add_export(export: argparse.ArgumentParser) -> None:

@@ -262,6 +262,7 @@ def test_every_subcommand_has_a_description_and_examples() -> None:
         "grade",
         "grade-merge",
         "grades-to-catalog",
+        "report-loop",
         "demo",
     }
     for name, sub in subcommands.items():
