@@ -23,7 +23,7 @@ LINTED := lensray tests tools benchmarks
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -ra -n $(TEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check $(LINTED)
