@@ -157,3 +157,9 @@ PROFILES: dict[str, SurveyProfile] = {
     ),
 }
 DEFAULT_PROFILE = "euclid_challenge"
+
+
+def recorded_profile(recorded: object | None) -> SurveyProfile:
+    """The profile a store, run, export or score summary recorded (its dumped mapping); a record made before
+    profiles existed, or of challenge cutouts, has none and means ``euclid_challenge``."""
+    return PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)

@@ -24,7 +24,7 @@ from lensray.evaluate.inference import checkpoint_input
 from lensray.ingest.preprocess import describe, output_shape, preprocess_cutouts
 from lensray.ingest.store import LensStore
 from lensray.models import build_model, input_pixel_scale
-from lensray.profiles import PROFILES, SurveyProfile
+from lensray.profiles import PROFILES, SurveyProfile, recorded_profile
 from lensray.sky.fits import CutoutError, read_cutout, read_cutouts
 
 RA0, DEC0 = 150.0, 2.0  # the stamps' centre
@@ -251,3 +251,11 @@ def test_a_run_scores_in_its_training_profile_and_refuses_another(tmp_path: Path
     assert profile == hsc and prepared.bands == hsc.band_names and prepared.preprocess.crop == 32
     with pytest.raises(ScoreError, match="trained on profile hsc .* not the requested profile euclid_challenge"):
         checkpoint_input(str(tmp_path), profile=PROFILES["euclid_challenge"])
+
+
+def test_a_record_without_a_profile_means_the_challenge_layout_and_a_dump_round_trips() -> None:
+    assert recorded_profile(None) == PROFILES["euclid_challenge"]
+    dumped = json.loads(json.dumps(PROFILES["hsc"].model_dump(mode="json")))
+    assert recorded_profile(dumped) == PROFILES["hsc"]
+    with pytest.raises(ValueError):
+        recorded_profile({"name": "broken", "bands": []})

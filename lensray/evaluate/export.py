@@ -38,7 +38,7 @@ from lensray.evaluate.inference import check_tta, checkpoint_input, predict_tta
 from lensray.ingest.preprocess import describe, output_shape, preprocess_cutouts
 from lensray.models import MODELS, build_model, describe_model, input_pixel_scale, model_section
 from lensray.models.inference import predict
-from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile, recorded_profile
 from lensray.runs import (
     CONFIG_FILE,
     TUNE_CONFIG_FILE,
@@ -217,8 +217,7 @@ def _input_contract(record: dict[str, Any], url: str) -> _Contract:
         bands = tuple(contract["bands"])
         channels, size, nan_policy = int(contract["channels"]), int(contract["size"]), contract["nan_policy"]
         preprocess = PreprocessConfig(**{key: contract["preprocess"][key] for key in PREPROCESS_KEYS})
-        recorded = contract.get("profile")
-        profile = PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+        profile = recorded_profile(contract.get("profile"))
     except (KeyError, TypeError, ValueError) as exc:  # ValidationError is a ValueError
         raise CheckpointError(f"{url}: no usable input contract ({type(exc).__name__}: {exc})") from None
     for band in bands:

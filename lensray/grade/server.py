@@ -26,7 +26,7 @@ from lensray.errors import GradeError
 from lensray.grade.candidates import Selection, read_candidates, score_summary, select, shown
 from lensray.grade.grades import GRADES, GradeBook, grade_record
 from lensray.grade.images import COMPOSITE, candidate_pngs
-from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile, recorded_profile
 from lensray.sky.fits import CutoutError
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,7 @@ def grading_session(
     grader = (grader if grader is not None else getpass.getuser()).strip()
     if not grader:
         raise GradeError("--grader cannot be empty")
-    recorded = summary.get("profile")  # scores of challenge cutouts record none
-    profile = PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+    profile = recorded_profile(summary.get("profile"))
     return GradingSession(
         select(candidates, order, top, random_low, seed),
         GradeBook(out),

@@ -73,7 +73,7 @@ from astropy.visualization import LogStretch
 
 from lensray.config import PreprocessConfig
 from lensray.errors import PreprocessError
-from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile, recorded_profile
 from lensray.sky.bands import VIS_PIXEL_SCALE, VIS_SIZE, stamp_problem
 from lensray.sky.fits import Cutout, Reject
 
@@ -413,8 +413,7 @@ def describe(
 
 def profile_of(transform: Mapping[str, Any] | None) -> SurveyProfile:
     """The survey profile a recorded transform was made for (a record without one: ``euclid_challenge``)."""
-    recorded = (transform or {}).get("profile")
-    return PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+    return recorded_profile((transform or {}).get("profile"))
 
 
 def _check_band_order(band_order: Sequence[str], profile: SurveyProfile | None = None) -> tuple[str, ...]:

@@ -61,7 +61,7 @@ from zarr.storage import FsspecStore, LocalStore, WrapperStore
 from lensray import storage
 from lensray._version import __version__
 from lensray.errors import StorageError, StoreError, StoreIncompleteError, StoreMismatchError
-from lensray.profiles import DEFAULT_PROFILE, PROFILES, SurveyProfile
+from lensray.profiles import SurveyProfile, recorded_profile
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 LABELS: dict[int, str] = {1: "lens", 0: "non-lens", -1: "unlabelled"}
@@ -796,8 +796,7 @@ class LensStore:
     @property
     def profile(self) -> SurveyProfile:
         """The survey profile the store was ingested from (a store that recorded none: ``euclid_challenge``)."""
-        recorded = self.meta.get("profile")
-        return PROFILES[DEFAULT_PROFILE] if recorded is None else SurveyProfile.model_validate(recorded)
+        return recorded_profile(self.meta.get("profile"))
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
