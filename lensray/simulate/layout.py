@@ -118,6 +118,10 @@ def object_files(
     seed: int,
 ) -> dict[str, bytes]:
     """Relative path -> file bytes for every file of one object."""
+    # C order: astropy writes a non-C-contiguous array (resampled stamps come out Fortran-ordered) one pixel
+    # at a time; the bytes are the same either way.
+    images = {name: np.ascontiguousarray(image) for name, image in images.items()}
+    variances = {name: np.ascontiguousarray(variance) for name, variance in variances.items()}
     by_name = {band.name: band for band in bands}
     dither = 1 + int(object_id) % 10000  # astropy's dither seeds run 1..10000; 0 would read the clock
     out: dict[str, bytes] = {}
