@@ -14,24 +14,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for xdist's ``--dist loadgroup`` (``make test``), so each costly fixture is built once: the
-    tests that share the session's finished Tune search (``tune_search``, ~2 min) run on one worker, those
-    that share a module fixture with their file on one worker, and every other test goes wherever a worker
-    is free (a long file such as test_trainer.py would otherwise hold one worker for most of the run).
-    Without xdist the marks change nothing."""
-    for item in items:
-        fixtures = getattr(item, "_fixtureinfo", None)
-        definitions = fixtures.name2fixturedefs if fixtures is not None else {}
-        if "tune_search" in definitions:
-            group = "search"
-        elif any(defs and defs[-1].scope == "module" for defs in definitions.values()):
-            group = item.path.stem
-        else:
-            group = item.nodeid
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
