@@ -38,6 +38,9 @@ PREDICTIONS_FILE = "val_predictions.npz"
 MODEL_INPUT_FILE = "model_input.json"  # the input geometry the network was built for
 HISTORY_FILE = "history.json"
 EPOCH_FILE = "epoch.json"  # {"epoch": n}: a checkpoint's epoch without downloading its state.pt
+# Every file a checkpoint is read through. Ray uploads a checkpoint folder file by file in no set order, so
+# a folder missing one is still being uploaded, being deleted, or was cut off (an endpoint lost mid-upload).
+CHECKPOINT_FILES = frozenset({STATE_FILE, EPOCH_FILE, CONFIG_FILE, MODEL_INPUT_FILE})
 
 
 # --- the input contract of a checkpoint --------------------------------------------------------
@@ -134,7 +137,7 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
     The one rule behind ``train``'s outcome, ``evaluate``/``compare``/``score`` on a run folder and
     ``load_best``: epochs are ranked by ``metric`` in the run's ``history.json`` (``mode`` "max" or
     "min"); ties go to the earliest epoch; an epoch whose metric is NaN, None or missing never wins.
-    Only complete checkpoints count (a ``checkpoint_*`` folder with its ``state.pt`` and ``epoch.json``).
+    Only complete checkpoints count (a ``checkpoint_*`` folder with every one of ``CHECKPOINT_FILES``).
     When the best epoch's checkpoint is not kept (deleted by ``train.num_to_keep``, or never written because the run
     stopped first), the best epoch among the kept checkpoints is returned instead of failing;
     ``best_epoch`` then names the better epoch that is gone. CheckpointError (naming the URL) when
@@ -162,7 +165,7 @@ def best_checkpoint(run_url: str, metric: str = "val_auc", mode: str = "max") ->
         if epoch in kept:
             return BestCheckpoint(url=kept[epoch], metrics=rows[epoch], best_epoch=ranked[0])
     raise CheckpointError(
-        f"{run_url}: no complete checkpoint (checkpoint_*/{STATE_FILE} and {EPOCH_FILE}) of an epoch with a finite "
+        f"{run_url}: no complete checkpoint (checkpoint_* with {', '.join(sorted(CHECKPOINT_FILES))}) of an epoch with a finite "
         f"{metric}; checkpoints kept: epochs {sorted(kept)}"
     )
 
@@ -201,8 +204,8 @@ def complete_checkpoints(run_url: str) -> dict[int, str]:
     # Ray names folders by time, so sorting makes a newer folder win an epoch held twice (a worker
     # restart that went back one epoch): it matches the history.json that run rewrote.
     for name in sorted(files):
-        if not {STATE_FILE, EPOCH_FILE} <= files[name]:
-            continue  # still being uploaded, or being deleted
+        if not files[name] >= CHECKPOINT_FILES:
+            continue  # still being uploaded, being deleted, or cut off
         url = storage.join(run_url, name)
         epoch = _checkpoint_epoch(url)
         if epoch is not None:

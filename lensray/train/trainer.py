@@ -407,7 +407,7 @@ UNLOADABLE = (RuntimeError, EOFError, ValueError, KeyError, TypeError, FileNotFo
 
 def latest_state(run_url: str, note: Any = print) -> tuple[LoopState | None, str | None]:
     """The loop state and URL of the run's latest complete checkpoint that loads (lensray's record:
-    ``checkpoint_*`` folders with state.pt and epoch.json), passing over (with a ``note``) one that
+    ``checkpoint_*`` folders with every file of ``CHECKPOINT_FILES``), passing over (with a ``note``) one that
     does not; (None, None) for a run without one. Every rank reads the same folders, and nothing
     writes there while a worker group starts, so all ranks resume from the same epoch."""
     for epoch, url in sorted(complete_checkpoints(run_url).items(), reverse=True):
