@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from terminal import terminal_sigint
 
 from lensray import runtime, storage
 from lensray._version import __version__
@@ -230,20 +231,12 @@ def test_python_m_lensray_and_version() -> None:
     assert done.returncode == 0 and "usage: lensray" in done.stdout and "130 interrupted" in done.stdout
 
 
-def _terminal_sigint() -> None:
-    """In the child, before exec: SIGINT as a shell at a terminal hands it over (default, unblocked). A test
-    worker's own state must not leak in: a worker that ignores or blocks SIGINT (after some earlier test's
-    library) would make the child deaf to Ctrl-C, and this test hung once in CI for exactly that look."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
     fifo = tmp_path / "config.yaml"
     os.mkfifo(fifo)  # reading the config blocks until a writer comes: the command is waiting when Ctrl-C arrives
     command = [sys.executable, "-m", "lensray", "simulate", "--config", str(fifo), "--out", str(tmp_path / "raw")]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=_terminal_sigint
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, preexec_fn=terminal_sigint
     )
     deadline, writer = time.monotonic() + 60, None
     while writer is None and time.monotonic() < deadline:

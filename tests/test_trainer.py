@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from terminal import terminal_sigint
 
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
@@ -467,7 +468,11 @@ def test_ctrl_c_exits_130_with_the_command_that_resumes(
 ) -> None:
     runs = tmp_path / "runs"
     driver = subprocess.Popen(
-        _cli_train(tiny_store, runs, "ctrl-c"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cli_train(tiny_store, runs, "ctrl-c"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=terminal_sigint,
     )
     _stop_after_two_checkpoints(driver, str(runs / "ctrl-c"), signal.SIGINT)
     _, stderr = driver.communicate(timeout=120)
