@@ -23,7 +23,7 @@ from terminal import terminal_sigint
 from lensray import storage
 from lensray.config import LensrayConfig, load_config
 from lensray.ingest.store import LensStore
-from lensray.runs import complete_checkpoints
+from lensray.runs import CONFIG_FILE, MODEL_INPUT_FILE, complete_checkpoints
 from lensray.train.trainer import (
     PREDICTIONS_FILE,
     CheckpointError,
@@ -181,6 +181,7 @@ def test_keep_rule_the_latest_and_the_best(where: str, tmp_path: Path, request: 
     again = storage.join(run_url, "checkpoint_2025-01-01_00-01-00.000000")  # epoch 2 written again after a restart
     storage.write_bytes(storage.join(again, "state.pt"), storage.read_bytes(storage.join(urls[2], "state.pt")))
     storage.write_bytes(storage.join(again, "epoch.json"), json.dumps({"epoch": 2}).encode())
+    _write_contract_files(again)
     snapshot = storage.join(run_url, "checkpoint_manager_snapshot.json")  # Ray's, a file: not a checkpoint
     storage.write_bytes(snapshot, b"{}")
     deleted = prune_checkpoints(run_url, history, 2)
@@ -234,8 +235,9 @@ def test_checkpoints_on_s3(tiny_store: str, s3_bucket: str, ray_cluster: None) -
 
 
 def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str]) -> dict[int, str]:
-    """history.json plus one folder per epoch in ``checkpoints``: "new" (state.pt + epoch.json), or a folder
-    still being uploaded: "no-epoch" (state.pt, epoch.json not there yet) or "partial" (epoch.json, no state.pt)."""
+    """history.json plus one folder per epoch in ``checkpoints``: "new" (every file of ``CHECKPOINT_FILES``), or
+    a folder still being uploaded: "no-epoch" (no epoch.json yet), "partial" (no state.pt) or "no-input" (all
+    but model_input.json: an upload cut off by an outage)."""
     import torch
 
     storage.write_bytes(storage.join(run_url, "history.json"), json.dumps(history).encode())  # NaN as Python writes it
@@ -248,7 +250,15 @@ def _hand_made_run(run_url: str, history: list[dict], checkpoints: dict[int, str
             storage.write_bytes(storage.join(url, "state.pt"), buffer.getvalue())
         if kind != "no-epoch":
             storage.write_bytes(storage.join(url, "epoch.json"), json.dumps({"epoch": epoch}).encode())
+        _write_contract_files(url, model_input=kind != "no-input")
     return urls
+
+
+def _write_contract_files(url: str, model_input: bool = True) -> None:
+    """The checkpoint files best_checkpoint never reads but a complete checkpoint has (placeholders here)."""
+    storage.write_bytes(storage.join(url, CONFIG_FILE), b"{}\n")
+    if model_input:
+        storage.write_bytes(storage.join(url, MODEL_INPUT_FILE), b"{}")
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -257,15 +267,15 @@ def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(
 ) -> None:
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_bucket")
     run_url = storage.join(root, "runs", "hand")
-    aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8, 7: 0.99}
+    aucs = {1: 0.7, 2: 0.9, 3: math.nan, 4: 0.9, 5: None, 6: 0.8, 7: 0.99, 8: 0.995}
     history = [{"epoch": e, "val_auc": a, "val_loss": 1.0 - (a or 0.0)} for e, a in aucs.items()]
-    urls = _hand_made_run(
-        run_url, history, {1: "no-epoch", 2: "new", 3: "new", 4: "new", 5: "new", 6: "new", 7: "partial"}
-    )
+    kinds = {1: "no-epoch", 2: "new", 3: "new", 4: "new", 5: "new", 6: "new", 7: "partial", 8: "no-input"}
+    urls = _hand_made_run(run_url, history, kinds)
 
     best = best_checkpoint(run_url)
-    # 7 (0.99) has no state.pt yet; 2 and 4 tie at 0.9: the earliest wins; NaN and None never win.
-    assert (best.url, best.metrics, best.best_epoch) == (urls[2], history[1], 7)
+    # 8 (0.995) has no model_input.json, 7 (0.99) no state.pt yet; 2 and 4 tie at 0.9: the earliest wins;
+    # NaN and None never win.
+    assert (best.url, best.metrics, best.best_epoch) == (urls[2], history[1], 8)
     assert best_checkpoint(run_url + "/").url == urls[2]
     lowest = best_checkpoint(run_url, mode="min")
     assert lowest.url == urls[6] and lowest.metrics["epoch"] == 6, "1 (0.7) is incomplete: no epoch.json yet"
@@ -274,7 +284,7 @@ def test_best_checkpoint_tie_rule_nan_and_deleted_checkpoints(
     fs, _ = storage.arrow_filesystem(run_url)
     fs.delete_dir(storage.strip_scheme(urls[2]))  # the keep-N policy dropped the best epoch's checkpoint
     best = best_checkpoint(run_url)
-    assert (best.url, best.metrics["epoch"], best.best_epoch) == (urls[4], 4, 7)
+    assert (best.url, best.metrics["epoch"], best.best_epoch) == (urls[4], 4, 8)
     fs.delete_dir(storage.strip_scheme(urls[4]))
     assert best_checkpoint(run_url).url == urls[6]
 
