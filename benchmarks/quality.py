@@ -51,6 +51,7 @@ from sklearn.metrics import roc_auc_score
 from lensray.errors import LensrayError
 from lensray.ingest.store import LensStore
 from lensray.runs import HISTORY_FILE
+from lensray.sky.catalog import CATALOG_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFTED_FIRST_ID = 900001  # shifted IDs never collide with the training set's (from 200001)
@@ -143,7 +144,7 @@ def preprocess(
             "--images",
             str(data),
             "--catalog",
-            str(data / "image_catalog2.0train.csv"),
+            str(data / CATALOG_NAME),
             "--out",
             str(store),
             "--labels",
@@ -210,12 +211,17 @@ def headline(evaluation: Path) -> dict[str, float]:
     return {key: float(metrics[key]) for key in ("auc", "tpr0", "tpr10", "acc_at_validation")}
 
 
+def predictions(evaluation: Path) -> list[tuple[int, int, float]]:
+    """(ID, label, score) per object of an evaluation's ``predictions.csv``."""
+    with (evaluation / "predictions.csv").open(newline="") as handle:
+        return [(int(r["id"]), int(r["label"]), float(r["score"])) for r in csv.DictReader(handle)]
+
+
 def auc_by_kind(evaluation: Path, truth_csv: Path) -> dict[str, float]:
     """Per confuser kind: AUC of all lenses against the non-lenses of that kind (NaN when too few)."""
     with truth_csv.open(newline="") as handle:
         kinds = {int(row["ID"]): row["kind"] for row in csv.DictReader(handle)}
-    with (evaluation / "predictions.csv").open(newline="") as handle:
-        rows = [(int(r["id"]), int(r["label"]), float(r["score"])) for r in csv.DictReader(handle)]
+    rows = predictions(evaluation)
     lens_scores = [s for _, y, s in rows if y == 1]
     out: dict[str, float] = {}
     for kind in sorted({kinds.get(i, "?") for i, y, _ in rows if y == 0}):
@@ -233,7 +239,6 @@ LENS_BINS: dict[str, tuple[float, ...]] = {
     "theta_e": (0.0, 0.6, 1.0, 1.6, float("inf")),
     "n_pix_source": (0, 80, 200, 500, float("inf")),
 }
-CATALOGUE_NAME = "image_catalog2.0train.csv"
 
 
 def lens_properties(data: Path) -> dict[int, dict[str, float]]:
@@ -242,7 +247,7 @@ def lens_properties(data: Path) -> dict[int, dict[str, float]]:
     with (data / "truth.csv").open(newline="") as handle:
         for row in csv.DictReader(handle):
             out[int(row["ID"])] = {"theta_e": float(row["theta_e"])}
-    with (data / CATALOGUE_NAME).open(newline="") as handle:
+    with (data / CATALOG_NAME).open(newline="") as handle:
         for row in csv.DictReader(line for line in handle if not line.startswith("#")):
             out.setdefault(int(row["ID"]), {})["n_pix_source"] = float(row["n_pix_source"])
     return out
@@ -250,8 +255,7 @@ def lens_properties(data: Path) -> dict[int, dict[str, float]]:
 
 def auc_by_lens_bin(evaluation: Path, properties: dict[int, dict[str, float]]) -> dict[str, float]:
     """``"<property> <low>-<high>"`` -> AUC of the lenses in that bin against every non-lens (>= 5 lenses)."""
-    with (evaluation / "predictions.csv").open(newline="") as handle:
-        rows = [(int(r["id"]), int(r["label"]), float(r["score"])) for r in csv.DictReader(handle)]
+    rows = predictions(evaluation)
     negatives = [s for _, y, s in rows if y == 0]
     out: dict[str, float] = {}
     for name, edges in LENS_BINS.items():
