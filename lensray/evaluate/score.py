@@ -127,13 +127,11 @@ def score_prepared(
     return out
 
 
-def prepare_part(row: dict[str, Any], ids: list[Any], part_size: int, **prepare: Any) -> dict[str, Any]:
+def prepare_part(row: dict[str, Any], **prepare: Any) -> dict[str, Any]:
     """CPU stage of the GPU pipeline: one part's cutouts read and preprocessed (``prepare_batch``), for the
-    actors that only predict. ``ids``: ``[ObjectRef]`` of the catalogue's IDs, shared through the object store."""
-    import ray
-
+    actors that only predict. The row carries the part's IDs."""
     started = time.time()
-    part_ids = _part_ids(ray.get(ids[0]), int(row["part"]), part_size)
+    part_ids = np.asarray(row["ids"], dtype=np.int64)
     return {"part": int(row["part"]), "started": started, **prepare_batch({"id": part_ids}, **prepare)}
 
 
@@ -157,18 +155,14 @@ class PartScorer:
         tta: str | None,
         device: str,
         parts: PartPlan,
-        ids: list[Any],
         batch_size: int,
         prepare: dict[str, Any] | None = None,
         threads: int | None = None,
     ) -> None:
-        import ray
-
         if threads:
             torch.set_num_threads(threads)
         self.run = load_model(checkpoint_url, device=device)
         self.tta, self.parts, self.batch_size, self.prepare = tta, parts, batch_size, prepare
-        self.ids = ray.get(ids[0]) if prepare is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         part, cpu = int(batch["part"][0]), time.process_time()
@@ -178,7 +172,7 @@ class PartScorer:
             scored = score_prepared(self.run, prepared, self.tta, self.batch_size)
         else:
             started = time.time()
-            ids = _part_ids(self.ids, part, self.parts.part_size)
+            ids = np.asarray(batch["ids"][0], dtype=np.int64)
             chunks = [
                 score_prepared(
                     self.run,
@@ -446,8 +440,13 @@ def _scoring_dataset(
     actor per GPU predicts and writes them."""
     import ray
 
-    todo = [{"part": k} for k in range(plan.n_parts) if k not in plan.done]
-    ids = [ray.put(inputs.ids)]  # in a list: passed to the workers as a reference, fetched there once
+    # Each row carries its part's IDs: an object-store reference among the actors' arguments would make Ray
+    # warn that a restarted actor may not find it (ray-project/ray#53727).
+    todo = [
+        {"part": k, "ids": _part_ids(inputs.ids, k, plan.part_size).tolist()}
+        for k in range(plan.n_parts)
+        if k not in plan.done
+    ]
     prepare = {
         "images_url": inputs.images_url,
         "bands": inputs.prepared.bands,
@@ -455,14 +454,14 @@ def _scoring_dataset(
         "nan_policy": inputs.nan_policy,
         "profile": inputs.profile,
     }
-    scorer = {"checkpoint_url": inputs.model, "tta": tta, "device": device, "parts": plan, "ids": ids}
+    scorer = {"checkpoint_url": inputs.model, "tta": tta, "device": device, "parts": plan}
     scorer.update(batch_size=batch_size, threads=None if gpus else 1)
     dataset = ray.data.from_items(todo, override_num_blocks=len(todo))
     if split:
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) - (0 if gpus else actors))
         dataset = dataset.map(
             prepare_part,
-            fn_kwargs={"ids": ids, "part_size": plan.part_size, **prepare},
+            fn_kwargs=prepare,
             compute=ray.data.TaskPoolStrategy(size=min(cpus, len(todo))),
             num_cpus=1,
         )
