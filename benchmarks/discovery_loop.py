@@ -65,6 +65,8 @@ class Plan:
     weights: tuple[float, float]
     c_rate: float
     device: str
+    train_store: Path | None = None  # reuse a finished training store and ...
+    init_run: Path | None = None  # ... the network trained on it as round 0 (e.g. ``make quality``'s)
     data_seed: int = 2026
 
     @property
@@ -94,10 +96,10 @@ def lensray(*args: str) -> None:
 
 def simulate(plan: Plan, clock: Clock) -> tuple[Path, Path]:
     train_data, survey = plan.out / "data_train", plan.out / "data_survey"
-    for root, preset, n, seed, first, fraction in (
-        (train_data, "randomised", plan.n_train, plan.data_seed, 200001, 0.5),
-        (survey, plan.survey_preset, plan.n_survey, plan.data_seed + 1, SURVEY_FIRST_ID, plan.survey_lens_fraction),
-    ):
+    sets = [(survey, plan.survey_preset, plan.n_survey, plan.data_seed + 1, SURVEY_FIRST_ID, plan.survey_lens_fraction)]
+    if plan.init_run is None:
+        sets.insert(0, (train_data, "randomised", plan.n_train, plan.data_seed, 200001, 0.5))
+    for root, preset, n, seed, first, fraction in sets:
         if not (root / "truth.csv").exists():
             clock.run(
                 f"simulate {root.name}",
@@ -210,10 +212,12 @@ def finetune(plan: Plan, clock: Clock, k: int, run: Path, survey: Path, train_st
 def loop(plan: Plan) -> Path:
     clock = Clock(plan.out / "timings.json")
     train_data, survey = simulate(plan, clock)
-    train_store = preprocess(
-        plan, clock, plan.out / "store_train.zarr", train_data, train_data / "image_catalog2.0train.csv"
-    )
-    run = train(plan, clock, "round0", [train_store], "--epochs", str(plan.epochs))
+    if plan.init_run is not None and plan.train_store is not None:
+        train_store, run = plan.train_store, plan.init_run
+    else:
+        catalog = train_data / "image_catalog2.0train.csv"
+        train_store = preprocess(plan, clock, plan.out / "store_train.zarr", train_data, catalog)
+        run = train(plan, clock, "round0", [train_store], "--epochs", str(plan.epochs))
     truth = read_truth(survey)
     grades: list[Path] = []
     for k in range(plan.rounds):
@@ -248,7 +252,15 @@ def parse(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--weights", default="0.7,0.3", help="training store, graded store")
     parser.add_argument("--c-rate", type=float, default=0.05, help="share of grades made C (left out)")
     parser.add_argument("--gpu", action="store_true", help="train and score on CUDA")
+    parser.add_argument(
+        "--init-run", type=Path, help="round 0's network, already trained (skips simulating and training)"
+    )
+    parser.add_argument(
+        "--train-store", type=Path, help="the store --init-run was trained on (4x50x50: crop 100, bin 2)"
+    )
     a = parser.parse_args(argv)
+    if (a.init_run is None) != (a.train_store is None):
+        parser.error("--init-run and --train-store go together")
     first, second = (float(w) for w in a.weights.split(","))
     return Plan(
         Path(a.out).resolve(),
@@ -265,6 +277,8 @@ def parse(argv: list[str] | None = None) -> Plan:
         (first, second),
         a.c_rate,
         "cuda" if a.gpu else "cpu",
+        a.train_store.resolve() if a.train_store else None,
+        a.init_run.resolve() if a.init_run else None,
     )
 
 
