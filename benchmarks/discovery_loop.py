@@ -67,7 +67,13 @@ class Plan:
     device: str
     train_store: Path | None = None  # reuse a finished training store and ...
     init_run: Path | None = None  # ... the network trained on it as round 0 (e.g. ``make quality``'s)
+    control: bool = False  # also fine-tune without grades, the same steps, and compare the fresh purity
+    freeze: int = 0  # fine-tunes keep the network's first blocks fixed (``train --freeze``)
     data_seed: int = 2026
+
+    @property
+    def finetune_args(self) -> list[str]:
+        return ["--lr", str(self.finetune_lr), "--freeze", str(self.freeze), "--set", "train.sanity=false"]
 
     @property
     def geometry(self) -> list[str]:
@@ -144,11 +150,11 @@ def train(plan: Plan, clock: Clock, name: str, stores: list[Path], *extra: str) 
     return run
 
 
-def score(plan: Plan, clock: Clock, run: Path, survey: Path, round_dir: Path) -> Path:
-    candidates = round_dir / "candidates.parquet"
+def score(plan: Plan, clock: Clock, run: Path, survey: Path, round_dir: Path, name: str = "candidates") -> Path:
+    candidates = round_dir / f"{name}.parquet"
     if not candidates.exists():
         clock.run(
-            f"score {round_dir.name}",
+            f"score {round_dir.name}{'' if name == 'candidates' else ' ' + name}",
             *("score", "--run", str(run), "--images", str(survey)),
             *("--catalog", str(survey / "image_catalog2.0train.csv"), "--out", str(candidates)),
             *("--device", plan.device, "--gallery", "0"),
@@ -205,8 +211,37 @@ def finetune(plan: Plan, clock: Clock, k: int, run: Path, survey: Path, train_st
         f"round{k + 1}",
         [train_store, graded],
         *("--store-weights", weights, "--init-from", str(run), "--epochs", str(plan.finetune_epochs)),
-        *("--lr", str(plan.finetune_lr), "--set", "train.sanity=false"),
+        *plan.finetune_args,
     )
+
+
+def control(plan: Plan, clock: Clock, k: int, run: Path, train_store: Path) -> Path:
+    """Round k's control: the same fine-tune (epochs, steps, learning rate) from the previous control on the
+    training store alone, no grades: what the extra steps give without a person's grades."""
+    return train(
+        plan,
+        clock,
+        f"control{k}",
+        [train_store],
+        *("--init-from", str(run), "--epochs", str(plan.finetune_epochs)),
+        *plan.finetune_args,
+    )
+
+
+def fresh_purity(candidates: Path, earlier: set[int], truth: dict[int, bool], top: int) -> float:
+    """True purity of the first ``top`` candidates not graded in an earlier round."""
+    frame = pd.read_parquet(candidates, columns=["id", "score"])
+    fresh = frame[frame["score"].notna() & ~frame["id"].isin(list(earlier))].head(top)
+    return float(np.mean([truth[int(i)] for i in fresh["id"]]))
+
+
+def compare_control(plan: Plan, rows: list[dict[str, float | str]]) -> None:
+    (plan.out / "control.json").write_text(json.dumps(rows, indent=1))
+    for row in rows:
+        print(
+            f"{row['round']}: true purity of the fresh top {plan.top}: loop {row['loop']:.2f}, "
+            f"control (same steps, no grades) {row['control']:.2f}"
+        )
 
 
 def loop(plan: Plan) -> Path:
@@ -220,15 +255,24 @@ def loop(plan: Plan) -> Path:
         run = train(plan, clock, "round0", [train_store], "--epochs", str(plan.epochs))
     truth = read_truth(survey)
     grades: list[Path] = []
+    control_run, control_rows = run, []
     for k in range(plan.rounds):
         round_dir = plan.out / "rounds" / f"round{k}"
         round_dir.mkdir(parents=True, exist_ok=True)
         candidates = score(plan, clock, run, survey, round_dir)
+        earlier = graded_ids(grades)
+        if plan.control and k > 0:
+            control_run = control(plan, clock, k, control_run, train_store)
+            controlled = score(plan, clock, control_run, survey, round_dir, "control_candidates")
+            loop_purity, control_purity = (fresh_purity(p, earlier, truth, plan.top) for p in (candidates, controlled))
+            control_rows.append({"round": f"round{k}", "loop": loop_purity, "control": control_purity})
         grades.append(round_dir / "grades.parquet")
-        n = grade_from_truth(plan, candidates, truth, graded_ids(grades[:-1]), grades[-1])
+        n = grade_from_truth(plan, candidates, truth, earlier, grades[-1])
         print(f"round {k}: graded {n} candidates from truth -> {grades[-1]}", flush=True)
         if k + 1 < plan.rounds:
             run = finetune(plan, clock, k, run, survey, train_store, grades)
+    if control_rows:
+        compare_control(plan, control_rows)
     report = plan.out / "report"
     rounds = [str(path.parent) for path in grades]
     truth_csv = str(survey / "truth.csv")
@@ -252,6 +296,8 @@ def parse(argv: list[str] | None = None) -> Plan:
     parser.add_argument("--weights", default="0.7,0.3", help="training store, graded store")
     parser.add_argument("--c-rate", type=float, default=0.05, help="share of grades made C (left out)")
     parser.add_argument("--gpu", action="store_true", help="train and score on CUDA")
+    parser.add_argument("--control", action="store_true", help="also the same fine-tunes without grades")
+    parser.add_argument("--freeze", type=int, default=0, help="fine-tunes keep the first N blocks fixed")
     parser.add_argument(
         "--init-run", type=Path, help="round 0's network, already trained (skips simulating and training)"
     )
@@ -277,8 +323,10 @@ def parse(argv: list[str] | None = None) -> Plan:
         (first, second),
         a.c_rate,
         "cuda" if a.gpu else "cpu",
-        a.train_store.resolve() if a.train_store else None,
-        a.init_run.resolve() if a.init_run else None,
+        train_store=a.train_store.resolve() if a.train_store else None,
+        init_run=a.init_run.resolve() if a.init_run else None,
+        control=a.control,
+        freeze=a.freeze,
     )
 
 
