@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig, load_config
-from lensray.evaluate.score import PART_METADATA
+from lensray.evaluate.parts import PART_METADATA
 from lensray.ingest.ingest import ingest
 from lensray.ingest.preprocess import preprocess_cutouts
 from lensray.runs import load_run, model_input

@@ -22,8 +22,9 @@ from tiny_run import tiny_run_config
 from lensray import storage
 from lensray.cli import main
 from lensray.config import DataConfig, PreprocessConfig, SimulateConfig
-from lensray.errors import CheckpointError, EvaluateError, FeedError
-from lensray.evaluate.score import ScoreError, read_ids, score_catalog
+from lensray.errors import CheckpointError, EvaluateError, FeedError, ScoreError
+from lensray.evaluate.score import score_catalog
+from lensray.evaluate.score_inputs import read_ids
 from lensray.ingest.ingest import ingest
 from lensray.ingest.store import LensStore
 from lensray.runs import model_input
@@ -386,7 +387,8 @@ def test_a_killed_score_resumes_without_rescoring_finished_parts(
 
 def test_split_pipeline_scores_as_the_fused_one(raw: str, trained: tuple[str, str], tmp_path: Path) -> None:
     """The GPU layout (CPU tasks prepare, actors predict), run on CPUs: the same scores as one actor per CPU."""
-    from lensray.evaluate.score import compute_scores, prepare_scoring
+    from lensray.evaluate.score import compute_scores
+    from lensray.evaluate.score_inputs import prepare_scoring
 
     inputs = prepare_scoring(trained[0], raw, storage.join(raw, CATALOG_NAME))
     fused = compute_scores(inputs, str(tmp_path / "fused"), device="cpu", part_size=5, gallery=0)
