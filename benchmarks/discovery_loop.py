@@ -24,6 +24,11 @@ each step's wall time.
 
     python benchmarks/discovery_loop.py [--out discovery_output] [--n-train 2000] [--n-survey 1000]
                                         [--top 100] [--rounds 3] [--epochs 8] [--steps-per-epoch 40]
+                                        [--init-run RUN --train-store STORE] [--control] [--freeze N]
+
+``--init-run`` starts from a network already trained (``make quality``'s, say) on ``--train-store``;
+``--control`` adds, per round, the same fine-tune without grades, and ``control.json`` compares both arms'
+true purity of the top N (fresh, and among the IDs no round graded).
 """
 
 from __future__ import annotations
@@ -229,18 +234,25 @@ def control(plan: Plan, clock: Clock, k: int, run: Path, train_store: Path) -> P
 
 
 def fresh_purity(candidates: Path, earlier: set[int], truth: dict[int, bool], top: int) -> float:
-    """True purity of the first ``top`` candidates not graded in an earlier round."""
+    """True purity of the first ``top`` candidates not in ``earlier`` (graded in an earlier round, or at all)."""
     frame = pd.read_parquet(candidates, columns=["id", "score"])
     fresh = frame[frame["score"].notna() & ~frame["id"].isin(list(earlier))].head(top)
     return float(np.mean([truth[int(i)] for i in fresh["id"]]))
 
 
-def compare_control(plan: Plan, rows: list[dict[str, float | str]]) -> None:
+def compare_control(plan: Plan, rows: list[dict[str, float | str]], truth: dict[int, bool], graded: set[int]) -> None:
+    """Adds each arm's true purity of the top N among the IDs no round graded (the same pool for both arms and
+    every round), writes ``control.json`` and prints both comparisons."""
+    for row in rows:
+        round_dir = plan.out / "rounds" / str(row["round"])
+        for arm, name in (("loop", "candidates"), ("control", "control_candidates")):
+            row[f"{arm}_never_graded"] = fresh_purity(round_dir / f"{name}.parquet", graded, truth, plan.top)
     (plan.out / "control.json").write_text(json.dumps(rows, indent=1))
     for row in rows:
         print(
-            f"{row['round']}: true purity of the fresh top {plan.top}: loop {row['loop']:.2f}, "
-            f"control (same steps, no grades) {row['control']:.2f}"
+            f"{row['round']}: true purity, top {plan.top}: fresh: loop {row['loop']:.3f}, control (same steps, no "
+            f"grades) {row['control']:.3f}; never graded: loop {row['loop_never_graded']:.3f}, "
+            f"control {row['control_never_graded']:.3f}"
         )
 
 
@@ -272,7 +284,7 @@ def loop(plan: Plan) -> Path:
         if k + 1 < plan.rounds:
             run = finetune(plan, clock, k, run, survey, train_store, grades)
     if control_rows:
-        compare_control(plan, control_rows)
+        compare_control(plan, control_rows, truth, graded_ids(grades))
     report = plan.out / "report"
     rounds = [str(path.parent) for path in grades]
     truth_csv = str(survey / "truth.csv")
