@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_module import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def loop_bench():
-    spec = importlib.util.spec_from_file_location("discovery_bench", ROOT / "benchmarks" / "discovery_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("discovery_loop.py", "discovery_bench")
 
 
 def _candidates(path: Path, ids: list[int]) -> Path:
