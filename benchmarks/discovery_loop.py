@@ -167,12 +167,16 @@ def score(plan: Plan, clock: Clock, run: Path, survey: Path, round_dir: Path, na
     return candidates
 
 
+def fresh_top(candidates: pd.DataFrame, earlier: set[int], top: int) -> pd.DataFrame:
+    """The first ``top`` scored candidates (rejects have no score) whose IDs are not in ``earlier``."""
+    return candidates[candidates["score"].notna() & ~candidates["id"].isin(list(earlier))].head(top)
+
+
 def grade_from_truth(plan: Plan, candidates: Path, truth: dict[int, bool], earlier: set[int], out: Path) -> int:
     """Grade the first ``top`` candidates not graded in an earlier round, as a person would on the page:
     through ``GradeBook`` (journal + Parquet). Lens -> A, non-lens -> X; with probability ``c_rate`` a C
     instead (undecided, left out of the catalogue). Seeded per ID; a rerun adds only what is missing."""
-    frame = pd.read_parquet(candidates)
-    frame = frame[frame["score"].notna() & ~frame["id"].isin(list(earlier))].head(plan.top)
+    frame = fresh_top(pd.read_parquet(candidates), earlier, plan.top)
     book = GradeBook(out)
     done = book.grades_of(GRADER)
     for row in frame.to_dict(orient="records"):
@@ -235,8 +239,7 @@ def control(plan: Plan, clock: Clock, k: int, run: Path, train_store: Path) -> P
 
 def fresh_purity(candidates: Path, earlier: set[int], truth: dict[int, bool], top: int) -> float:
     """True purity of the first ``top`` candidates not in ``earlier`` (graded in an earlier round, or at all)."""
-    frame = pd.read_parquet(candidates, columns=["id", "score"])
-    fresh = frame[frame["score"].notna() & ~frame["id"].isin(list(earlier))].head(top)
+    fresh = fresh_top(pd.read_parquet(candidates, columns=["id", "score"]), earlier, top)
     return float(np.mean([truth[int(i)] for i in fresh["id"]]))
 
 
